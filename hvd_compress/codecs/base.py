@@ -1,0 +1,99 @@
+"""The codec interface: pure tensor transforms, no communication, no Horovod.
+
+A codec turns a dense gradient into a :class:`Payload` (the bytes that go on the wire) and sums
+payloads of N workers back into a dense fp32 tensor.  Every codec has a CPU reference (the C
+library, ``backends.cpu``) and a CUDA path (``backends.cuda``) that produce bit-identical
+payloads and outputs for the same input and :class:`RandomKey`.
+
+Error feedback (Seide et al. 2014; Karimireddy et al. 2019, "EF-SGD") is part of encoding:
+
+    g' = g + r;   payload = C(g');   r <- g' - D(C(g'))
+
+so ``encode(x, key, residual=r)`` reads g and r once and rewrites r in place.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class RandomKey:
+    """Keys the Philox stream of one tensor at one step: draws are a pure function of
+    (seed, step, tensor_id, element index), see ``kernels/hvdc_common.h``."""
+    seed: int = 0
+    step: int = 0
+    tensor_id: int = 0
+
+    def __post_init__(self) -> None:
+        for name, bits in (("seed", 64), ("step", 32), ("tensor_id", 32)):
+            value = getattr(self, name)
+            if not 0 <= value < 2 ** bits:
+                raise ValueError(f"RandomKey.{name}={value} outside [0, 2**{bits})")
+
+
+@dataclass
+class Payload:
+    """What one worker sends for one tensor: named, contiguous 1-D tensors on one device.
+
+    ``numel`` is the dense size; ``parts`` keep a fixed order (the wire order).  ``nbytes`` is
+    exactly what a collective moves for this payload.
+    """
+    numel: int
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.parts.values())
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.parts.values())).device
+
+
+class Codec(ABC):
+    """Base of every codec.  Subclasses implement :meth:`_encode` and :meth:`decode_accumulate`
+    on contiguous 1-D fp32 tensors; this class handles dtype, layout and validation."""
+
+    #: short name used in specs, stats and benchmark tables
+    name: str = "codec"
+
+    def encode(self, x: torch.Tensor, key: RandomKey = RandomKey(), residual: torch.Tensor | None = None,
+               name: str = "tensor") -> Payload:
+        """Compress ``x`` (any float dtype, any shape, any strides).  With ``residual`` (fp32,
+        ``x.numel()`` elements, same device) error feedback is applied and ``residual`` updated."""
+        flat = as_fp32_flat(x, name)
+        if residual is not None:
+            if residual.dtype != torch.float32 or residual.numel() != flat.numel() \
+                    or residual.device != flat.device or not residual.is_contiguous():
+                raise ValueError(f"{name}: residual must be a contiguous fp32 tensor of "
+                                 f"{flat.numel()} elements on {flat.device}")
+        return self._encode(flat, key, residual.view(-1) if residual is not None else None)
+
+    @abstractmethod
+    def _encode(self, x: torch.Tensor, key: RandomKey, residual: torch.Tensor | None) -> Payload:
+        ...
+
+    @abstractmethod
+    def decode_accumulate(self, payloads: Sequence[Payload], out: torch.Tensor) -> torch.Tensor:
+        """``out += sum_w D(payloads[w])``, adding workers in list order (deterministic)."""
+
+    def decode(self, payload: Payload) -> torch.Tensor:
+        out = torch.zeros(payload.numel, dtype=torch.float32, device=payload.device)
+        return self.decode_accumulate([payload], out)
+
+
+def as_fp32_flat(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Contiguous 1-D fp32 view or copy of ``x``; rejects non-float and non-finite input with
+    an error that names the tensor."""
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: gradient compression needs a floating-point tensor, got {x.dtype}")
+    flat = x.detach().reshape(-1).to(torch.float32).contiguous()
+    if flat.numel() and not bool(torch.isfinite(flat).all()):
+        bad = int((~torch.isfinite(flat)).sum())
+        raise FloatingPointError(f"{name}: {bad} of {flat.numel()} elements are NaN or Inf; "
+                                 "refusing to compress a non-finite gradient")
+    return flat

@@ -1,0 +1,1 @@
+"""Communication layer: which Horovod collective carries which codec payload."""
