@@ -9,18 +9,20 @@ top-k among candidates):
 
   1. sample |g'| with stride s from a random start (below), m = floor(n / s) samples;
   2. thr = the t-th largest sample, t = ceil(ratio * m);
-  3. count #{|g'_i| >= thr * fl32(0.8^l)} for l = 0..7 in one pass (DGC's "thr *= 0.8, select
-     again" rounds, all counted at once) and take the first level with count >= lo,
-     lo = ceil(0.8 k) (or k with ``exact_k``; the last level otherwise);
+  3. levels thr_l = thr * fl32(0.8^l), l = 0..7 (DGC's "thr *= 0.8, select again" rounds);
+     count #{|g'_i| >= thr_l} for l = 0, 1 in the pass that also computes g' = g + r, and for
+     l = 2..7 in one more pass only if neither reaches lo = ceil(0.8 k) (k with ``exact_k``);
+     take the first level with count >= lo (the last level if none);
   4. compact the selected (index, g'_i) in ascending index order;
   5. if count > hi (hi = floor(1.3 k), or k with ``exact_k``): keep the exact top-k of those
      candidates by |g'|, ties to the lower index.
 
   So the variable count lies in [0.8k, 1.3k] unless even thr * 0.8^7 selects fewer than 0.8k
-  (then all of those are sent), and the whole tensor is read twice (count, compact).  Zeros are
-  never sent in variable mode (levels are clamped to >= 2^-149): an all-zero gradient gives an
-  empty payload.  ``exact_k=True`` sends exactly k: its extra last level 0 takes every element,
-  so with fewer than k nonzeros the lowest-index zeros fill up (the tie rule).
+  (then all of those are sent).  In the common case the GPU reads the tensor twice (count,
+  compact) and the CPU once (its count pass keeps the candidates at thr_1).  Zeros are never
+  sent in variable mode (levels are clamped to >= 2^-149): an all-zero gradient gives an empty
+  payload.  ``exact_k=True`` sends exactly k: its extra last level 0 takes every element, so
+  with fewer than k nonzeros the lowest-index zeros fill up (the tie rule).
 
 * ``mode="exact"``: exact top-k by magnitude (Dryden et al., MLHPC 2016), i.e. ``sampled`` with
   ``exact_k=True``: the sample only bounds the candidate set, the result is the k largest
@@ -38,9 +40,9 @@ start + j s, j < m, all lie in [0, n) (``kernels/topk.h``).
 
 Error feedback (on by default for this codec, :attr:`TopKCodec.error_feedback`):
 g' = g + r;  payload = C(g');  r <- g' - D(C(g')), i.e. r = g' except at the sent entries, where
-r = 0 for fp32 values and r = g' - fp16(g') for fp16 values (exact in fp32; fp16 values
-saturate at +-65504 and r keeps the excess, rounded to fp32).  So g + r_old = D(C(g')) + r_new
-exactly for fp32 values, and up to one fp32 rounding of that difference for fp16 values.
+r = 0 for fp32 values and r = g' - fp16(g') for fp16 values (fp16: round to nearest even,
+saturated at +-65504).  g' - fp16(g') is exact in fp32, so g + r_old = D(C(g')) + r_new holds
+exactly, except at a saturated fp16 entry (|g'| > 65504), whose r = fl32(g' -+ 65504) is rounded.
 
 Wire format: ``indices`` int32, strictly ascending, then ``values`` fp16 or fp32: 6 or 8 bytes per
 sent element.  :meth:`TopKCodec.decode_accumulate` adds workers in list order; the CPU path
