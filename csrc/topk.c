@@ -1,0 +1,173 @@
+/* CPU reference of the top-k sparsifier: the same steps as kernels/topk.cu (see there), and the
+ * same per-element formulas (kernels/topk.h), so payloads and decoded sums match bit for bit.
+ *
+ * The tensor is cut into `nchunks` contiguous chunks [n*c/nchunks, n*(c+1)/nchunks); the count
+ * pass counts per chunk, the codec scans those counts, and the compact pass lets chunk c write
+ * its selected elements in index order from offsets[c]: order-preserving, no shared counters.
+ *
+ * Unlike the GPU, the count pass also keeps each chunk's candidates at its last (lowest) level:
+ * (index, g') with |g'| >= levels[nlevels-1], ascending, up to `cap` per chunk.  The compact pass
+ * then filters those few instead of reading the tensor again (one pass over the data in the
+ * common case); a chunk whose buffer overflowed (fill = -1), or a threshold below the buffer's,
+ * is rescanned.  Either way the output is the same. */
+#include <math.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+#include "hvdc_common.h"
+#include "topk.h"
+#include "hvdc_cpu.h"
+
+/* Elements per inner tile of the count pass (a multiple of 32): |g'| of a tile stays in L1 and
+ * is compared with each level in a separate, vectorised loop. */
+#define TOPK_CPU_TILE 1024
+
+static hvdc_i64 chunk_lo(hvdc_i64 n, int c, int nchunks)
+{
+    return n * c / nchunks;   /* n < 2^31 (int32 indices), so no overflow */
+}
+
+void hvdc_topk_sample(const float *g, const float *r, int has_r, float *out, hvdc_i64 stride,
+                      hvdc_i64 m, hvdc_u64 seed, hvdc_u32 step, hvdc_u32 tensor_id, int nthreads)
+{
+    hvdc_i64 start = hvdc_topk_sample_start(seed, step, tensor_id, stride);
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (hvdc_i64 j = 0; j < m; ++j) {
+        hvdc_i64 i = start + j * stride;
+        out[j] = fabsf(has_r ? g[i] + r[i] : g[i]);
+    }
+}
+
+/* Bit j of the result: a[j] >= t, for j < 32. */
+static inline hvdc_u32 ge_mask32(const float *a, float t)
+{
+    hvdc_u32 m = 0;
+#if defined(__SSE2__)
+    __m128 tv = _mm_set1_ps(t);
+    for (int q = 0; q < 8; ++q)
+        m |= (hvdc_u32)_mm_movemask_ps(_mm_cmpge_ps(_mm_loadu_ps(a + 4 * q), tv)) << (4 * q);
+#else
+    for (int j = 0; j < 32; ++j) m |= (hvdc_u32)(a[j] >= t) << j;
+#endif
+    return m;
+}
+
+void hvdc_topk_count(const float *g, float *r, int has_r, hvdc_i64 n, const float *levels,
+                     int nlevels, hvdc_i64 *counts, int nchunks, hvdc_i32 *buf_idx,
+                     float *buf_val, hvdc_i64 cap, hvdc_i64 *fill, int nthreads)
+{
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int c = 0; c < nchunks; ++c) {
+        hvdc_i64 hi = chunk_lo(n, c + 1, nchunks), f = 0;
+        hvdc_i64 total[HVDC_TOPK_MAX_LEVELS] = {0};
+        hvdc_i32 *bi = buf_idx + c * cap;
+        float *bv = buf_val + c * cap;
+        float last = levels[nlevels - 1];
+        float a[TOPK_CPU_TILE];
+        hvdc_u32 mask[TOPK_CPU_TILE / 32];
+        for (hvdc_i64 i0 = chunk_lo(n, c, nchunks); i0 < hi; i0 += TOPK_CPU_TILE) {
+            int len = hi - i0 < TOPK_CPU_TILE ? (int)(hi - i0) : TOPK_CPU_TILE;
+            const float *v = (has_r ? r : g) + i0;
+            if (has_r) {
+                for (int j = 0; j < len; ++j) {
+                    float s = g[i0 + j] + r[i0 + j];
+                    r[i0 + j] = s;
+                    a[j] = fabsf(s);
+                }
+            } else {
+                for (int j = 0; j < len; ++j) a[j] = fabsf(v[j]);
+            }
+            for (int j = len; j < TOPK_CPU_TILE; ++j) a[j] = -1.0f;   /* below every level */
+            for (int l = 0; l < nlevels - 1; ++l) {
+                float t = levels[l];
+                int s = 0;
+                for (int j = 0; j < TOPK_CPU_TILE; ++j) s += a[j] >= t;
+                total[l] += s;
+            }
+            /* the last level: bit masks, counted, then walked to append the candidates */
+            int s = 0;
+            for (int q = 0; q < TOPK_CPU_TILE / 32; ++q) {
+                mask[q] = ge_mask32(a + 32 * q, last);
+                s += __builtin_popcount(mask[q]);
+            }
+            total[nlevels - 1] += s;
+            if (f >= 0 && f + s > cap) f = -1;     /* overflow: the compact pass rescans */
+            for (int q = 0; f >= 0 && s > 0 && q < TOPK_CPU_TILE / 32; ++q) {
+                for (hvdc_u32 m = mask[q]; m; m &= m - 1) {
+                    int j = 32 * q + __builtin_ctz(m);
+                    bi[f] = (hvdc_i32)(i0 + j);
+                    bv[f] = v[j];
+                    ++f;
+                }
+            }
+        }
+        fill[c] = f;
+        for (int l = 0; l < nlevels; ++l) counts[(hvdc_i64)l * nchunks + c] = total[l];
+    }
+}
+
+void hvdc_topk_compact(const float *src, hvdc_i64 n, const float *thr, const hvdc_i64 *offsets,
+                       int nchunks, const float *buf_thr, const hvdc_i32 *buf_idx,
+                       const float *buf_val, hvdc_i64 cap, const hvdc_i64 *fill, hvdc_i32 *idx,
+                       float *val, int nthreads)
+{
+    float t = *thr;
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int c = 0; c < nchunks; ++c) {
+        hvdc_i64 pos = offsets[c];
+        if (fill[c] >= 0 && t >= *buf_thr) {           /* the buffer holds a superset */
+            const hvdc_i32 *bi = buf_idx + c * cap;
+            const float *bv = buf_val + c * cap;
+            for (hvdc_i64 j = 0; j < fill[c]; ++j) {
+                if (fabsf(bv[j]) >= t) {
+                    idx[pos] = bi[j];
+                    val[pos] = bv[j];
+                    ++pos;
+                }
+            }
+        } else {
+            hvdc_i64 hi = chunk_lo(n, c + 1, nchunks);
+            for (hvdc_i64 i = chunk_lo(n, c, nchunks); i < hi; ++i) {
+                if (fabsf(src[i]) >= t) {
+                    idx[pos] = (hvdc_i32)i;
+                    val[pos] = src[i];
+                    ++pos;
+                }
+            }
+        }
+    }
+}
+
+void hvdc_topk_finalize(const hvdc_i32 *idx, const float *cand, hvdc_i64 c, void *vals, int fp16,
+                        float *r, int has_r, int nthreads)
+{
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (hvdc_i64 j = 0; j < c; ++j) {
+        float v = cand[j];
+        hvdc_half h = 0;
+        float rest = hvdc_topk_encode_value(v, fp16, &h);
+        if (fp16) ((hvdc_half *)vals)[j] = h;
+        else ((float *)vals)[j] = v;
+        if (has_r) r[idx[j]] = rest;
+    }
+}
+
+void hvdc_topk_check(const hvdc_i32 *idx, hvdc_i64 c, hvdc_i64 n, hvdc_i64 *bad)
+{
+    *bad = -1;
+    for (hvdc_i64 j = 0; j < c; ++j) {
+        if (idx[j] < 0 || idx[j] >= n || (j > 0 && idx[j - 1] >= idx[j])) {
+            *bad = j;
+            return;
+        }
+    }
+}
+
+void hvdc_topk_scatter_add(const hvdc_i32 *idx, const void *vals, int fp16, hvdc_i64 c,
+                           float *out, int nthreads)
+{
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (hvdc_i64 j = 0; j < c; ++j)
+        out[idx[j]] = out[idx[j]] + hvdc_topk_decode_value(vals, fp16, j);
+}

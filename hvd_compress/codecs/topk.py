@@ -1,0 +1,375 @@
+"""Top-k sparsification with sampled thresholds and fused error feedback.
+
+Three selection rules share one machinery (count levels, order-preserving compaction, exact
+top-k among candidates):
+
+* ``mode="sampled"`` (default): Deep Gradient Compression (Lin et al., ICLR 2018) and Gradient
+  Dropping (Aji & Heafield, EMNLP 2017).  With g' = g + r (error feedback) and
+  k = max(1, ceil(ratio * n)):
+
+  1. sample |g'| with stride s from a random start (below), m = floor(n / s) samples;
+  2. thr = the t-th largest sample, t = ceil(ratio * m);
+  3. levels thr_l = thr * fl32(0.8^l), l = 0..7 (DGC's "thr *= 0.8, select again" rounds);
+     count #{|g'_i| >= thr_l} for l = 0, 1 in the pass that also computes g' = g + r, and for
+     l = 2..7 in one more pass only if neither reaches lo = ceil(0.8 k) (k with ``exact_k``);
+     take the first level with count >= lo (the last level if none);
+  4. compact the selected (index, g'_i) in ascending index order;
+  5. if count > hi (hi = floor(1.3 k), or k with ``exact_k``): keep the exact top-k of those
+     candidates by |g'|, ties to the lower index.
+
+  So the variable count lies in [0.8k, 1.3k] unless even thr * 0.8^7 selects fewer than 0.8k
+  (then all of those are sent).  In the common case the GPU reads the tensor twice (count,
+  compact) and the CPU once (its count pass keeps the candidates at thr_1).  Zeros are never
+  sent in variable mode (levels are clamped to >= 2^-149): an all-zero gradient gives an empty
+  payload.  ``exact_k=True`` sends exactly k: its extra last level 0 takes every element, so
+  with fewer than k nonzeros the lowest-index zeros fill up (the tie rule).
+
+* ``mode="exact"``: exact top-k by magnitude (Dryden et al., MLHPC 2016), i.e. ``sampled`` with
+  ``exact_k=True``: the sample only bounds the candidate set, the result is the k largest
+  |g'|, ties to the lower index, identical to a full sort.
+
+* ``mode="threshold"``: fixed threshold (Strom, Interspeech 2015): send every |g'| >= tau,
+  tau = fl32(``threshold``); the count is whatever it is (0 allowed).
+
+Threshold sample: want = min(n, max(ceil(sample_ratio * n), ceil(64 / ratio))) samples (at
+least 64 expected above the threshold, so its rank is off by ~1/8 at most typically); stride
+s = 32 q + 1 with q = floor((n - want) / (32 want)) (DGC's "multiple of 32, plus 1": never in
+step with power-of-two tensor shapes; s = 1 samples everything), m = floor(n / s) >= want;
+start = floor(u * s / 2^32), u = word 0 of the RandomKey's Philox stream, so positions
+start + j s, j < m, all lie in [0, n) (``kernels/topk.h``).
+
+Error feedback (on by default for this codec, :attr:`TopKCodec.error_feedback`):
+g' = g + r;  payload = C(g');  r <- g' - D(C(g')), i.e. r = g' except at the sent entries, where
+r = 0 for fp32 values and r = g' - fp16(g') for fp16 values (fp16: round to nearest even,
+saturated at +-65504).  g' - fp16(g') is exact in fp32, so g + r_old = D(C(g')) + r_new holds
+exactly, except at a saturated fp16 entry (|g'| > 65504), whose r = fl32(g' -+ 65504) is rounded.
+
+Wire format: ``indices`` int32, strictly ascending, then ``values`` fp16 or fp32: 6 or 8 bytes per
+sent element.  :meth:`TopKCodec.decode_accumulate` adds workers in list order; the CPU path
+(``csrc/topk.c``) and the CUDA path (``kernels/topk.cu``) give identical bits.
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+from fractions import Fraction
+from functools import lru_cache
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..backends import cpu, cuda
+from .base import Codec, Payload, RandomKey
+
+_P, _I64, _U64, _U32, _INT = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32,
+                              ctypes.c_int)
+cpu.register("hvdc_topk_sample", _P, _P, _INT, _P, _I64, _I64, _U64, _U32, _U32, _INT)
+cpu.register("hvdc_topk_count", _P, _P, _INT, _I64, _P, _INT, _P, _INT, _P, _P, _I64, _P, _INT)
+cpu.register("hvdc_topk_compact", _P, _I64, _P, _P, _INT, _P, _P, _P, _I64, _P, _P, _P, _INT)
+cpu.register("hvdc_topk_finalize", _P, _P, _I64, _P, _INT, _P, _INT, _INT)
+cpu.register("hvdc_topk_check", _P, _I64, _I64, _P)
+cpu.register("hvdc_topk_scatter_add", _P, _P, _INT, _I64, _P, _INT)
+
+#: fl32(0.8^l): the threshold levels are thr * fl32(0.8^l) in fp32.
+_LEVEL_FACTORS = tuple(0.8 ** level for level in range(8))
+#: smallest positive fp32 (subnormal): the floor of every variable-mode level, so 0 is never sent.
+_SMALLEST = 2.0 ** -149
+#: the threshold sample has at least this many elements expected above the threshold.
+_SAMPLE_TOP = 64
+#: levels counted in the first pass (thr, 0.8 thr); the others only if neither reaches lo.
+_FIRST_LEVELS = 2
+#: CPU candidate buffers hold up to this many times k elements (at 0.8 thr) in all.
+_CPU_BUFFER = 6
+_MAX_INDEX = 2 ** 31 - 1
+
+
+def ceil_ratio(ratio: float, n: int) -> int:
+    """ceil(ratio * n), reading ``ratio`` as the decimal it prints as (0.07 * 100 -> 7, not the
+    8 that binary 0.07000000000000000666 would give)."""
+    return math.ceil(Fraction(str(float(ratio))) * n)
+
+
+def sample_plan(n: int, ratio: float, sample_ratio: float) -> tuple[int, int]:
+    """(stride, number of samples) of the threshold sample of an n-element tensor (module doc)."""
+    want = min(n, max(ceil_ratio(sample_ratio, n), math.ceil(_SAMPLE_TOP / Fraction(str(ratio)))))
+    stride = 32 * ((n - want) // (32 * want)) + 1
+    return stride, n // stride
+
+
+def kth_largest(a: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest element of a 1-D tensor (0-dim tensor, no host sync): torch.topk from
+    the nearer end, which is much faster than torch.kthvalue on the CPU.  Values are exact."""
+    if 2 * k <= a.numel():
+        return torch.topk(a, k, sorted=False).values.min()
+    return torch.topk(a, a.numel() - k + 1, largest=False, sorted=False).values.max()
+
+
+def top_k_by_magnitude(idx: torch.Tensor, val: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k entries of largest |val|, ties to the lower index, kept in their (ascending) order.
+    With T the k-th largest |val|: every |val| > T, then the first k - #{|val| > T} with |val| == T.
+    Torch ops only, all exact (comparisons, integer cumsum), so CPU and GPU agree."""
+    a = val.abs()
+    t = kth_largest(a, k)
+    above, tied = a > t, a == t
+    keep = above | (tied & (torch.cumsum(tied, 0) <= k - above.sum()))
+    return idx[keep], val[keep]
+
+
+class TopKCodec(Codec):
+    """Top-k / DGC / threshold sparsifier (see the module docstring for the exact rules).
+
+    Args:
+        ratio: fraction of elements to send, k = max(1, ceil(ratio * n)) (modes sampled, exact).
+        sample_ratio: fraction of elements in the threshold sample (at least 64 / ratio of them).
+        value_dtype: torch.float16 (6 bytes per element on the wire) or torch.float32 (8 bytes).
+        exact_k: send exactly k elements (default False; True for mode="exact").
+        mode: "sampled" (DGC), "exact" (Dryden et al.), "threshold" (Strom).
+        threshold: tau of mode="threshold" (> 0).
+    """
+
+    name = "topk"
+    #: compressors keep an error-feedback residual for this codec unless told otherwise.
+    error_feedback = True
+
+    def __init__(self, ratio: float = 0.01, sample_ratio: float = 0.01,
+                 value_dtype: torch.dtype = torch.float16, exact_k: bool | None = None,
+                 mode: str = "sampled", threshold: float | None = None) -> None:
+        if mode not in ("sampled", "exact", "threshold"):
+            raise ValueError(f"mode must be 'sampled', 'exact' or 'threshold', got {mode!r}")
+        if not 0.0 < ratio <= 1.0 or not 0.0 < sample_ratio <= 1.0:
+            raise ValueError(f"ratio={ratio} and sample_ratio={sample_ratio} must lie in (0, 1]")
+        if value_dtype not in (torch.float16, torch.float32):
+            raise ValueError(f"value_dtype must be torch.float16 or torch.float32, got {value_dtype}")
+        if mode == "threshold":
+            if threshold is None or not 0.0 < threshold < math.inf or exact_k:
+                raise ValueError("mode='threshold' needs a finite threshold > 0 and no exact_k")
+        elif threshold is not None:
+            raise ValueError(f"threshold is only for mode='threshold', not {mode!r}")
+        if mode == "exact" and exact_k is False:
+            raise ValueError("mode='exact' always sends exactly k elements")
+        self.ratio = float(ratio)
+        self.sample_ratio = float(sample_ratio)
+        self.value_dtype = value_dtype
+        self.mode = mode
+        self.exact_k = mode == "exact" or bool(exact_k)
+        self.threshold = threshold
+
+    def k(self, n: int) -> int:
+        """Target count k = max(1, ceil(ratio * n)) for n > 0 (0 for n = 0)."""
+        return max(1, ceil_ratio(self.ratio, n)) if n else 0
+
+    def _encode(self, x: torch.Tensor, key: RandomKey, residual: torch.Tensor | None) -> Payload:
+        n = x.numel()
+        if n > _MAX_INDEX:
+            raise ValueError(f"top-k indices are int32: {n} elements is too many, split the tensor")
+        ops = _ops(x.device)
+        if n == 0:
+            idx, val = torch.empty(0, dtype=torch.int32, device=x.device), x
+        else:
+            idx, val = self._select(ops, x, key, residual)
+        values = torch.empty(idx.numel(), dtype=self.value_dtype, device=x.device)
+        if idx.numel():
+            ops.finalize(idx, val, values, residual)
+        return Payload(n, {"indices": idx, "values": values})
+
+    def _select(self, ops: "type[_CpuOps] | type[_CudaOps]", x: torch.Tensor, key: RandomKey,
+                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Selected (indices, fp32 g' values), ascending; updates residual to g + r."""
+        n, k = x.numel(), self.k(x.numel())
+        if self.mode == "threshold":
+            levels = _constant((self.threshold,), x.device)
+        else:
+            stride, m = sample_plan(n, self.ratio, self.sample_ratio)
+            sample = ops.sample(x, residual, stride, m, key)
+            thr = kth_largest(sample, ceil_ratio(self.ratio, m))
+            levels = torch.clamp_min(thr * _constant(_LEVEL_FACTORS, x.device), _SMALLEST)
+            if self.exact_k:
+                levels = torch.cat([levels, levels.new_zeros(1)])
+        lo = k if self.exact_k else math.ceil(Fraction(4, 5) * k)
+        src = residual if residual is not None else x
+        # counts: [levels, parts]; r <- g + r.  totals: the host sync of the common case.
+        counts, scratch = ops.count(x, residual, levels[:_FIRST_LEVELS], k)
+        totals = counts.sum(1).tolist()
+        if max(totals) < lo and levels.numel() > _FIRST_LEVELS:  # DGC's further rounds
+            more, scratch = ops.count(src, None, levels[_FIRST_LEVELS:], 0)
+            counts = torch.cat([counts, more])
+            totals += more.sum(1).tolist()
+        level = next((l for l, c in enumerate(totals) if c >= lo), len(totals) - 1)
+        row = counts[level]
+        idx, val = ops.compact(src, levels[level:level + 1], torch.cumsum(row, 0) - row,
+                               totals[level], scratch)
+        hi = k if self.exact_k else math.floor(Fraction(13, 10) * k)
+        if self.mode != "threshold" and totals[level] > hi:
+            idx, val = top_k_by_magnitude(idx, val, k)
+        return idx, val
+
+    def decode_accumulate(self, payloads: Sequence[Payload], out: torch.Tensor) -> torch.Tensor:
+        """out[idx_w] += D(values_w) for w = 0, 1, ... in list order (one fp32 addition per
+        element per worker, the same order on CPU and GPU).  Indices must be strictly ascending
+        in [0, out.numel()); a bad payload raises IndexError before ``out`` is touched."""
+        if out.dtype != torch.float32 or not out.is_contiguous():
+            raise ValueError("top-k decode needs a contiguous fp32 output tensor")
+        flat, n = out.view(-1), out.numel()
+        for w, p in enumerate(payloads):
+            idx, val = p.parts.get("indices"), p.parts.get("values")
+            if p.numel != n or idx is None or val is None or idx.dtype != torch.int32 \
+                    or val.dtype not in (torch.float16, torch.float32) \
+                    or idx.numel() != val.numel() or idx.device != out.device \
+                    or val.device != out.device:
+                raise ValueError(f"worker {w}: not a top-k payload of {n} elements on {out.device}")
+        ops = _ops(out.device)
+        ops.check([p.parts["indices"].contiguous() for p in payloads], n)
+        for p in payloads:
+            if p.parts["indices"].numel():
+                ops.scatter_add(p.parts["indices"].contiguous(), p.parts["values"].contiguous(), flat)
+        return out
+
+
+def _bad_index_error(w: int, idx: torch.Tensor, n: int, j: int | None = None) -> IndexError:
+    where = f" at position {j} (index {int(idx[j])})" if j is not None else ""
+    return IndexError(f"top-k payload of worker {w}: indices must be strictly ascending in "
+                      f"[0, {n}){where}")
+
+
+class _CpuOps:
+    """The steps of :meth:`TopKCodec._select` on the C library (``csrc/topk.c``); parts are
+    ``cpu.threads()`` contiguous chunks.  The count pass also fills per-chunk buffers with the
+    candidates at its lowest level (``scratch``, up to ``_CPU_BUFFER * buffer_k`` in all), which
+    the compact pass filters instead of rereading the tensor."""
+
+    @staticmethod
+    def sample(x, r, stride, m, key):
+        out = torch.empty(m, dtype=torch.float32)
+        cpu.call("hvdc_topk_sample", cpu.ptr(x, torch.float32), _opt(r), int(r is not None),
+                 cpu.ptr(out), stride, m, key.seed, key.step, key.tensor_id, cpu.threads())
+        return out
+
+    @staticmethod
+    def count(x, r, levels, buffer_k):
+        parts = cpu.threads()
+        counts = torch.empty(levels.numel(), parts, dtype=torch.int64)
+        cap = -(-_CPU_BUFFER * buffer_k // parts)
+        buf_idx = torch.empty(parts * cap, dtype=torch.int32)
+        buf_val = torch.empty(parts * cap, dtype=torch.float32)
+        fill = torch.empty(parts, dtype=torch.int64)
+        cpu.call("hvdc_topk_count", cpu.ptr(x, torch.float32), _opt(r), int(r is not None),
+                 x.numel(), cpu.ptr(levels, torch.float32), levels.numel(), cpu.ptr(counts),
+                 parts, cpu.ptr(buf_idx), cpu.ptr(buf_val), cap, cpu.ptr(fill), cpu.threads())
+        return counts, (levels[-1:], buf_idx, buf_val, cap, fill)
+
+    @staticmethod
+    def compact(src, thr, offsets, c, scratch):
+        buf_thr, buf_idx, buf_val, cap, fill = scratch
+        idx = torch.empty(c, dtype=torch.int32)
+        val = torch.empty(c, dtype=torch.float32)
+        cpu.call("hvdc_topk_compact", cpu.ptr(src, torch.float32), src.numel(), cpu.ptr(thr),
+                 cpu.ptr(offsets, torch.int64), offsets.numel(), cpu.ptr(buf_thr),
+                 cpu.ptr(buf_idx), cpu.ptr(buf_val), cap, cpu.ptr(fill), cpu.ptr(idx),
+                 cpu.ptr(val), cpu.threads())
+        return idx, val
+
+    @staticmethod
+    def finalize(idx, val, values, r):
+        cpu.call("hvdc_topk_finalize", cpu.ptr(idx, torch.int32), cpu.ptr(val, torch.float32),
+                 idx.numel(), cpu.ptr(values), int(values.dtype == torch.float16), _opt(r),
+                 int(r is not None), cpu.threads())
+
+    @staticmethod
+    def check(indices, n):
+        bad = ctypes.c_int64()
+        for w, idx in enumerate(indices):
+            cpu.call("hvdc_topk_check", cpu.ptr(idx, torch.int32), idx.numel(), n,
+                     ctypes.byref(bad))
+            if bad.value >= 0:
+                raise _bad_index_error(w, idx, n, bad.value)
+
+    @staticmethod
+    def scatter_add(idx, values, out):
+        cpu.call("hvdc_topk_scatter_add", cpu.ptr(idx, torch.int32), cpu.ptr(values),
+                 int(values.dtype == torch.float16), idx.numel(), cpu.ptr(out, torch.float32),
+                 cpu.threads())
+
+
+def _opt(t: torch.Tensor | None):
+    return cpu.ptr(t, torch.float32) if t is not None else None
+
+
+class _CudaOps:
+    """The same steps as CUDA kernels (``kernels/topk.cu``); parts are tiles of
+    ``_TILE`` elements, one block each."""
+
+    _TILE = 256 * 16        # TOPK_THREADS * TOPK_ITEMS of kernels/topk.cu
+    _THREADS = 256
+
+    @classmethod
+    def _run(cls, name, device, grid, args):
+        cuda.launch(cuda.kernel("topk.cu", name, device), grid, cls._THREADS, args)
+
+    @classmethod
+    def _grid(cls, count):
+        return max(1, min(-(-count // cls._THREADS), 8192))
+
+    @classmethod
+    def sample(cls, x, r, stride, m, key):
+        out = torch.empty(m, dtype=torch.float32, device=x.device)
+        cls._run("hvdc_topk_sample", x.device, cls._grid(m),
+                 (x, x if r is None else r, np.int32(r is not None), out, np.int64(stride),
+                  np.int64(m), np.uint64(key.seed), np.uint32(key.step), np.uint32(key.tensor_id)))
+        return out
+
+    @classmethod
+    def count(cls, x, r, levels, buffer_k):
+        parts = -(-x.numel() // cls._TILE)
+        counts = torch.empty(levels.numel(), parts, dtype=torch.int32, device=x.device)
+        cls._run("hvdc_topk_count", x.device, parts,
+                 (x, x if r is None else r, np.int32(r is not None), np.int64(x.numel()), levels,
+                  np.int32(levels.numel()), counts))
+        return counts, None
+
+    @classmethod
+    def compact(cls, src, thr, offsets, c, scratch):
+        idx = torch.empty(c, dtype=torch.int32, device=src.device)
+        val = torch.empty(c, dtype=torch.float32, device=src.device)
+        if c:
+            cls._run("hvdc_topk_compact", src.device, offsets.numel(),
+                     (src, np.int64(src.numel()), thr, offsets, idx, val))
+        return idx, val
+
+    @classmethod
+    def finalize(cls, idx, val, values, r):
+        cls._run("hvdc_topk_finalize", idx.device, cls._grid(idx.numel()),
+                 (idx, val, np.int64(idx.numel()), values, np.int32(values.dtype == torch.float16),
+                  val if r is None else r, np.int32(r is not None)))
+
+    @classmethod
+    def check(cls, indices, n):
+        if not indices:
+            return
+        bad = torch.zeros(len(indices), dtype=torch.int32, device=indices[0].device)
+        for w, idx in enumerate(indices):
+            if idx.numel():
+                cls._run("hvdc_topk_check", idx.device, cls._grid(idx.numel()),
+                         (idx, np.int64(idx.numel()), np.int64(n), bad[w:w + 1]))
+        for w, flag in enumerate(bad.tolist()):              # one host sync per decode
+            if flag:
+                raise _bad_index_error(w, indices[w], n)
+
+    @classmethod
+    def scatter_add(cls, idx, values, out):
+        cls._run("hvdc_topk_scatter_add", idx.device, cls._grid(idx.numel()),
+                 (idx, values, np.int32(values.dtype == torch.float16), np.int64(idx.numel()), out))
+
+
+@lru_cache(maxsize=None)
+def _constant(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """fp32 constants, copied to each device once (no host-to-device copy per call)."""
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def _ops(device: torch.device) -> type[_CpuOps] | type[_CudaOps]:
+    if device.type == "cpu":
+        return _CpuOps
+    if device.type == "cuda" and cuda.available():
+        return _CudaOps
+    raise RuntimeError(f"top-k codec: no backend for {device} (CUDA needs CuPy)")

@@ -1,0 +1,399 @@
+"""Top-k sparsifier (hvd_compress/codecs/topk.py): the selection rules against an independent
+NumPy reference of the documented algorithm, error feedback, wire format, decode order, edge
+cases, golden vectors; and, on a GPU, CUDA == CPU bit for bit."""
+from __future__ import annotations
+
+import ctypes
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import gen_golden_topk as golden
+from hvd_compress.backends import cpu
+from hvd_compress.codecs import topk
+from hvd_compress.codecs.base import Payload, RandomKey
+from hvd_compress.codecs.topk import TopKCodec, ceil_ratio, sample_plan
+
+N = 300_000          # > 33 * 64 / 0.01: the threshold sample is strided (stride 33)
+KEY = RandomKey(seed=1234, step=7, tensor_id=3)
+
+
+def make(kind: str, n: int = N, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "normal":
+        return torch.randn(n, generator=gen)
+    if kind == "heavy":
+        return torch.randn(n, generator=gen) / torch.randn(n, generator=gen)
+    if kind == "ties":
+        return torch.randint(-3, 4, (n,), generator=gen).float()
+    if kind == "equal":
+        return torch.full((n,), 0.5)
+    if kind == "mostly_zeros":                    # fewer nonzeros than 0.8 k
+        x = torch.zeros(n)
+        x[torch.randperm(n, generator=gen)[: n // 400]] = torch.randn(n // 400, generator=gen)
+        return x
+    raise ValueError(kind)
+
+
+def philox_word0(key: RandomKey) -> int:
+    out = (ctypes.c_uint32 * 1)()
+    cpu.call("hvdc_stream_u32", out, 1, key.seed, key.step, key.tensor_id, 1)
+    return out[0]
+
+
+def reference(codec: TopKCodec, g: torch.Tensor, r: torch.Tensor | None, key: RandomKey):
+    """The documented algorithm in NumPy: (indices, fp32 values before the wire cast, g')."""
+    gp = (g + r if r is not None else g).numpy().astype(np.float32)
+    n, a = gp.size, np.abs(gp)
+    k = codec.k(n)
+    if codec.mode == "threshold":
+        levels = [np.float32(codec.threshold)]
+    else:
+        stride, m = sample_plan(n, codec.ratio, codec.sample_ratio)
+        start = philox_word0(key) * stride >> 32
+        sample = a[start::stride][:m]
+        thr = np.sort(sample)[::-1][ceil_ratio(codec.ratio, m) - 1]
+        levels = [max(np.float32(thr) * np.float32(0.8 ** l), np.float32(2.0 ** -149))
+                  for l in range(8)] + ([np.float32(0)] if codec.exact_k else [])
+    lo = k if codec.exact_k else math.ceil(0.8 * k - 1e-9)
+    hi = k if codec.exact_k else math.floor(1.3 * k + 1e-9)
+    counts = [int((a >= t).sum()) for t in levels]
+    level = next((l for l, c in enumerate(counts) if c >= lo), len(levels) - 1)
+    sel = np.flatnonzero(a >= levels[level])
+    if codec.mode != "threshold" and sel.size > hi:
+        order = np.lexsort((sel, -a[sel]))          # by |g'| descending, then index ascending
+        sel = np.sort(sel[order[:k]])
+    return sel, gp[sel], gp
+
+
+def wire(values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    v = torch.from_numpy(values)
+    return v.clamp(-65504, 65504).half() if dtype == torch.float16 else v
+
+
+def assert_payload_matches_reference(codec, g, r0, key):
+    r = r0.clone() if r0 is not None else None
+    p = codec.encode(g, key, residual=r)
+    sel, vals, gp = reference(codec, g, r0, key)
+    assert list(p.parts) == ["indices", "values"]
+    np.testing.assert_array_equal(p.parts["indices"].numpy(), sel)
+    expected = wire(vals, codec.value_dtype)
+    assert p.parts["values"].dtype == codec.value_dtype
+    assert torch.equal(p.parts["values"].view(torch.int16 if expected.dtype == torch.float16
+                                                else torch.int32),
+                       expected.view(torch.int16 if expected.dtype == torch.float16 else torch.int32))
+    if r is not None:       # r = g' off the selection, g' - D(C(g')) on it
+        rest = gp.copy()
+        rest[sel] = vals - expected.float().numpy()
+        np.testing.assert_array_equal(r.numpy(), rest)
+    return p
+
+
+# ---- selection rules ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["normal", "heavy", "ties", "equal", "mostly_zeros"])
+@pytest.mark.parametrize("kwargs", [dict(), dict(exact_k=True), dict(mode="exact"),
+                                    dict(value_dtype=torch.float32, ratio=0.003)])
+def test_matches_reference_and_count_bounds(kind, kwargs):
+    codec = TopKCodec(**kwargs)
+    g = make(kind)
+    r0 = torch.zeros(N) if kind in ("equal", "mostly_zeros") else make("normal", seed=1) * 0.01
+    p = assert_payload_matches_reference(codec, g, r0, KEY)
+    count, k = p.parts["indices"].numel(), codec.k(N)
+    nonzero = int(((g + r0) != 0).sum())
+    if codec.exact_k:
+        assert count == k
+    elif nonzero >= k:
+        assert math.ceil(0.8 * k) <= count <= math.floor(1.3 * k)
+    else:
+        assert count == nonzero
+    assert p.nbytes == count * (2 if codec.value_dtype == torch.float16 else 4) + 4 * count
+
+
+@pytest.mark.parametrize("kind", ["normal", "heavy", "ties", "equal", "mostly_zeros"])
+def test_exact_is_the_top_k_by_magnitude_lower_index_first(kind):
+    g = make(kind, n=20_011)
+    p = TopKCodec(ratio=0.01, mode="exact", value_dtype=torch.float32).encode(g, KEY)
+    idx = p.parts["indices"].long()
+    k = math.ceil(0.01 * g.numel())
+    assert idx.numel() == k and bool((idx[1:] > idx[:-1]).all())
+    chosen = torch.zeros(g.numel(), dtype=torch.bool)
+    chosen[idx] = True
+    a = g.abs()
+    assert a[chosen].min() >= a[~chosen].max()
+    boundary = a[chosen].min()                     # among ties at the boundary: lower index first
+    tied_out = torch.nonzero(~chosen & (a == boundary))
+    if tied_out.numel():
+        assert int(idx[a[idx] == boundary].max()) < int(tied_out.min())
+
+
+def test_variable_count_is_a_threshold_set():
+    g = make("heavy", seed=5)
+    p = TopKCodec(ratio=0.02).encode(g, KEY)
+    chosen = torch.zeros(N, dtype=torch.bool)
+    chosen[p.parts["indices"].long()] = True
+    assert g.abs()[chosen].min() >= g.abs()[~chosen].max()
+
+
+def plant_sample(top: float, others: float, n_others: int, codec: TopKCodec) -> torch.Tensor:
+    """Noise, with the threshold sample's top t positions at `top` and n_others unsampled
+    positions at `others`: the sampled threshold is `top` and selects too few."""
+    stride, m = sample_plan(N, codec.ratio, codec.sample_ratio)
+    start = philox_word0(KEY) * stride >> 32
+    g = make("normal", seed=3) * 0.1
+    sampled = start + stride * torch.arange(m)
+    g[sampled[: ceil_ratio(codec.ratio, m)]] = top
+    unsampled = torch.ones(N, dtype=torch.bool)
+    unsampled[sampled] = False
+    g[torch.nonzero(unsampled).flatten()[:: 37][:n_others]] = others
+    return g
+
+
+@pytest.mark.parametrize("others, level", [(8.5, 1), (3.0, 6)])
+def test_threshold_lowered_by_0_8_until_enough(others, level):
+    codec = TopKCodec()
+    g = plant_sample(10.0, others, 2600, codec)
+    p = assert_payload_matches_reference(codec, g, None, KEY)
+    assert p.parts["indices"].numel() == 2600 + ceil_ratio(0.01, sample_plan(N, 0.01, 0.01)[1])
+    assert float(g.abs()[p.parts["indices"].long()].min()) == others
+    assert 10.0 * 0.8 ** level <= others < 10.0 * 0.8 ** (level - 1)
+
+
+def test_threshold_mode_sends_every_element_above_tau():
+    g, r = make("normal"), torch.zeros(N)
+    p = assert_payload_matches_reference(TopKCodec(mode="threshold", threshold=2.5), g, r, KEY)
+    assert p.parts["indices"].numel() == int((g.abs() >= 2.5).sum())
+    assert TopKCodec(mode="threshold", threshold=1e9).encode(g, KEY).parts["indices"].numel() == 0
+
+
+@pytest.mark.parametrize("threads", ["1", "3"])
+def test_independent_of_threads_and_candidate_buffers(monkeypatch, threads):
+    g, r0 = make("heavy", seed=9), make("normal", seed=2)
+    codec = TopKCodec(ratio=0.02)
+    r1 = r0.clone()
+    p1 = codec.encode(g, KEY, residual=r1)
+    monkeypatch.setenv("HVD_COMPRESS_CPU_THREADS", threads)
+    monkeypatch.setattr(topk, "_CPU_BUFFER", 0)       # every chunk rescanned in the compact pass
+    r2 = r0.clone()
+    p2 = codec.encode(g, KEY, residual=r2)
+    for name in p1.parts:
+        assert torch.equal(p1.parts[name], p2.parts[name])
+    assert torch.equal(r1, r2)
+
+
+def test_sample_plan():
+    for n in (1, 5, 6400, 6401, 211_200, 211_201, 10_000_000):
+        stride, m = sample_plan(n, 0.01, 0.01)
+        want = min(n, max(math.ceil(0.01 * n), 6400))
+        assert stride % 32 == 1 and m == n // stride >= want
+        assert (stride == 1) == (n < 33 * want)
+        assert (stride - 1) + (m - 1) * stride < n          # the largest start still fits
+    assert ceil_ratio(0.07, 100) == 7 and TopKCodec(ratio=0.07).k(100) == 7
+    assert TopKCodec(ratio=0.001).k(10) == 1 and TopKCodec().k(0) == 0
+
+
+# ---- error feedback, wire format, decode -------------------------------------------------------
+
+@pytest.mark.parametrize("value_dtype", [torch.float32, torch.float16])
+def test_error_feedback_invariant(value_dtype):
+    """g + r_old == D(C(g')) + r_new exactly (fp16: g' - fp16(g') is exact in fp32)."""
+    codec = TopKCodec(value_dtype=value_dtype)
+    g, r = make("normal"), make("heavy", seed=4) * 0.01
+    r_old = r.clone()
+    for step in range(3):
+        p = codec.encode(g, RandomKey(1, step), residual=r)
+        assert torch.equal(codec.decode(p) + r, g + r_old)
+        r_old = r.clone()
+    if value_dtype == torch.float32:
+        assert bool((r[p.parts["indices"].long()] == 0).all())
+
+
+def test_fp16_saturates_and_error_feedback_keeps_the_excess():
+    g, r = torch.tensor([1e6, -7e4, 1.0, 0.5]), torch.zeros(4)
+    p = TopKCodec(ratio=0.5).encode(g, KEY, residual=r)
+    assert p.parts["indices"].tolist() == [0, 1]
+    assert p.parts["values"].tolist() == [65504.0, -65504.0]
+    assert r.tolist() == [1e6 - 65504, -7e4 + 65504, 1.0, 0.5]
+
+
+def test_fp16_conversion_is_round_to_nearest_even():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(20_000, generator=gen) * 10.0 ** torch.randint(-9, 5, (20_000,), generator=gen),
+                   torch.arange(-2048, 2048) * 2.0 ** -24 + 2.0 ** -25,     # subnormal ties
+                   torch.tensor([65519.0, 65520.0, -65536.0, 2049.0, 2051.0])])
+    p = TopKCodec(ratio=1.0, exact_k=True).encode(x, KEY)         # every element sent
+    expected = x.clamp(-65504, 65504).half()
+    assert torch.equal(p.parts["values"].view(torch.int16), expected.view(torch.int16))
+    assert torch.equal(TopKCodec().decode(p)[p.parts["indices"].long()], expected.float())
+
+
+def payload(n, idx, vals):
+    return Payload(n, {"indices": torch.tensor(idx, dtype=torch.int32),
+                       "values": torch.tensor(vals, dtype=torch.float32)})
+
+
+def test_decode_accumulate_adds_workers_in_list_order():
+    big, one = payload(3, [1], [1e8]), payload(3, [0, 1], [2.0, 1.0])
+    neg = payload(3, [1, 2], [-1e8, 5.0])
+    codec = TopKCodec()
+    # fp32: (1e8 + -1e8) + 1 = 1, but (1 + 1e8) + -1e8 = 0
+    assert codec.decode_accumulate([big, neg, one], torch.zeros(3)).tolist() == [2.0, 1.0, 5.0]
+    assert codec.decode_accumulate([one, big, neg], torch.zeros(3)).tolist() == [2.0, 0.0, 5.0]
+    # random payloads: bit-identical to torch index_add_ worker by worker
+    gs = [make("normal", seed=s) for s in range(4)]
+    payloads = [TopKCodec(ratio=0.05).encode(g, RandomKey(s)) for s, g in enumerate(gs)]
+    out, ref = make("heavy", seed=8), make("heavy", seed=8)
+    codec.decode_accumulate(payloads, out)
+    for p in payloads:
+        ref.index_add_(0, p.parts["indices"].long(), p.parts["values"].float())
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("idx, why", [([0, 3], "index 3"), ([-1, 2], "index -1"),
+                                      ([2, 1], "index 1"), ([1, 1], "index 1")])
+def test_decode_rejects_bad_indices_before_writing(idx, why):
+    out = torch.zeros(3)
+    with pytest.raises(IndexError, match=f"worker 1.*{why}"):
+        TopKCodec().decode_accumulate([payload(3, [0], [1.0]), payload(3, idx, [1.0, 1.0])], out)
+    assert out.tolist() == [0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="worker 0"):
+        TopKCodec().decode_accumulate([payload(4, [0], [1.0])], out)
+
+
+# ---- edge cases --------------------------------------------------------------------------------
+
+def test_zero_gradient_sends_nothing_unless_exact_k():
+    g = torch.zeros(1000)
+    p = TopKCodec().encode(g, KEY, residual=torch.zeros(1000))
+    assert p.parts["indices"].numel() == 0 and p.nbytes == 0 and p.numel == 1000
+    assert torch.equal(TopKCodec().decode(p), g)
+    p = TopKCodec(exact_k=True).encode(g, KEY)
+    assert p.parts["indices"].tolist() == list(range(10))
+    assert p.parts["values"].tolist() == [0.0] * 10
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 7, 1027, 4099])
+def test_small_sizes(n):
+    g = make("normal", n=n, seed=n)
+    for kwargs in (dict(), dict(exact_k=True, ratio=0.3)):
+        codec = TopKCodec(**kwargs)
+        assert_payload_matches_reference(codec, g, torch.ones(n) * 0.125, KEY)
+    assert TopKCodec().encode(g[:1], KEY).parts["indices"].tolist() == [0]
+
+
+def test_empty_tensor():
+    r = torch.zeros(0)
+    p = TopKCodec().encode(torch.zeros(0, 3), KEY, residual=r)
+    assert p.numel == 0 and p.nbytes == 0 and p.parts["values"].dtype == torch.float16
+    assert TopKCodec().decode(p).numel() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_other_input_dtypes_encode_their_fp32_values(dtype):
+    g = make("normal", n=5000).to(dtype)
+    a = TopKCodec(exact_k=True).encode(g, KEY)
+    b = TopKCodec(exact_k=True).encode(g.float(), KEY)
+    assert all(torch.equal(a.parts[k], b.parts[k]) for k in a.parts)
+
+
+def test_non_contiguous_input():
+    g = make("normal", n=200 * 300).view(200, 300)
+    a = TopKCodec().encode(g.t(), KEY)
+    b = TopKCodec().encode(g.t().contiguous(), KEY)
+    assert all(torch.equal(a.parts[k], b.parts[k]) for k in a.parts)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_input_raises_naming_the_tensor(bad):
+    g = make("normal", n=100)
+    g[17] = bad
+    with pytest.raises(FloatingPointError, match="layer3.weight"):
+        TopKCodec().encode(g, KEY, name="layer3.weight")
+
+
+def test_deterministic_for_a_fixed_key():
+    g, r0 = make("heavy"), make("normal", seed=1)
+    runs = []
+    for _ in range(2):
+        r = r0.clone()
+        runs.append((TopKCodec().encode(g, KEY, residual=r), r))
+    assert all(torch.equal(runs[0][0].parts[k], runs[1][0].parts[k]) for k in runs[0][0].parts)
+    assert torch.equal(runs[0][1], runs[1][1])
+
+
+def test_invalid_arguments():
+    for kwargs in (dict(ratio=0), dict(ratio=1.5), dict(sample_ratio=0), dict(mode="random"),
+                   dict(value_dtype=torch.bfloat16), dict(mode="threshold"),
+                   dict(mode="threshold", threshold=-1.0), dict(threshold=1.0),
+                   dict(mode="exact", exact_k=False)):
+        with pytest.raises(ValueError):
+            TopKCodec(**kwargs)
+
+
+# ---- golden vectors ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def golden_arrays():
+    with np.load(golden.PATH) as data:
+        return {k: torch.from_numpy(data[k]) for k in data.files}
+
+
+def check_golden(arrays, device):
+    for name in golden.CASES:
+        g = arrays[f"{name}/g"].to(device)
+        r = arrays[f"{name}/r"].clone().to(device) if f"{name}/r" in arrays else None
+        p = golden.run_case(name, g, r)
+        assert torch.equal(p.parts["indices"].cpu(), arrays[f"{name}/indices"]), name
+        assert np.array_equal(golden.values_array(p.parts["values"]),
+                              arrays[f"{name}/values"].numpy()), name
+        if r is not None:
+            assert torch.equal(r.cpu(), arrays[f"{name}/residual"]), name
+    out = golden.run_decode(arrays["sampled_fp16_ef/g"].to(device),
+                            arrays["sampled_fp16_ef/r"].to(device))
+    assert torch.equal(out.cpu(), arrays["decode/out"])
+
+
+def test_golden_cpu(golden_arrays):
+    check_golden(golden_arrays, "cpu")
+
+
+# ---- CUDA == CPU -------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_golden_cuda(golden_arrays):
+    check_golden(golden_arrays, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["normal", "heavy", "ties", "equal", "mostly_zeros"])
+@pytest.mark.parametrize("kwargs", [dict(), dict(exact_k=True), dict(value_dtype=torch.float32),
+                                    dict(mode="threshold", threshold=1.0), dict(ratio=0.001)])
+@pytest.mark.parametrize("n", [1, 4099, N, 3_000_001])
+def test_cuda_matches_cpu(kind, kwargs, n):
+    codec = TopKCodec(**kwargs)
+    g = make(kind, n=n, seed=n)
+    r_cpu = make("normal", n=n, seed=n + 1) * 0.1
+    r_gpu = r_cpu.cuda()
+    key = RandomKey(seed=n, step=2, tensor_id=1)
+    p_cpu = codec.encode(g, key, residual=r_cpu)
+    p_gpu = codec.encode(g.cuda(), key, residual=r_gpu)
+    for part in p_cpu.parts:
+        assert torch.equal(p_cpu.parts[part], p_gpu.parts[part].cpu()), part
+    assert torch.equal(r_cpu, r_gpu.cpu())
+    out_cpu = make("heavy", n=n, seed=3)
+    out_gpu = out_cpu.cuda()
+    codec.decode_accumulate([p_cpu, p_cpu], out_cpu)
+    codec.decode_accumulate([p_gpu, p_gpu], out_gpu)
+    assert torch.equal(out_cpu, out_gpu.cpu())
+
+
+@pytest.mark.gpu
+def test_cuda_decode_rejects_bad_indices():
+    p = payload(3, [0, 3], [1.0, 1.0])
+    p.parts = {k: v.cuda() for k, v in p.parts.items()}
+    out = torch.zeros(3, device="cuda")
+    with pytest.raises(IndexError, match="worker 0"):
+        TopKCodec().decode_accumulate([p], out)
+    assert out.tolist() == [0.0, 0.0, 0.0]
