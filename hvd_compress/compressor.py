@@ -43,8 +43,11 @@ class _ParamState:
 @dataclass
 class _Caller:
     name: str
-    process_set: Any
-    op: Any
+    optimizer: Any
+
+    @property
+    def process_set(self):
+        return getattr(self.optimizer, "process_set", None)
 
 
 @dataclass
@@ -68,6 +71,11 @@ class _GatherCtx:
     stats: dict = field(default_factory=dict)
 
 
+def _hvd_size() -> int:
+    import horovod.torch as hvd
+    return hvd.size()
+
+
 def _calling_optimizer(tensor: torch.Tensor) -> _Caller:
     """Name, process set and op of the parameter whose gradient Horovod is compressing.
 
@@ -85,8 +93,7 @@ def _calling_optimizer(tensor: torch.Tensor) -> _Caller:
             param = local["p"]
         names = getattr(local.get("self"), "_parameter_names", None)
         if param is not None and isinstance(names, dict) and param in names:
-            opt = local["self"]
-            return _Caller(names[param], opt.process_set, opt.op)
+            return _Caller(names[param], local["self"])
         frame = frame.f_back
     raise RuntimeError(
         "hvd_compress compressors must be called by horovod.torch.DistributedOptimizer "
@@ -142,7 +149,7 @@ class Compressor(_HorovodCompressor):
             (part,) = payload.parts.values()
             self._count_dense(part, caller)
             return part, _SumCtx(tensor.shape, tensor.dtype)
-        size = caller.process_set.size()
+        size = caller.process_set.size() if caller.process_set is not None else _hvd_size()
         pending = allgather_payload_async(payload, caller.name, caller.process_set)
         self._bytes["bytes_sent"] += payload.nbytes
         probe = torch.ones(1, dtype=torch.float32, device=tensor.device)
@@ -178,7 +185,8 @@ class Compressor(_HorovodCompressor):
 
     def _reject_unsupported(self, tensor: torch.Tensor, caller: _Caller) -> None:
         import horovod.torch as hvd
-        if caller.op == hvd.Adasum:
+        # The Adasum optimizer is its own class (it compresses parameter deltas, has no .op).
+        if getattr(caller.optimizer, "op", hvd.Adasum) == hvd.Adasum:
             raise ValueError(f"{type(self).__name__} cannot be combined with op=hvd.Adasum: Adasum "
                              "combines dense gradients pairwise and has no compressed form")
         if tensor.is_sparse:
