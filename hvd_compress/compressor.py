@@ -34,15 +34,18 @@ _UINT32 = (1 << 32) - 1
 
 @dataclass
 class _ParamState:
-    """Per-parameter state: the Philox tensor id, the step counter and the EF residual."""
+    """Per-parameter state: the Philox tensor id, the step counter, the EF residual and, for
+    methods that keep one (DGC), a momentum buffer."""
     tensor_id: int
     step: int = 0
     residual: torch.Tensor | None = None
+    momentum: torch.Tensor | None = None
 
 
 @dataclass
 class _Caller:
     name: str
+    param: torch.Tensor
     optimizer: Any
 
     @property
@@ -93,7 +96,7 @@ def _calling_optimizer(tensor: torch.Tensor) -> _Caller:
             param = local["p"]
         names = getattr(local.get("self"), "_parameter_names", None)
         if param is not None and isinstance(names, dict) and param in names:
-            return _Caller(names[param], local["self"])
+            return _Caller(names[param], param, local["self"])
         frame = frame.f_back
     raise RuntimeError(
         "hvd_compress compressors must be called by horovod.torch.DistributedOptimizer "
@@ -134,26 +137,42 @@ class Compressor(_HorovodCompressor):
         if not self._checked:
             self._check_same_config(caller)
         self._bytes["bytes_dense"] += tensor.numel() * 4
-        if tensor.numel() < self.min_numel:
-            self._count_dense(tensor, caller)
-            return tensor, _DenseCtx()
         state = self._state.get(caller.name)
         if state is None:
             state = self._state[caller.name] = _ParamState(zlib.crc32(caller.name.encode()) & _UINT32)
+        grad = self._prepare(tensor, state, caller)
+        if tensor.numel() < self.min_numel:
+            grad = grad.view(tensor.shape).to(tensor.dtype)
+            self._count_dense(grad)
+            return grad, _DenseCtx()
         if self.error_feedback and state.residual is None:
             state.residual = torch.zeros(tensor.numel(), dtype=torch.float32, device=tensor.device)
         key = RandomKey(self.seed, state.step & _UINT32, state.tensor_id)
+        payload = self._codec_at(state.step).encode(grad, key, residual=state.residual, name=caller.name)
         state.step += 1
-        payload = self.codec.encode(tensor, key, residual=state.residual, name=caller.name)
+        self._after_encode(payload, state)
         if getattr(self.codec, "summable", False):
             (part,) = payload.parts.values()
-            self._count_dense(part, caller)
+            self._count_dense(part)
             return part, _SumCtx(tensor.shape, tensor.dtype)
         size = caller.process_set.size() if caller.process_set is not None else _hvd_size()
         pending = allgather_payload_async(payload, caller.name, caller.process_set)
         self._bytes["bytes_sent"] += payload.nbytes
         probe = torch.ones(1, dtype=torch.float32, device=tensor.device)
         return probe, _GatherCtx(pending, tensor.shape, tensor.dtype, size)
+
+    # -- hooks for methods that transform the gradient around the codec (DGC) ------------------
+
+    def _prepare(self, tensor: torch.Tensor, state: _ParamState, caller: _Caller) -> torch.Tensor:
+        """The tensor to encode (or, below ``min_numel``, to allreduce as it is)."""
+        return tensor
+
+    def _codec_at(self, step: int) -> Codec:
+        """The codec for this parameter's ``step``-th compression (schedules override this)."""
+        return self.codec
+
+    def _after_encode(self, payload, state: _ParamState) -> None:
+        """Called with each payload before it is sent."""
 
     def decompress(self, tensor: torch.Tensor, ctx):
         if isinstance(ctx, _DenseCtx):
@@ -178,7 +197,7 @@ class Compressor(_HorovodCompressor):
         ``bytes_dense`` (what fp32 gradients would have cost to send)."""
         return dict(self._bytes)
 
-    def _count_dense(self, tensor: torch.Tensor, caller: _Caller) -> None:
+    def _count_dense(self, tensor: torch.Tensor) -> None:
         nbytes = tensor.numel() * tensor.element_size()
         self._bytes["bytes_sent"] += nbytes
         self._bytes["bytes_received"] += nbytes

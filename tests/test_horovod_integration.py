@@ -207,3 +207,52 @@ def _adasum():
 def test_adasum_is_rejected():
     with pytest.raises(JobFailed, match="Adasum"):
         run_job(_adasum, np=2, timeout=60)
+
+
+def _dgc_steps(optimizer_momentum: float):
+    import horovod.torch as hvd
+    import hvd_compress
+    w = torch.nn.Parameter(torch.zeros(NUMEL))
+    comp = hvd_compress.DGC(ratio=0.01, momentum=0.5)
+    opt = hvd.DistributedOptimizer(torch.optim.SGD([w], lr=0.0, momentum=optimizer_momentum),
+                                   named_parameters=[("w", w)], compression=comp)
+    grads, momenta = [], []
+    for step in range(3):
+        opt.zero_grad()
+        (w * _rank_grad(hvd.rank(), step)).sum().backward()
+        opt.synchronize()
+        grads.append(w.grad.clone())
+        momenta.append(comp._state["w"].momentum.clone())
+        with opt.skip_synchronize():
+            opt.step()
+    return grads, momenta, comp._state["w"].residual.clone()
+
+
+def test_dgc_momentum_correction_and_masking():
+    results = run_job(_dgc_steps, np=2, args=(0.0,), timeout=120)
+    for rank, (grads, momenta, residual) in enumerate(results):
+        # u_t = 0.5 u_{t-1} + g_t, zeroed where sent; what was sent is nonzero in the aggregate
+        u = torch.zeros(NUMEL)
+        for step in range(3):
+            u = 0.5 * u + _rank_grad(rank, step)
+            sent = momenta[step] == 0
+            assert 0.8 * 30 <= int(sent.sum()) <= 1.3 * 30 + 1  # k = 1% of 3000
+            u[sent] = 0
+            torch.testing.assert_close(momenta[step], u)
+        assert torch.equal(results[0][0][-1], results[1][0][-1])
+
+
+def test_dgc_refuses_optimizer_momentum():
+    with pytest.raises(JobFailed, match="DGC applies momentum itself"):
+        run_job(_dgc_steps, np=2, args=(0.9,), timeout=60)
+
+
+def test_dgc_warmup_schedule():
+    import hvd_compress
+    dgc = hvd_compress.DGC(ratio=0.001, warmup_steps=100)
+    densities = [dgc.density(t) for t in (0, 25, 50, 75, 99, 100, 10_000)]
+    assert densities[0] == 0.25 and densities[-2] == densities[-1] == 0.001
+    # four stages (0, 25, 50, 75 of 100 steps), strictly decreasing, geometric
+    assert all(a > b for a, b in zip(densities[:4], densities[1:4])) and densities[4] == densities[3]
+    torch.testing.assert_close(torch.tensor(densities[1] / densities[0]),
+                               torch.tensor((0.001 / 0.25) ** 0.25))
