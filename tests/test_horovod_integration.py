@@ -256,3 +256,31 @@ def test_dgc_warmup_schedule():
     assert all(a > b for a, b in zip(densities[:4], densities[1:4])) and densities[4] == densities[3]
     torch.testing.assert_close(torch.tensor(densities[1] / densities[0]),
                                torch.tensor((0.001 / 0.25) ** 0.25))
+
+
+def _per_parameter_map():
+    import horovod.torch as hvd
+    import hvd_compress
+    weight = torch.nn.Parameter(torch.zeros(NUMEL))
+    other = torch.nn.Parameter(torch.zeros(NUMEL))
+    bias = torch.nn.Parameter(torch.zeros(NUMEL))  # large, but mapped to no compression
+    sparse = hvd_compress.from_spec("topk:ratio=0.05")
+    opt = hvd_compress.DistributedOptimizer(
+        torch.optim.SGD([weight, other, bias], lr=0.0),
+        named_parameters=[("weight", weight), ("layer.other", other), ("layer.bias", bias)],
+        compression={"*.bias": hvd.Compression.none, "weight": sparse})
+    g = _rank_grad(hvd.rank(), 0)
+    ((weight + other + bias) * g).sum().backward()
+    opt.synchronize()
+    return weight.grad.clone(), other.grad.clone(), bias.grad.clone(), opt.compression_stats()
+
+
+def test_wrapper_per_parameter_map_agrees_with_stock_path():
+    results = run_job(_per_parameter_map, np=2, timeout=120)
+    expected = _simulate("topk:ratio=0.05", size=2, steps=1)[0]
+    mean = (_rank_grad(0, 0) + _rank_grad(1, 0)) / 2
+    for weight_grad, other_grad, bias_grad, stats in results:
+        assert torch.equal(weight_grad, expected)            # same bits as the stock path
+        torch.testing.assert_close(other_grad, mean)          # unmatched: uncompressed
+        torch.testing.assert_close(bias_grad, mean)           # mapped to none
+        assert stats["bytes_dense"] == NUMEL * 4              # only 'weight' went through hvd_compress
