@@ -29,6 +29,9 @@ from .base import Codec, Payload, RandomKey
 class StochasticFP16Codec(Codec):
     """fp32 -> fp16 with unbiased stochastic rounding (saturating at +-65504)."""
 
+    fixed_size = True
+    summable = True
+
     name = "fp16sr"
 
     def _encode(self, x: torch.Tensor, key: RandomKey, residual: torch.Tensor | None) -> Payload:

@@ -33,6 +33,8 @@ from .base import Codec, Payload, RandomKey
 class QSGDCodec(Codec):
     """QSGD with ``bits`` in {2, 4, 8} per element and one fp32 norm per bucket."""
 
+    fixed_size = True
+
     bits: int = 4
     bucket_size: int = 512
     name = "qsgd"

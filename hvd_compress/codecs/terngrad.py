@@ -42,6 +42,8 @@ class TernGradCodec(Codec):
     """TernGrad ternarization; ``bucket_size=None`` scales per tensor, ``clip=None`` disables
     clipping, ``shared_scales`` (see :meth:`with_scales`) replaces the locally computed scales."""
 
+    fixed_size = True
+
     bucket_size: int | None = None
     clip: float | None = 2.5
     shared_scales: torch.Tensor | None = dataclasses.field(default=None, compare=False, repr=False)
