@@ -6,17 +6,21 @@ Learning", NeurIPS 2017).
 per tensor (the paper's layer-wise scaling, the default) or per bucket of ``bucket_size``
 elements.  E[ternarize(g)] = g and E[(ternarize(g)_i - g_i)^2] = |g_i| (s - |g_i|).
 
-Gradient clipping (the paper's section 3.3, on by default with c = 2.5): g is first clipped to
+Gradient clipping (as in the paper, on by default with c = 2.5): g is first clipped to
 [-c sigma, c sigma], sigma the population standard deviation of the tensor (sums in the fixed
 order of the numeric contract), so s = min(max |g|, c sigma).  Clipping makes the codec biased
 (the clipped tails are lost) in exchange for a smaller s and variance; with error feedback the
 clipped part stays in the residual.  A tensor with sigma = 0 (constant, or one element) is not
 clipped.  ``clip=None`` gives the unbiased codec.
 
-Shared scale (the paper's "scale sharing"): :meth:`local_scales` gives this worker's scales, the
+Shared scale (the paper shares s across workers): :meth:`local_scales` gives this worker's scales, the
 communication layer takes their maximum over workers, and ``codec.with_scales(s).encode(...)``
 encodes with them, so that every worker's codes mean multiples of the same s.  Elements with
 |g_i| > s are then saturated to sign(g_i) s.
+
+Error feedback (``encode(..., residual=r)``) is optional: without clipping the codec is
+unbiased, and it is no contraction (E||C(g) - g||^2 = sum_i |g_i| (s - |g_i|) can exceed
+||g||^2), so the residual is not guaranteed to stay bounded.
 
 Wire: ``codes`` (2 bits per element, 4 per byte, element i at bits 2 (i % 4) of byte i // 4;
 00 = 0, 01 = +s, 10 = -s) and ``scales`` (fp32, one per tensor or bucket).
