@@ -13,10 +13,10 @@ order of the numeric contract), so s = min(max |g|, c sigma).  Clipping makes th
 clipped part stays in the residual.  A tensor with sigma = 0 (constant, or one element) is not
 clipped.  ``clip=None`` gives the unbiased codec.
 
-Shared scale (the paper shares s across workers): :meth:`local_scales` gives this worker's scales, the
-communication layer takes their maximum over workers, and ``codec.with_scales(s).encode(...)``
-encodes with them, so that every worker's codes mean multiples of the same s.  Elements with
-|g_i| > s are then saturated to sign(g_i) s.
+Shared scale (the paper shares s across workers): :meth:`local_scales` gives this worker's
+scales, the communication layer takes their maximum over workers, and
+``codec.with_scales(s).encode(...)`` encodes with them, so that every worker's codes mean
+multiples of the same s.  Elements with |g_i| > s are then saturated to sign(g_i) s.
 
 Error feedback (``encode(..., residual=r)``) is optional: without clipping the codec is
 unbiased, and it is no contraction (E||C(g) - g||^2 = sum_i |g_i| (s - |g_i|) can exceed
