@@ -63,8 +63,8 @@ class QSGDCodec(Codec):
         if x.is_cuda and n:
             fn = cuda.kernel(q.SOURCE, "hvdc_qsgd_encode", x.device)
             cuda.launch(fn, q.grid(32 * n_norms, q.BLOCK), q.BLOCK,
-                        (x, q.dptr(residual), np.int64(n),
-                         np.int64(self.bucket_size), np.int32(self.bits), *q.cuda_key(key), codes, norms))
+                        (x, q.dptr(residual), np.int64(n), np.int64(self.bucket_size),
+                         np.int32(self.bits), *q.cuda_key(key), codes, norms))
         elif n:
             cpu.call("hvdc_qsgd_encode", q.ptr(x), q.ptr(residual), n, self.bucket_size, self.bits,
                      key.seed, key.step, key.tensor_id, q.ptr(codes), q.ptr(norms), cpu.threads())

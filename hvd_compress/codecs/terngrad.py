@@ -84,8 +84,8 @@ class TernGradCodec(Codec):
             _cuda_scales(g, r, n, bucket, clip, scales)
         else:
             scratch = torch.empty(2 * -(-n // _SUM_CHUNK), dtype=torch.float32)
-            cpu.call("hvdc_tern_scales", q.ptr(g), q.ptr(r), n, bucket, clip, q.ptr(scales), q.ptr(scratch),
-                     cpu.threads())
+            cpu.call("hvdc_tern_scales", q.ptr(g), q.ptr(r), n, bucket, clip, q.ptr(scales),
+                     q.ptr(scratch), cpu.threads())
         return scales
 
     def _encode(self, x: torch.Tensor, key: RandomKey, residual: torch.Tensor | None) -> Payload:
@@ -93,7 +93,7 @@ class TernGradCodec(Codec):
         if self.shared_scales is None:
             scales = self._scales(x, residual)
         else:
-            scales = self.shared_scales.detach().to(device=x.device, dtype=torch.float32).reshape(-1).clone()
+            scales = self.shared_scales.detach().to(x.device, torch.float32).reshape(-1).clone()
             if scales.numel() != self.n_scales(n):
                 raise ValueError(f"shared scales: {self.n_scales(n)} expected, got {scales.numel()}")
         codes = torch.empty(-(-n // 4), dtype=torch.uint8, device=x.device)
@@ -102,7 +102,8 @@ class TernGradCodec(Codec):
             if x.is_cuda:
                 fn = cuda.kernel(q.SOURCE, "hvdc_tern_encode", x.device)
                 cuda.launch(fn, q.grid(-(-n // 4), q.BLOCK), q.BLOCK,
-                            (x, q.dptr(residual), np.int64(n), np.int64(bucket), scales, *q.cuda_key(key), codes))
+                            (x, q.dptr(residual), np.int64(n), np.int64(bucket), scales,
+                             *q.cuda_key(key), codes))
             else:
                 cpu.call("hvdc_tern_encode", q.ptr(x), q.ptr(residual), n, bucket, q.ptr(scales),
                          key.seed, key.step, key.tensor_id, q.ptr(codes), cpu.threads())
@@ -119,10 +120,11 @@ class TernGradCodec(Codec):
         if flat.is_cuda:
             fn = cuda.kernel(q.SOURCE, "hvdc_tern_decode_acc", flat.device)
             cuda.launch(fn, q.grid(-(-n // 4), q.BLOCK), q.BLOCK,
-                        (codes, scales, np.int32(len(payloads)), np.int64(n), np.int64(self._bucket(n)), flat))
+                        (codes, scales, np.int32(len(payloads)), np.int64(n),
+                         np.int64(self._bucket(n)), flat))
         else:
-            cpu.call("hvdc_tern_decode_acc", codes, scales, len(payloads), n, self._bucket(n), q.ptr(flat),
-                     cpu.threads())
+            cpu.call("hvdc_tern_decode_acc", codes, scales, len(payloads), n, self._bucket(n),
+                     q.ptr(flat), cpu.threads())
         return out
 
 
@@ -158,7 +160,9 @@ def _cuda_scales(g: torch.Tensor, r: torch.Tensor | None, n: int, bucket: int, c
         sq_dev = _cuda_long_sum(g, r, n, total, with_max=False)[0]
     if bucket < n:
         maxabs = torch.empty(scales.numel(), dtype=torch.float32, device=dev)
-        cuda.launch(cuda.kernel(q.SOURCE, "hvdc_bucket_absmax", dev), q.grid(32 * scales.numel(), q.BLOCK),
-                    q.BLOCK, (g, q.dptr(r), np.int64(n), np.int64(bucket), maxabs))
-    cuda.launch(cuda.kernel(q.SOURCE, "hvdc_tern_finalize", dev), q.grid(scales.numel(), q.BLOCK), q.BLOCK,
-                (q.dptr(sq_dev), np.int64(n), np.float32(clip), maxabs, np.int64(scales.numel()), scales))
+        cuda.launch(cuda.kernel(q.SOURCE, "hvdc_bucket_absmax", dev),
+                    q.grid(32 * scales.numel(), q.BLOCK), q.BLOCK,
+                    (g, q.dptr(r), np.int64(n), np.int64(bucket), maxabs))
+    cuda.launch(cuda.kernel(q.SOURCE, "hvdc_tern_finalize", dev), q.grid(scales.numel(), q.BLOCK),
+                q.BLOCK, (q.dptr(sq_dev), np.int64(n), np.float32(clip), maxabs,
+                          np.int64(scales.numel()), scales))
