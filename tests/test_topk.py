@@ -54,7 +54,8 @@ def reference(codec: TopKCodec, g: torch.Tensor, r: torch.Tensor | None, key: Ra
         stride, m = sample_plan(n, codec.ratio, codec.sample_ratio)
         start = philox_word0(key) * stride >> 32
         sample = a[start::stride][:m]
-        thr = np.sort(sample)[::-1][ceil_ratio(codec.ratio, m) - 1]
+        t = ceil_ratio(codec.ratio, m)
+        thr = np.sort(sample)[::-1][(min(m, math.ceil(1.25 * t - 1e-9)) if codec.exact_k else t) - 1]
         levels = [max(np.float32(thr) * np.float32(0.8 ** l), np.float32(2.0 ** -149))
                   for l in range(8)] + ([np.float32(0)] if codec.exact_k else [])
     lo = k if codec.exact_k else math.ceil(0.8 * k - 1e-9)
