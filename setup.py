@@ -33,8 +33,8 @@ setup(
     ext_modules=[cpu_library],
     install_requires=["numpy>=1.24", "torch>=2.0"],
     extras_require={
-        "cuda12": ["cupy-cuda12x>=13"],
-        "cuda13": ["cupy-cuda13x>=14"],
+        "cuda12": ["cupy-cuda12x>=13", "cuda-bindings>=12,<13"],
+        "cuda13": ["cupy-cuda13x>=14", "cuda-bindings>=13,<14"],
         "horovod": ["horovod==0.28.1"],
         "examples": ["tqdm>=4.66", "matplotlib>=3.8", "scikit-learn>=1.4"],
     },

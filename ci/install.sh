@@ -24,5 +24,6 @@ $PY -m pip install --quiet --upgrade "pip>=23" "setuptools>=69" wheel
 $PY -m pip install --quiet "torch==2.13.0" -r ci/requirements.txt
 PYTHON=$PY bash ci/build_horovod.sh
 # hvd_compress itself (compiles the CPU codec library; CUDA kernels compile at run time).
+rm -rf build ./*.egg-info  # a stale build/ would be packaged instead of the tree
 $PY -m pip install --quiet --no-deps --force-reinstall .
 echo "[install] done: $($PY -c 'import hvd_compress; print("hvd_compress", hvd_compress.__version__)')"

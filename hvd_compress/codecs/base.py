@@ -81,6 +81,11 @@ class Codec(ABC):
     def decode_accumulate(self, payloads: Sequence[Payload], out: torch.Tensor) -> torch.Tensor:
         """``out += sum_w D(payloads[w])``, adding workers in list order (deterministic)."""
 
+    def __repr__(self) -> str:
+        # Deterministic (no address): the Horovod layer compares it across ranks.
+        args = ", ".join(f"{k}={v!r}" for k, v in sorted(vars(self).items()) if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
+
     def decode(self, payload: Payload) -> torch.Tensor:
         out = torch.zeros(payload.numel, dtype=torch.float32, device=payload.device)
         return self.decode_accumulate([payload], out)

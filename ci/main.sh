@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# README's main-job command: install everything (idempotent), then train the digits CNN with 2
+# Horovod workers uncompressed and with the compressors, print the comparison table and write
+# out/digits.png.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash ci/install.sh
+export PATH="$PWD/.venv/bin:$PATH"
+exec python examples/compare.py --np 2 --out out --specs ${HVD_COMPRESS_SPECS:-none hvd-fp16} "$@"

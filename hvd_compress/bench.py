@@ -1,0 +1,228 @@
+"""Codec throughput, side by side with plain-torch implementations of the same methods.
+
+    python -m hvd_compress.bench                       # CPU, 10M elements
+    python -m hvd_compress.bench --device cuda         # GPU, 100M elements (needs CuPy)
+    python -m hvd_compress.bench --json out.json       # also write the rows
+
+For each codec it times, on the same tensor in the same run:
+
+* ``encode+EF``: encode with error feedback (``residual`` read and rewritten), and
+* ``decode``: decode-and-accumulate one payload into a dense fp32 tensor,
+
+and the plain-torch way (what GRACE and DGC's reference code do: ``torch.bernoulli``,
+``torch.topk``, masks and ``nonzero``) of the same method with the same error feedback.  Throughput
+is GB/s of fp32 *input* (4 bytes per element / time).  On the GPU it also measures the device copy
+bandwidth (``clone``) and reports each kernel's effective bandwidth (bytes it must move / time) as
+a fraction of it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+from .codecs import RandomKey
+from .codecs.base import Codec
+
+
+# ---- plain-torch reference implementations (the baselines; allocation-happy on purpose) ----
+
+def torch_terngrad(g: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """TernGrad (Wen et al. 2017) with 2.5-sigma clipping and error feedback, int8 codes."""
+    v = g + r
+    c = 2.5 * v.std()
+    v_clipped = v.clamp(-c, c)
+    s = v_clipped.abs().max()
+    codes = (torch.bernoulli(v_clipped.abs() / s) * v_clipped.sign()).to(torch.int8)
+    r.copy_(v - codes.float() * s)
+    return codes
+
+
+def torch_qsgd(g: torch.Tensor, r: torch.Tensor, levels: int = 7, bucket: int = 512) -> torch.Tensor:
+    """QSGD (Alistarh et al. 2017), per-bucket L2 norm, int8 sign*level codes, error feedback."""
+    v = g + r
+    n = v.numel()
+    padded = torch.nn.functional.pad(v, (0, (-n) % bucket)).view(-1, bucket)
+    norms = padded.norm(dim=1, keepdim=True)
+    scaled = padded.abs() / norms.clamp_min(1e-30) * levels
+    level = torch.floor(scaled + torch.rand_like(scaled))
+    codes = (level * padded.sign()).to(torch.int8)
+    r.copy_(v - (codes.float() * norms / levels).view(-1)[:n])
+    return codes
+
+
+def torch_topk(g: torch.Tensor, r: torch.Tensor, ratio: float = 0.01) -> torch.Tensor:
+    """Exact top-k by magnitude (Dryden et al. 2016) with torch.topk, error feedback."""
+    v = g + r
+    k = max(1, math.ceil(ratio * v.numel()))
+    _, idx = torch.topk(v.abs(), k, sorted=False)
+    values = v[idx]
+    r.copy_(v)
+    r[idx] = 0
+    return values
+
+
+def torch_dgc(g: torch.Tensor, r: torch.Tensor, ratio: float = 0.01, sample: float = 0.01) -> torch.Tensor:
+    """DGC's sampled threshold (Lin et al. 2018): top-k of a strided sample sets the threshold,
+    then a mask and ``nonzero`` select; error feedback."""
+    v = g + r
+    n = v.numel()
+    stride = max(1, int(1 / sample))
+    samples = v.abs()[torch.randint(stride, (1,)).item()::stride]
+    k_s = max(1, math.ceil(ratio * samples.numel()))
+    thr = torch.topk(samples, k_s, sorted=False)[0].min()
+    idx = (v.abs() >= thr).nonzero().view(-1)
+    values = v[idx]
+    r.copy_(v)
+    r[idx] = 0
+    return values
+
+
+def torch_fp16(g: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Round-to-nearest fp16 (Horovod's fp16 compression) with error feedback."""
+    v = g + r
+    h = v.half()
+    r.copy_(v - h.float())
+    return h
+
+
+# ---- timing ----
+
+@dataclass
+class Row:
+    device: str
+    method: str
+    impl: str
+    numel: int
+    encode_ms: float
+    decode_ms: float | None
+    encode_gbps: float
+    payload_bytes: int
+    note: str = ""
+
+
+def _timer(device: torch.device, fn: Callable[[], object], repeat: int) -> float:
+    """Median wall time of ``fn`` in ms (CUDA events on the GPU), after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - t0))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def _codecs() -> dict[str, tuple[Callable[[], Codec], Callable]]:
+    """method -> (our codec factory, plain-torch baseline).  Imported lazily so the benchmark
+    still runs when a codec module is missing from an older install."""
+    from .codecs.qsgd import QSGDCodec
+    from .codecs.terngrad import TernGradCodec
+    from .codecs.topk import TopKCodec
+    from .codecs.fp16 import StochasticFP16Codec
+    return {
+        "terngrad": (lambda: TernGradCodec(), torch_terngrad),
+        "qsgd-4bit": (lambda: QSGDCodec(bits=4, bucket_size=512), torch_qsgd),
+        "fp16-stochastic": (lambda: StochasticFP16Codec(), torch_fp16),
+        "topk-1%-sampled": (lambda: TopKCodec(ratio=0.01), torch_dgc),
+        "topk-1%-exact": (lambda: TopKCodec(ratio=0.01, mode="exact"), torch_topk),
+    }
+
+
+def bench_device(device: torch.device, numel: int, repeat: int, methods: list[str] | None) -> list[Row]:
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    g = torch.randn(numel, generator=gen).to(device)
+    rows: list[Row] = []
+    gb = 4 * numel / 1e9
+    for method, (factory, baseline) in _codecs().items():
+        if methods and method not in methods:
+            continue
+        codec = factory()
+        r = torch.zeros_like(g)
+        step = iter(range(1 << 30))
+        encode_ms = _timer(device, lambda: codec.encode(g, RandomKey(1, next(step), 0), residual=r), repeat)
+        payload = codec.encode(g, RandomKey(1, 0, 0), residual=r)
+        out = torch.zeros_like(g)
+        decode_ms = _timer(device, lambda: codec.decode_accumulate([payload], out), repeat)
+        note = ""
+        if device.type == "cuda":
+            # Bytes each kernel must move at least: encode+EF reads g and r and writes r and the
+            # payload; decode-accumulate reads the payload and out and writes out.
+            enc_bw = (12 * numel + payload.nbytes) / encode_ms / 1e6
+            dec_bw = (8 * numel + payload.nbytes) / decode_ms / 1e6
+            note = f"moves {enc_bw:.0f} / {dec_bw:.0f} GB/s"
+        rows.append(Row(device.type, method, "hvd_compress", numel, encode_ms, decode_ms,
+                        gb / (encode_ms / 1000), payload.nbytes, note))
+        r = torch.zeros_like(g)
+        base_ms = _timer(device, lambda: baseline(g, r), repeat)
+        base_payload = baseline(g, r)
+        rows.append(Row(device.type, method, "plain torch", numel, base_ms, None,
+                        gb / (base_ms / 1000), base_payload.numel() * base_payload.element_size()))
+    k = max(1, math.ceil(0.01 * numel))
+    topk_ms = _timer(device, lambda: torch.topk(g.abs(), k, sorted=False), repeat)
+    rows.append(Row(device.type, "torch.topk(|g|, 1%)", "plain torch", numel, topk_ms, None,
+                    gb / (topk_ms / 1000), 0, "selection only"))
+    if device.type == "cuda":
+        copy_ms = _timer(device, lambda: g.clone(), repeat)
+        rows.append(Row(device.type, "copy (clone)", "plain torch", numel, copy_ms, None,
+                        gb / (copy_ms / 1000), 0, f"device copy {2 * gb / (copy_ms / 1000):.0f} GB/s"))
+    return rows
+
+
+def format_rows(rows: list[Row]) -> str:
+    """Table with the speed-up of hvd_compress over the plain-torch baseline of each method."""
+    base = {(r.device, r.method): r for r in rows if r.impl == "plain torch"}
+    header = ("device", "method", "impl", "encode+EF ms", "decode ms", "GB/s in", "payload MB", "speed-up")
+    lines = [header]
+    for r in rows:
+        speedup = ""
+        if r.impl == "hvd_compress" and (r.device, r.method) in base:
+            speedup = f"{base[(r.device, r.method)].encode_ms / r.encode_ms:.1f}x {r.note}".strip()
+        lines.append((r.device, r.method, r.impl, f"{r.encode_ms:.2f}",
+                      "" if r.decode_ms is None else f"{r.decode_ms:.2f}", f"{r.encode_gbps:.2f}",
+                      f"{r.payload_bytes / 1e6:.2f}" if r.payload_bytes else "", speedup or r.note))
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    out = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in lines]
+    out.insert(1, "-" * len(out[0]))
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="hvd_compress codec benchmark")
+    parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="cpu")
+    parser.add_argument("--numel", type=int, help="elements (default 10M on CPU, 100M on GPU)")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--methods", nargs="*", help="subset of methods to run")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    rows: list[Row] = []
+    for name in devices:
+        if name == "cuda":
+            from .backends import cuda
+            if not cuda.available():
+                raise SystemExit("--device cuda needs a CUDA device and CuPy")
+        numel = args.numel or (100_000_000 if name == "cuda" else 10_000_000)
+        print(f"[bench] {name}: {numel:,} fp32 elements, threads={torch.get_num_threads()}", flush=True)
+        rows += bench_device(torch.device(name), numel, args.repeat, args.methods)
+    print(format_rows(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in rows], f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

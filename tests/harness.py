@@ -1,0 +1,97 @@
+"""Run a function on N real Horovod ranks (``horovodrun`` in a subprocess) and collect each
+rank's return value.
+
+Why a subprocess rather than ``horovod.runner.run`` in-process: a hung collective must fail the
+test, not CI.  The launcher runs in its own process group and is killed whole when the timeout
+expires; a rank that raises makes ``horovodrun`` end the other ranks (Gloo and MPI both do), and
+its traceback is reported in the test failure.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+from typing import Any, Callable
+
+import cloudpickle
+
+_WORKER = textwrap.dedent("""
+    import pickle, sys, traceback
+    import horovod.torch as hvd
+    job, out = sys.argv[1], sys.argv[2]
+    hvd.init()
+    rank = hvd.rank()
+    try:
+        with open(job, "rb") as f:
+            fn, args, kwargs = pickle.load(f)
+        result = fn(*args, **kwargs)
+        with open(f"{out}/rank{rank}.pkl", "wb") as f:
+            pickle.dump(result, f)
+    except BaseException:
+        with open(f"{out}/rank{rank}.err", "w") as f:
+            f.write(traceback.format_exc())
+        raise
+""")
+
+
+class JobFailed(RuntimeError):
+    """A Horovod job exited non-zero, timed out, or a rank raised."""
+
+
+def horovodrun() -> str:
+    exe = shutil.which("horovodrun", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    if exe is None:
+        raise RuntimeError("horovodrun not found: run ci/install.sh")
+    return exe
+
+
+def run_job(fn: Callable[..., Any], np: int = 2, *, controller: str = "gloo", timeout: float = 120,
+            args: tuple = (), kwargs: dict | None = None, env: dict | None = None) -> list[Any]:
+    """Run ``fn(*args, **kwargs)`` on ``np`` ranks after ``hvd.init()``; return results by rank."""
+    if controller not in ("gloo", "mpi"):
+        raise ValueError(f"controller must be 'gloo' or 'mpi', got {controller!r}")
+    # Test modules are not importable in the ranks: ship fn's module by value.
+    module = sys.modules.get(fn.__module__)
+    if module is not None and fn.__module__ not in ("__main__",) and not fn.__module__.startswith("hvd_compress"):
+        cloudpickle.register_pickle_by_value(module)
+    with tempfile.TemporaryDirectory(prefix="hvdjob-") as tmp:
+        job = Path(tmp, "job.pkl")
+        job.write_bytes(cloudpickle.dumps((fn, args, kwargs or {})))
+        worker = Path(tmp, "worker.py")
+        worker.write_text(_WORKER)
+        cmd = [horovodrun(), "-np", str(np), "-H", f"localhost:{np}", f"--{controller}"]
+        run_env = dict(os.environ, **(env or {}))
+        run_env.setdefault("OMP_NUM_THREADS", "1")
+        if controller == "mpi":
+            # Debian's OpenMPI refuses root (as in containers and CI) unless told; allow more
+            # ranks than cores on small machines.
+            run_env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+                           OMPI_MCA_rmaps_base_oversubscribe="1")
+        cmd += [sys.executable, str(worker), str(job), tmp]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=run_env, start_new_session=True)
+        try:
+            log, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            log, _ = proc.communicate()
+            raise JobFailed(f"Horovod job ({np} ranks, {controller}) timed out after {timeout}s\n{log[-4000:]}")
+        errors = sorted(Path(tmp).glob("rank*.err"))
+        if errors:
+            detail = "\n".join(f"--- {e.stem} ---\n{e.read_text()}" for e in errors)
+            raise JobFailed(f"rank(s) raised:\n{detail}")
+        if proc.returncode != 0:
+            raise JobFailed(f"horovodrun exited {proc.returncode}\n{log[-4000:]}")
+        results = []
+        for rank in range(np):
+            path = Path(tmp, f"rank{rank}.pkl")
+            if not path.exists():
+                raise JobFailed(f"rank {rank} returned nothing\n{log[-4000:]}")
+            results.append(pickle.loads(path.read_bytes()))
+        return results
