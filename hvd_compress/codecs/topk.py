@@ -41,7 +41,7 @@ step with power-of-two tensor shapes; s = 1 samples everything), m = floor(n / s
 start = floor(u * s / 2^32), u = word 0 of the RandomKey's Philox stream, so positions
 start + j s, j < m, all lie in [0, n) (``kernels/topk.h``).
 
-Error feedback (on by default for this codec, :attr:`TopKCodec.error_feedback`):
+Error feedback (on by default in ``hvd_compress.methods.TopK``):
 g' = g + r;  payload = C(g');  r <- g' - D(C(g')), i.e. r = g' except at the sent entries, where
 r = 0 for fp32 values and r = g' - fp16(g') for fp16 values (fp16: round to nearest even,
 saturated at +-65504).  g' - fp16(g') is exact in fp32, so g + r_old = D(C(g')) + r_new holds
@@ -130,8 +130,6 @@ class TopKCodec(Codec):
     """
 
     name = "topk"
-    #: compressors keep an error-feedback residual for this codec unless told otherwise.
-    error_feedback = True
 
     def __init__(self, ratio: float = 0.01, sample_ratio: float = 0.01,
                  value_dtype: torch.dtype = torch.float16, exact_k: bool | None = None,
@@ -309,13 +307,13 @@ class _CudaOps:
         cuda.launch(cuda.kernel("topk.cu", name, device), grid, cls._THREADS, args)
 
     @classmethod
-    def _grid(cls, count):
-        return max(1, min(-(-count // cls._THREADS), 8192))
+    def _grid(cls, count, device):
+        return cuda.grid_size(count, cls._THREADS, device)
 
     @classmethod
     def sample(cls, x, r, stride, m, key):
         out = torch.empty(m, dtype=torch.float32, device=x.device)
-        cls._run("hvdc_topk_sample", x.device, cls._grid(m),
+        cls._run("hvdc_topk_sample", x.device, cls._grid(m, x.device),
                  (x, x if r is None else r, np.int32(r is not None), out, np.int64(stride),
                   np.int64(m), np.uint64(key.seed), np.uint32(key.step), np.uint32(key.tensor_id)))
         return out
@@ -340,7 +338,7 @@ class _CudaOps:
 
     @classmethod
     def finalize(cls, idx, val, values, r):
-        cls._run("hvdc_topk_finalize", idx.device, cls._grid(idx.numel()),
+        cls._run("hvdc_topk_finalize", idx.device, cls._grid(idx.numel(), idx.device),
                  (idx, val, np.int64(idx.numel()), values, np.int32(values.dtype == torch.float16),
                   val if r is None else r, np.int32(r is not None)))
 
@@ -351,7 +349,7 @@ class _CudaOps:
         bad = torch.zeros(len(indices), dtype=torch.int32, device=indices[0].device)
         for w, idx in enumerate(indices):
             if idx.numel():
-                cls._run("hvdc_topk_check", idx.device, cls._grid(idx.numel()),
+                cls._run("hvdc_topk_check", idx.device, cls._grid(idx.numel(), idx.device),
                          (idx, np.int64(idx.numel()), np.int64(n), bad[w:w + 1]))
         for w, flag in enumerate(bad.tolist()):              # one host sync per decode
             if flag:
@@ -359,7 +357,7 @@ class _CudaOps:
 
     @classmethod
     def scatter_add(cls, idx, values, out):
-        cls._run("hvdc_topk_scatter_add", idx.device, cls._grid(idx.numel()),
+        cls._run("hvdc_topk_scatter_add", idx.device, cls._grid(idx.numel(), idx.device),
                  (idx, values, np.int32(values.dtype == torch.float16), np.int64(idx.numel()), out))
 
 
