@@ -19,8 +19,9 @@
 #include "topk.h"
 #include "hvdc_cpu.h"
 
-/* Loops over fewer items run on one thread (small tensors, small payloads): forking costs more than it saves there, and far
- * more when other processes hold the cores (every barrier then waits for a time slice). */
+/* Loops over fewer items (small tensors, small payloads) run on one thread: forking costs more
+ * than it saves there, and far more when other processes hold the cores (every barrier then
+ * waits for a time slice). */
 #define TOPK_CPU_PARALLEL_MIN (1 << 16)
 
 /* Elements per inner tile of the count pass (a multiple of 32): |g'| of a tile stays in L1 and
