@@ -84,9 +84,16 @@ def torch_dgc(g: torch.Tensor, r: torch.Tensor, ratio: float = 0.01, sample: flo
 
 
 def torch_fp16(g: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """Round-to-nearest fp16 (Horovod's fp16 compression) with error feedback."""
+    """Unbiased stochastic rounding to fp16 in plain torch (round to the nearer fp16, then move to
+    the other neighbour with probability proportional to the distance), error feedback."""
     v = g + r
-    h = v.half()
+    near = v.half()
+    # The other neighbour: one fp16 step away from zero if |v| > |near|, else towards zero.
+    away = v.abs() > near.float().abs()
+    other = (near.view(torch.int16) + torch.where(away, 1, -1).to(torch.int16)).view(torch.float16)
+    gap = other.float() - near.float()
+    p = torch.where(gap != 0, (v - near.float()) / gap, torch.zeros_like(v))
+    h = torch.where(torch.rand_like(v) < p, other, near)
     r.copy_(v - h.float())
     return h
 
