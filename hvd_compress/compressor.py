@@ -63,7 +63,8 @@ class _DenseCtx:
 
 @dataclass
 class _SumCtx:
-    """Summable payload (one part) allreduced by Horovod."""
+    """A summable form allreduced by Horovod; ``finish`` maps its output to dense fp32."""
+    finish: Callable[[torch.Tensor], torch.Tensor]
     shape: torch.Size
     dtype: torch.dtype
 
@@ -169,19 +170,20 @@ class Compressor(_HorovodCompressor):
         ps = caller.process_set
         size = ps.size() if ps is not None else _hvd_size()
         route = cost.choose(self.collective, size, tensor.numel(), codec.payload_nbytes(tensor.numel()))
-        if route == cost.TWO_PHASE and not codec.summable:
+        if route == cost.TWO_PHASE and not self._sums_in_allreduce(codec):
             rank = ps.rank() if ps is not None else _hvd_rank()
             pending, sent = two_phase_allreduce_async(
                 codec, as_fp32_flat(grad, caller.name), key, state.residual, state.server,
                 caller.name, rank, size, ps)
             self._bytes["bytes_sent"] += sent
             return self._probe(tensor), _PendingCtx(pending.wait, tensor.shape, tensor.dtype, size)
+        summed = self._summable(codec, grad, key, state, caller)
+        if summed is not None:
+            form, finish = summed
+            self._count_dense(form)
+            return form, _SumCtx(finish, tensor.shape, tensor.dtype)
         payload = codec.encode(grad, key, residual=state.residual, name=caller.name)
         self._after_encode(payload, state)
-        if codec.summable:
-            (part,) = payload.parts.values()
-            self._count_dense(part)
-            return part, _SumCtx(tensor.shape, tensor.dtype)
         gather = allgather_payload_async(payload, caller.name, ps)
         self._bytes["bytes_sent"] += payload.nbytes
 
@@ -210,11 +212,24 @@ class Compressor(_HorovodCompressor):
     def _after_encode(self, payload, state: _ParamState) -> None:
         """Called with each payload before it is sent."""
 
+    def _sums_in_allreduce(self, codec: Codec) -> bool:
+        return codec.summable
+
+    def _summable(self, codec: Codec, grad: torch.Tensor, key: RandomKey, state: _ParamState,
+                  caller: _Caller) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]] | None:
+        """For payloads Horovod's allreduce can sum: (the tensor to allreduce, its output ->
+        dense fp32); None when the payload must be gathered."""
+        if not self._sums_in_allreduce(codec):
+            return None
+        payload = codec.encode(grad, key, residual=state.residual, name=caller.name)
+        (part,) = payload.parts.values()
+        return part, lambda out: out.to(torch.float32)
+
     def decompress(self, tensor: torch.Tensor, ctx):
         if isinstance(ctx, _DenseCtx):
             return tensor
         if isinstance(ctx, _SumCtx):
-            return tensor.to(ctx.dtype).view(ctx.shape)
+            return ctx.finish(tensor).view(ctx.shape).to(ctx.dtype)
         out, received = ctx.finish()
         self._bytes["bytes_received"] += received
         # size / probe is exactly size under Average and exactly 1 under Sum: dividing by it

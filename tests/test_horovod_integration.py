@@ -352,3 +352,27 @@ def test_cost_model_prefers_two_phase_for_large_worlds():
     assert cost.choose("two_phase", 2, n, payload) == cost.TWO_PHASE
     with pytest.raises(ValueError):
         cost.choose("ring", 2, n, payload)
+
+
+@pytest.mark.parametrize("bucket", [None, 512])
+def test_terngrad_shared_scale_through_allreduce(bucket):
+    spec = "terngrad:shared_scale=True" + ("" if bucket is None else f",bucket_size={bucket}")
+    results = run_job(_train_steps, np=2, args=(spec,), timeout=120)
+    import hvd_compress
+    from hvd_compress.codecs import RandomKey
+    codec = hvd_compress.from_spec(spec).codec
+    tid = zlib.crc32(b"weight")
+    for step in range(2):
+        grads = [_rank_grad(rank, step) for rank in range(2)]
+        shared = torch.maximum(*(codec.local_scales(g) for g in grads))
+        ternary = []
+        for g in grads:
+            payload = codec.with_scales(shared).encode(g, RandomKey(0, step, tid))
+            unit = dict(payload.parts, scales=torch.ones_like(payload.parts["scales"]))
+            ternary.append(codec.decode(type(payload)(NUMEL, unit)).half())
+        scale = shared if bucket is None else shared.repeat_interleave(bucket)[:NUMEL]
+        expected = ((ternary[0] + ternary[1]) / 2).float() * scale
+        for steps, stats in results:
+            assert torch.equal(steps[step][0], expected), step
+    for _, stats in results:   # 2 bytes per element through the allreduce, plus the bias
+        assert stats["bytes_sent"] == 2 * (2 * NUMEL + 40)
