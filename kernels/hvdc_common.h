@@ -29,6 +29,15 @@ typedef uint64_t hvdc_u64;
 typedef int64_t hvdc_i64;
 #endif
 
+/* Bit casts between fp32 and its 32-bit pattern (exact on both compilers). */
+#if defined(__CUDACC__)
+HVDC_FN hvdc_u32 hvdc_f2u(float x) { return __float_as_uint(x); }
+HVDC_FN float hvdc_u2f(hvdc_u32 x) { return __uint_as_float(x); }
+#else
+HVDC_FN hvdc_u32 hvdc_f2u(float x) { union { float f; hvdc_u32 u; } c; c.f = x; return c.u; }
+HVDC_FN float hvdc_u2f(hvdc_u32 x) { union { float f; hvdc_u32 u; } c; c.u = x; return c.f; }
+#endif
+
 /* ---- Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC11) ----
  * The counter-based generator of cuRAND and PyTorch.  One call maps a 128-bit counter and a
  * 64-bit key to 128 random bits; 10 rounds of

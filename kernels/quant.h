@@ -11,13 +11,8 @@
 #define HVDC_QUANT_H
 #include "hvdc_common.h"
 
-#if defined(__CUDACC__)
-HVDC_FN hvdc_u32 hvdc_f2u(float x) { return __float_as_uint(x); }
-HVDC_FN float hvdc_u2f(hvdc_u32 x) { return __uint_as_float(x); }
-#else
+#if !defined(__CUDACC__)
 #include <math.h>
-HVDC_FN hvdc_u32 hvdc_f2u(float x) { union { float f; hvdc_u32 u; } c; c.f = x; return c.u; }
-HVDC_FN float hvdc_u2f(hvdc_u32 x) { union { float f; hvdc_u32 u; } c; c.u = x; return c.f; }
 #endif
 
 /* min of two non-negative floats, compared as their bit patterns (which order like the values):

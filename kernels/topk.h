@@ -18,13 +18,6 @@
 
 typedef unsigned short hvdc_half;
 
-#if defined(__CUDACC__)
-HVDC_FN hvdc_u32 hvdc_f32_bits(float v) { return __float_as_uint(v); }
-HVDC_FN float hvdc_bits_f32(hvdc_u32 u) { return __uint_as_float(u); }
-#else
-HVDC_FN hvdc_u32 hvdc_f32_bits(float v) { union { float f; hvdc_u32 u; } c; c.f = v; return c.u; }
-HVDC_FN float hvdc_bits_f32(hvdc_u32 u) { union { float f; hvdc_u32 u; } c; c.u = u; return c.f; }
-#endif
 
 /* First sampled index of a stride-s sample: floor(u * s / 2^32) with u = word 0 of the tensor's
  * Philox stream (block 0), so start is uniform on [0, s) up to 2^-32 and a pure function of the
@@ -41,7 +34,7 @@ HVDC_FN hvdc_i64 hvdc_topk_sample_start(hvdc_u64 seed, hvdc_u32 step, hvdc_u32 t
  * Input is finite (the codec rejects NaN/Inf before encoding). */
 HVDC_FN hvdc_half hvdc_f32_to_f16_sat(float v)
 {
-    hvdc_u32 x = hvdc_f32_bits(v);
+    hvdc_u32 x = hvdc_f2u(v);
     hvdc_u32 sign = (x >> 16) & 0x8000u;
     hvdc_u32 ax = x & 0x7fffffffu;
     hvdc_u32 h, rem, half;
@@ -76,11 +69,11 @@ HVDC_FN float hvdc_f16_to_f32(hvdc_half h)
     hvdc_u32 m = (hvdc_u32)h & 0x3ffu;
     if (e == 0) {                          /* subnormal: m * 2^-24, exact in fp32 */
         float f = (float)m * 5.9604644775390625e-8f;
-        return hvdc_bits_f32(sign | hvdc_f32_bits(f));
+        return hvdc_u2f(sign | hvdc_f2u(f));
     }
     if (e == 31)
-        return hvdc_bits_f32(sign | 0x7f800000u | (m << 13));
-    return hvdc_bits_f32(sign | ((e + 112u) << 23) | (m << 13));
+        return hvdc_u2f(sign | 0x7f800000u | (m << 13));
+    return hvdc_u2f(sign | ((e + 112u) << 23) | (m << 13));
 }
 
 /* Wire value of a selected entry v and the error-feedback remainder v - D(C(v)):
