@@ -27,9 +27,11 @@ def pack(payload: Payload) -> tuple[torch.Tensor, torch.Tensor]:
     return data, lengths
 
 
-def unpack(data: torch.Tensor, lengths: torch.Tensor, template: Payload) -> list[Payload]:
+def unpack(data: torch.Tensor, lengths: torch.Tensor, template: Payload,
+           numels: list[int] | None = None) -> list[Payload]:
     """Split gathered bytes back into one payload per rank (rank order).  ``template`` gives the
-    part names and dtypes (the same codec on every rank)."""
+    part names and dtypes (the same codec on every rank); ``numels`` the dense size of each
+    rank's payload when they differ (default: the template's)."""
     names = list(template.parts)
     dtypes = [template.parts[n].dtype for n in names]
     sizes = [torch.empty(0, dtype=d).element_size() for d in dtypes]
@@ -38,14 +40,16 @@ def unpack(data: torch.Tensor, lengths: torch.Tensor, template: Payload) -> list
         raise RuntimeError(f"gathered {data.numel()} payload bytes but the ranks announced "
                            f"{expected}: ranks disagree on the codec's wire format")
     out, offset = [], 0
-    for rank_lengths in lengths.tolist():
+    rank_lengths_all = lengths.tolist()
+    numels = numels if numels is not None else [template.numel] * len(rank_lengths_all)
+    for rank_lengths, numel in zip(rank_lengths_all, numels):
         parts = {}
         for name, dtype, size, count in zip(names, dtypes, sizes, rank_lengths):
             nbytes = count * size
             # clone: the slice may start at an offset not aligned to the dtype.
             parts[name] = data[offset:offset + nbytes].clone().view(dtype)
             offset += nbytes
-        out.append(Payload(template.numel, parts))
+        out.append(Payload(numel, parts))
     return out
 
 
@@ -56,11 +60,12 @@ class PendingGather:
     lengths_handle: int
     template: Payload
 
-    def wait(self) -> list[Payload]:
+    def wait(self, numels: list[int] | None = None) -> list[Payload]:
+        """All ranks' payloads; ``numels`` as in :func:`unpack`."""
         import horovod.torch as hvd
         lengths = hvd.synchronize(self.lengths_handle)
         data = hvd.synchronize(self.data_handle)
-        return unpack(data, lengths, self.template)
+        return unpack(data, lengths, self.template, numels)
 
 
 def allgather_payload_async(payload: Payload, name: str, process_set=None) -> PendingGather:

@@ -69,7 +69,8 @@ class PendingTwoPhase:
             residual = self.state.residual
         key = RandomKey(self.key.seed, self.key.step, derived_id(self.key.tensor_id, 2, self.rank))
         reencoded = self.codec.encode(chunk_sum, key, residual=residual, name=self.name)
-        gathered = allgather_payload_async(reencoded, f"{self.name}.phase2", self.process_set).wait()
+        gathered = allgather_payload_async(reencoded, f"{self.name}.phase2", self.process_set).wait(
+            [bounds[c + 1] - bounds[c] for c in range(self.size)])
         out = torch.zeros(self.numel, device=received.device)
         for c, payload in enumerate(gathered):
             self.codec.decode_accumulate([payload], out[bounds[c]:bounds[c + 1]])
