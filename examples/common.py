@@ -18,6 +18,8 @@ def add_common_args(parser: argparse.ArgumentParser, *, lr: float, epochs: int, 
     parser.add_argument("--batch-size", type=int, default=batch_size, help="per worker")
     parser.add_argument("--lr", type=float, default=lr, help="per worker; scaled by the world size")
     parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--warmup-epochs", type=float, default=2,
+                        help="ramp the learning rate from lr to lr * workers over these epochs")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", help="write the run's metrics as JSON here (rank 0)")
     parser.add_argument("--no-progress", action="store_true")
@@ -45,6 +47,15 @@ def distributed_optimizer(model: torch.nn.Module, args, make_optimizer):
     optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
                                          compression=compression)
     return optimizer, compression
+
+
+def warmup_lr(optimizer, args, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> None:
+    """Gradual warm-up (Goyal et al. 2017, as in Horovod's examples): the learning rate rises
+    linearly from ``lr`` to ``lr * workers`` over ``--warmup-epochs``, then stays there."""
+    progress = (epoch + step_in_epoch / steps_per_epoch) / args.warmup_epochs if args.warmup_epochs else 1.0
+    scale = 1.0 + (hvd.size() - 1) * min(1.0, progress)
+    for group in optimizer.param_groups:
+        group["lr"] = args.lr * scale
 
 
 def wire_bytes_per_step(compression, model: torch.nn.Module, steps: int) -> float:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import horovod.torch as hvd
 
 from common import (add_common_args, agreed_steps, distributed_optimizer, finish, progress,
-                    wire_bytes_per_step)
+                    warmup_lr, wire_bytes_per_step)
 
 
 def load_text() -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -84,8 +84,9 @@ def main() -> None:
     bar = progress(args, args.epochs * steps, f"char-LM {args.compression}")
     history, step, start = [], 0, time.perf_counter()
     for epoch in range(args.epochs):
-        for _ in range(steps):
+        for i in range(steps):
             x, y = batches(train, args.seq, args.batch_size, generator)
+            warmup_lr(optimizer, args, epoch, i, steps)
             optimizer.zero_grad()
             loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
             loss.backward()

@@ -19,7 +19,7 @@ from sklearn.datasets import load_digits
 import horovod.torch as hvd
 
 from common import (add_common_args, agreed_steps, distributed_optimizer, finish, progress,
-                    wire_bytes_per_step)
+                    warmup_lr, wire_bytes_per_step)
 
 
 class DigitsNet(nn.Module):
@@ -79,6 +79,7 @@ def main() -> None:
         perm = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(args.seed + epoch))
         for i in range(steps_per_epoch):
             idx = perm[i * args.batch_size:(i + 1) * args.batch_size]
+            warmup_lr(optimizer, args, epoch, i, steps_per_epoch)
             optimizer.zero_grad()
             loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
             loss.backward()

@@ -173,8 +173,10 @@ class Compressor(_HorovodCompressor):
         if route == cost.TWO_PHASE and not self._sums_in_allreduce(codec):
             rank = ps.rank() if ps is not None else _hvd_rank()
             pending, sent = two_phase_allreduce_async(
-                codec, as_fp32_flat(grad, caller.name), key, state.residual, state.server,
-                caller.name, rank, size, ps)
+                codec, as_fp32_flat(grad, caller.name), key, state.residual,
+                # Server-side EF only with EF on: fed back into a quantizer that is not a
+                # contraction (QSGD, TernGrad) the residual grows without bound.
+                state.server if self.error_feedback else None, caller.name, rank, size, ps)
             self._bytes["bytes_sent"] += sent
             return self._probe(tensor), _PendingCtx(pending.wait, tensor.shape, tensor.dtype, size)
         summed = self._summable(codec, grad, key, state, caller)

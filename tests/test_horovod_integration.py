@@ -317,7 +317,7 @@ def _simulate_two_phase(spec: str, size: int, steps: int = 2) -> list[torch.Tens
     bounds = chunk_bounds(NUMEL, size)
     chunk = [slice(bounds[c], bounds[c + 1]) for c in range(size)]
     worker_r = [torch.zeros(NUMEL) if error_feedback else None for _ in range(size)]
-    server_r = [torch.zeros(bounds[c + 1] - bounds[c]) for c in range(size)]
+    server_r = [torch.zeros(bounds[c + 1] - bounds[c]) if error_feedback else None for c in range(size)]
     expected = []
     for step in range(steps):
         sent = [[codec.encode(_rank_grad(rank, step)[chunk[c]], RandomKey(0, step, derived_id(tid, 1, c)),
