@@ -23,4 +23,20 @@ void hvdc_topk_finalize(const hvdc_i32 *idx, const float *cand, hvdc_i64 c, void
 void hvdc_topk_check(const hvdc_i32 *idx, hvdc_i64 c, hvdc_i64 n, hvdc_i64 *bad);
 void hvdc_topk_scatter_add(const hvdc_i32 *idx, const void *vals, int fp16, hvdc_i64 c,
                            float *out, int nthreads);
+
+/* Quantizing codecs (csrc/quant.c); r (the error-feedback residual) may be NULL. */
+void hvdc_tern_scales(const float *g, const float *r, hvdc_i64 n, hvdc_i64 bucket, float clip,
+                      float *scales, float *buf, int nthreads);
+void hvdc_tern_encode(const float *g, float *r, hvdc_i64 n, hvdc_i64 bucket, const float *scales,
+                      hvdc_u64 seed, hvdc_u32 step, hvdc_u32 tensor_id, hvdc_u8 *codes, int nthreads);
+void hvdc_tern_decode_acc(const hvdc_u8 *const *codes, const float *const *scales, int nworkers,
+                          hvdc_i64 n, hvdc_i64 bucket, float *out, int nthreads);
+void hvdc_qsgd_encode(const float *g, float *r, hvdc_i64 n, hvdc_i64 bucket, int bits, hvdc_u64 seed,
+                      hvdc_u32 step, hvdc_u32 tensor_id, hvdc_u8 *codes, float *norms, int nthreads);
+void hvdc_qsgd_decode_acc(const hvdc_u8 *const *codes, const float *const *norms, int nworkers,
+                          hvdc_i64 n, hvdc_i64 bucket, int bits, float *out, int nthreads);
+void hvdc_fp16sr_encode(const float *g, float *r, hvdc_i64 n, hvdc_u64 seed, hvdc_u32 step,
+                        hvdc_u32 tensor_id, unsigned short *values, int nthreads);
+void hvdc_fp16_decode_acc(const unsigned short *const *values, int nworkers, hvdc_i64 n, float *out,
+                          int nthreads);
 #endif

@@ -97,10 +97,12 @@ def main() -> None:
     x_train, y_train = x_train[hvd.rank()::hvd.size()], y_train[hvd.rank()::hvd.size()]
 
     model = DigitsNet()
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr * hvd.size(), momentum=args.momentum)
+    compression = compression_from_spec(args.compression)
+    # DGC's momentum correction moves momentum into the compressor (Lin et al. 2018).
+    momentum = 0.0 if getattr(compression, "owns_momentum", False) else args.momentum
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr * hvd.size(), momentum=momentum)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     hvd.broadcast_optimizer_state(optimizer, root_rank=0)
-    compression = compression_from_spec(args.compression)
     optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
                                          compression=compression)
 

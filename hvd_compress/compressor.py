@@ -21,28 +21,34 @@ from __future__ import annotations
 import sys
 import zlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from horovod.torch.compression import Compressor as _HorovodCompressor
 
-from .codecs.base import Codec, RandomKey
-from .comm.allgather import PendingGather, allgather_payload_async
+from .codecs.base import Codec, RandomKey, as_fp32_flat
+from .comm import cost
+from .comm.allgather import allgather_payload_async
+from .comm.two_phase import TwoPhaseState, two_phase_allreduce_async
 
 _UINT32 = (1 << 32) - 1
 
 
 @dataclass
 class _ParamState:
-    """Per-parameter state: the Philox tensor id, the step counter and the EF residual."""
+    """Per-parameter state: the Philox tensor id, the step counter, the EF residual and, for
+    methods that keep one (DGC), a momentum buffer."""
     tensor_id: int
     step: int = 0
     residual: torch.Tensor | None = None
+    momentum: torch.Tensor | None = None
+    server: TwoPhaseState = field(default_factory=TwoPhaseState)
 
 
 @dataclass
 class _Caller:
     name: str
+    param: torch.Tensor
     optimizer: Any
 
     @property
@@ -63,17 +69,23 @@ class _SumCtx:
 
 
 @dataclass
-class _GatherCtx:
-    pending: PendingGather
+class _PendingCtx:
+    """A compressed collective in flight: ``finish()`` returns (dense sum over ranks as fp32,
+    payload bytes received)."""
+    finish: Callable[[], tuple[torch.Tensor, int]]
     shape: torch.Size
     dtype: torch.dtype
     size: int
-    stats: dict = field(default_factory=dict)
 
 
 def _hvd_size() -> int:
     import horovod.torch as hvd
     return hvd.size()
+
+
+def _hvd_rank() -> int:
+    import horovod.torch as hvd
+    return hvd.rank()
 
 
 def _calling_optimizer(tensor: torch.Tensor) -> _Caller:
@@ -93,7 +105,7 @@ def _calling_optimizer(tensor: torch.Tensor) -> _Caller:
             param = local["p"]
         names = getattr(local.get("self"), "_parameter_names", None)
         if param is not None and isinstance(names, dict) and param in names:
-            return _Caller(names[param], local["self"])
+            return _Caller(names[param], param, local["self"])
         frame = frame.f_back
     raise RuntimeError(
         "hvd_compress compressors must be called by horovod.torch.DistributedOptimizer "
@@ -111,9 +123,16 @@ class Compressor(_HorovodCompressor):
         min_numel: tensors with fewer elements go uncompressed (their bytes are negligible and
             compression would only add latency).
         seed: 64-bit seed of the Philox stream; must be equal on all ranks (checked).
+        collective: for fixed-size payloads, ``"allgather"``, ``"two_phase"`` (alltoall, reduce,
+            re-encode, allgather) or ``"auto"`` (the cost model of :mod:`hvd_compress.comm.cost`);
+            sparsifiers always use the allgather.
     """
 
-    def __init__(self, codec: Codec, *, error_feedback: bool, min_numel: int = 1024, seed: int = 0) -> None:
+    def __init__(self, codec: Codec, *, error_feedback: bool, min_numel: int = 1024, seed: int = 0,
+                 collective: str = cost.AUTO) -> None:
+        if collective not in cost.CHOICES:
+            raise ValueError(f"collective must be one of {cost.CHOICES}, got {collective!r}")
+        self.collective = collective
         self.codec = codec
         self.error_feedback = error_feedback
         self.min_numel = int(min_numel)
@@ -124,7 +143,7 @@ class Compressor(_HorovodCompressor):
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.codec!r}, error_feedback={self.error_feedback}, "
-                f"min_numel={self.min_numel}, seed={self.seed})")
+                f"min_numel={self.min_numel}, seed={self.seed}, collective={self.collective!r})")
 
     # -- Horovod's interface --------------------------------------------------------------------
 
@@ -134,38 +153,70 @@ class Compressor(_HorovodCompressor):
         if not self._checked:
             self._check_same_config(caller)
         self._bytes["bytes_dense"] += tensor.numel() * 4
-        if tensor.numel() < self.min_numel:
-            self._count_dense(tensor, caller)
-            return tensor, _DenseCtx()
         state = self._state.get(caller.name)
         if state is None:
             state = self._state[caller.name] = _ParamState(zlib.crc32(caller.name.encode()) & _UINT32)
+        grad = self._prepare(tensor, state, caller)
+        if tensor.numel() < self.min_numel:
+            grad = grad.view(tensor.shape).to(tensor.dtype)
+            self._count_dense(grad)
+            return grad, _DenseCtx()
         if self.error_feedback and state.residual is None:
             state.residual = torch.zeros(tensor.numel(), dtype=torch.float32, device=tensor.device)
         key = RandomKey(self.seed, state.step & _UINT32, state.tensor_id)
+        codec = self._codec_at(state.step)
         state.step += 1
-        payload = self.codec.encode(tensor, key, residual=state.residual, name=caller.name)
-        if getattr(self.codec, "summable", False):
+        ps = caller.process_set
+        size = ps.size() if ps is not None else _hvd_size()
+        route = cost.choose(self.collective, size, tensor.numel(), codec.payload_nbytes(tensor.numel()))
+        if route == cost.TWO_PHASE and not codec.summable:
+            rank = ps.rank() if ps is not None else _hvd_rank()
+            pending, sent = two_phase_allreduce_async(
+                codec, as_fp32_flat(grad, caller.name), key, state.residual, state.server,
+                caller.name, rank, size, ps)
+            self._bytes["bytes_sent"] += sent
+            return self._probe(tensor), _PendingCtx(pending.wait, tensor.shape, tensor.dtype, size)
+        payload = codec.encode(grad, key, residual=state.residual, name=caller.name)
+        self._after_encode(payload, state)
+        if codec.summable:
             (part,) = payload.parts.values()
-            self._count_dense(part, caller)
+            self._count_dense(part)
             return part, _SumCtx(tensor.shape, tensor.dtype)
-        size = caller.process_set.size() if caller.process_set is not None else _hvd_size()
-        pending = allgather_payload_async(payload, caller.name, caller.process_set)
+        gather = allgather_payload_async(payload, caller.name, ps)
         self._bytes["bytes_sent"] += payload.nbytes
-        probe = torch.ones(1, dtype=torch.float32, device=tensor.device)
-        return probe, _GatherCtx(pending, tensor.shape, tensor.dtype, size)
+
+        def finish() -> tuple[torch.Tensor, int]:
+            payloads = gather.wait()
+            out = torch.zeros(payload.numel, dtype=torch.float32, device=tensor.device)
+            return codec.decode_accumulate(payloads, out), sum(p.nbytes for p in payloads) - payload.nbytes
+
+        return self._probe(tensor), _PendingCtx(finish, tensor.shape, tensor.dtype, size)
+
+    @staticmethod
+    def _probe(tensor: torch.Tensor) -> torch.Tensor:
+        # Allreduced by Horovod: 1 under Average (whatever the predivide factor), size under Sum.
+        return torch.ones(1, dtype=torch.float32, device=tensor.device)
+
+    # -- hooks for methods that transform the gradient around the codec (DGC) ------------------
+
+    def _prepare(self, tensor: torch.Tensor, state: _ParamState, caller: _Caller) -> torch.Tensor:
+        """The tensor to encode (or, below ``min_numel``, to allreduce as it is)."""
+        return tensor
+
+    def _codec_at(self, step: int) -> Codec:
+        """The codec for this parameter's ``step``-th compression (schedules override this)."""
+        return self.codec
+
+    def _after_encode(self, payload, state: _ParamState) -> None:
+        """Called with each payload before it is sent."""
 
     def decompress(self, tensor: torch.Tensor, ctx):
         if isinstance(ctx, _DenseCtx):
             return tensor
         if isinstance(ctx, _SumCtx):
             return tensor.to(ctx.dtype).view(ctx.shape)
-        payloads = ctx.pending.wait()
-        mine = ctx.pending.template.nbytes
-        self._bytes["bytes_received"] += sum(p.nbytes for p in payloads) - mine
-        out = torch.zeros(payloads[0].numel, dtype=torch.float32, device=tensor.device)
-        self.codec.decode_accumulate(payloads, out)
-        # probe output = 1 under Average (Horovod divides by size), size under Sum.
+        out, received = ctx.finish()
+        self._bytes["bytes_received"] += received
         out.mul_(tensor.to(torch.float32) / ctx.size)
         return out.view(ctx.shape).to(ctx.dtype)
 
@@ -178,7 +229,7 @@ class Compressor(_HorovodCompressor):
         ``bytes_dense`` (what fp32 gradients would have cost to send)."""
         return dict(self._bytes)
 
-    def _count_dense(self, tensor: torch.Tensor, caller: _Caller) -> None:
+    def _count_dense(self, tensor: torch.Tensor) -> None:
         nbytes = tensor.numel() * tensor.element_size()
         self._bytes["bytes_sent"] += nbytes
         self._bytes["bytes_received"] += nbytes

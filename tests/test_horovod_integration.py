@@ -207,3 +207,80 @@ def _adasum():
 def test_adasum_is_rejected():
     with pytest.raises(JobFailed, match="Adasum"):
         run_job(_adasum, np=2, timeout=60)
+
+
+def _dgc_steps(optimizer_momentum: float):
+    import horovod.torch as hvd
+    import hvd_compress
+    w = torch.nn.Parameter(torch.zeros(NUMEL))
+    comp = hvd_compress.DGC(ratio=0.01, momentum=0.5)
+    opt = hvd.DistributedOptimizer(torch.optim.SGD([w], lr=0.0, momentum=optimizer_momentum),
+                                   named_parameters=[("w", w)], compression=comp)
+    grads, momenta = [], []
+    for step in range(3):
+        opt.zero_grad()
+        (w * _rank_grad(hvd.rank(), step)).sum().backward()
+        opt.synchronize()
+        grads.append(w.grad.clone())
+        momenta.append(comp._state["w"].momentum.clone())
+        with opt.skip_synchronize():
+            opt.step()
+    return grads, momenta, comp._state["w"].residual.clone()
+
+
+def test_dgc_momentum_correction_and_masking():
+    results = run_job(_dgc_steps, np=2, args=(0.0,), timeout=120)
+    for rank, (grads, momenta, residual) in enumerate(results):
+        # u_t = 0.5 u_{t-1} + g_t, zeroed where sent; what was sent is nonzero in the aggregate
+        u = torch.zeros(NUMEL)
+        for step in range(3):
+            u = 0.5 * u + _rank_grad(rank, step)
+            sent = momenta[step] == 0
+            assert 0.8 * 30 <= int(sent.sum()) <= 1.3 * 30 + 1  # k = 1% of 3000
+            u[sent] = 0
+            torch.testing.assert_close(momenta[step], u)
+        assert torch.equal(results[0][0][-1], results[1][0][-1])
+
+
+def test_dgc_refuses_optimizer_momentum():
+    with pytest.raises(JobFailed, match="DGC applies momentum itself"):
+        run_job(_dgc_steps, np=2, args=(0.9,), timeout=60)
+
+
+def test_dgc_warmup_schedule():
+    import hvd_compress
+    dgc = hvd_compress.DGC(ratio=0.001, warmup_steps=100)
+    densities = [dgc.density(t) for t in (0, 25, 50, 75, 99, 100, 10_000)]
+    assert densities[0] == 0.25 and densities[-2] == densities[-1] == 0.001
+    # four stages (0, 25, 50, 75 of 100 steps), strictly decreasing, geometric
+    assert all(a > b for a, b in zip(densities[:4], densities[1:4])) and densities[4] == densities[3]
+    torch.testing.assert_close(torch.tensor(densities[1] / densities[0]),
+                               torch.tensor((0.001 / 0.25) ** 0.25))
+
+
+def _per_parameter_map():
+    import horovod.torch as hvd
+    import hvd_compress
+    weight = torch.nn.Parameter(torch.zeros(NUMEL))
+    other = torch.nn.Parameter(torch.zeros(NUMEL))
+    bias = torch.nn.Parameter(torch.zeros(NUMEL))  # large, but mapped to no compression
+    sparse = hvd_compress.from_spec("topk:ratio=0.05")
+    opt = hvd_compress.DistributedOptimizer(
+        torch.optim.SGD([weight, other, bias], lr=0.0),
+        named_parameters=[("weight", weight), ("layer.other", other), ("layer.bias", bias)],
+        compression={"*.bias": hvd.Compression.none, "weight": sparse})
+    g = _rank_grad(hvd.rank(), 0)
+    ((weight + other + bias) * g).sum().backward()
+    opt.synchronize()
+    return weight.grad.clone(), other.grad.clone(), bias.grad.clone(), opt.compression_stats()
+
+
+def test_wrapper_per_parameter_map_agrees_with_stock_path():
+    results = run_job(_per_parameter_map, np=2, timeout=120)
+    expected = _simulate("topk:ratio=0.05", size=2, steps=1)[0]
+    mean = (_rank_grad(0, 0) + _rank_grad(1, 0)) / 2
+    for weight_grad, other_grad, bias_grad, stats in results:
+        assert torch.equal(weight_grad, expected)            # same bits as the stock path
+        torch.testing.assert_close(other_grad, mean)          # unmatched: uncompressed
+        torch.testing.assert_close(bias_grad, mean)           # mapped to none
+        assert stats["bytes_dense"] == NUMEL * 4              # only 'weight' went through hvd_compress

@@ -60,6 +60,11 @@ class Codec(ABC):
 
     #: short name used in specs, stats and benchmark tables
     name: str = "codec"
+    #: True when the payload size depends only on numel (quantizers), not on the data
+    #: (sparsifiers); the comm layer needs no length exchange and may use two-phase reduction.
+    fixed_size: bool = False
+    #: True when payloads of several workers can be summed element-wise by an allreduce.
+    summable: bool = False
 
     def encode(self, x: torch.Tensor, key: RandomKey = RandomKey(), residual: torch.Tensor | None = None,
                name: str = "tensor") -> Payload:
@@ -85,6 +90,21 @@ class Codec(ABC):
         # Deterministic (no address): the Horovod layer compares it across ranks.
         args = ", ".join(f"{k}={v!r}" for k, v in sorted(vars(self).items()) if not k.startswith("_"))
         return f"{type(self).__name__}({args})"
+
+    def payload_template(self, numel: int) -> Payload | None:
+        """An (all-zero) payload with the parts, dtypes and lengths of any ``numel``-element
+        payload when :attr:`fixed_size`, else None; cached per size."""
+        if not self.fixed_size:
+            return None
+        cache = self.__dict__.setdefault("_templates", {})
+        if numel not in cache:
+            cache[numel] = self.encode(torch.zeros(numel))
+        return cache[numel]
+
+    def payload_nbytes(self, numel: int) -> int | None:
+        """Wire bytes of a payload for ``numel`` elements when :attr:`fixed_size`, else None."""
+        template = self.payload_template(numel)
+        return None if template is None else template.nbytes
 
     def decode(self, payload: Payload) -> torch.Tensor:
         out = torch.zeros(payload.numel, dtype=torch.float32, device=payload.device)

@@ -1,0 +1,100 @@
+"""Plumbing shared by the quantizing codecs (TernGrad, QSGD, stochastic fp16): C signatures,
+CUDA launch helpers, argument checks.  The numerics live in ``kernels/quant.h``."""
+from __future__ import annotations
+
+import ctypes
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..backends import cpu
+from .base import Payload, RandomKey
+
+_P, _I64, _U64, _U32, _INT, _F32 = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32,
+                                    ctypes.c_int, ctypes.c_float)
+cpu.register("hvdc_tern_scales", _P, _P, _I64, _I64, _F32, _P, _P, _INT)
+cpu.register("hvdc_tern_encode", _P, _P, _I64, _I64, _P, _U64, _U32, _U32, _P, _INT)
+cpu.register("hvdc_tern_decode_acc", _P, _P, _INT, _I64, _I64, _P, _INT)
+cpu.register("hvdc_qsgd_encode", _P, _P, _I64, _I64, _INT, _U64, _U32, _U32, _P, _P, _INT)
+cpu.register("hvdc_qsgd_decode_acc", _P, _P, _INT, _I64, _I64, _INT, _P, _INT)
+cpu.register("hvdc_fp16sr_encode", _P, _P, _I64, _U64, _U32, _U32, _P, _INT)
+cpu.register("hvdc_fp16_decode_acc", _P, _INT, _I64, _P, _INT)
+
+#: the CUDA source of every quantizer kernel (kernels/quantizers.cu)
+SOURCE = "quantizers.cu"
+#: threads per block of the element-wise kernels (one thread per 4 elements) and of the
+#: warp-per-segment kernels (8 warps)
+BLOCK = 256
+
+
+def check_bucket(bucket_size: int | None, allow_none: bool) -> int | None:
+    """A bucket holds whole Philox blocks and whole code bytes: a positive multiple of 4."""
+    if bucket_size is None and allow_none:
+        return None
+    if not isinstance(bucket_size, int) or bucket_size <= 0 or bucket_size % 4:
+        raise ValueError(f"bucket_size must be a positive multiple of 4, got {bucket_size!r}")
+    return bucket_size
+
+
+def n_buckets(n: int, bucket: int) -> int:
+    return -(-n // bucket)
+
+
+def ptr(t: torch.Tensor | None) -> ctypes.c_void_p | None:
+    """C pointer of a contiguous CPU tensor, NULL for None."""
+    return None if t is None else cpu.ptr(t)
+
+
+def ptr_array(tensors: Sequence[torch.Tensor]):
+    """Addresses of per-worker buffers: a ctypes array (CPU) or an int64 tensor on the device."""
+    device = tensors[0].device
+    if device.type == "cpu":
+        return (ctypes.c_void_p * len(tensors))(*(cpu.ptr(t).value for t in tensors))
+    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=device)
+
+
+def dptr(t: torch.Tensor | None):
+    """A tensor for a kernel argument, or a null pointer for an optional one."""
+    return np.uint64(0) if t is None else t
+
+
+def cuda_key(key: RandomKey) -> tuple:
+    return np.uint64(key.seed), np.uint32(key.step), np.uint32(key.tensor_id)
+
+
+def grid(items: int, per_block: int) -> int:
+    return max(1, -(-items // per_block))
+
+
+def accumulate_target(payloads: Sequence[Payload], out: torch.Tensor,
+                      expected: dict[str, tuple[torch.dtype, int]]) -> torch.Tensor:
+    """Check ``out`` (contiguous fp32, the payloads' dense size, their device) and that every
+    payload has exactly the parts ``expected`` (name -> dtype, length): the kernels trust them.
+    Returns the flat view of ``out``."""
+    if not payloads:
+        raise ValueError("decode_accumulate needs at least one payload")
+    n = payloads[0].numel
+    if out.dtype != torch.float32 or not out.is_contiguous() or out.numel() != n:
+        raise ValueError(f"out must be a contiguous fp32 tensor of {n} elements")
+    for w, p in enumerate(payloads):
+        if p.numel != n or list(p.parts) != list(expected):
+            raise ValueError(f"payload {w}: expected {n} elements with parts {list(expected)}, got "
+                             f"{p.numel} elements with parts {list(p.parts)}")
+        for name, (dtype, length) in expected.items():
+            t = p.parts[name]
+            if t.dtype != dtype or t.numel() != length or t.device != out.device or not t.is_contiguous():
+                raise ValueError(f"payload {w}: part {name!r} must be {length} contiguous {dtype} on "
+                                 f"{out.device}, got {t.numel()} {t.dtype} on {t.device}")
+    return out.view(-1)
+
+
+def check_residual(flat: torch.Tensor, residual: torch.Tensor | None, name: str) -> torch.Tensor | None:
+    """The checks ``Codec.encode`` applies to a residual, for entry points beside ``encode``."""
+    if residual is None:
+        return None
+    if residual.dtype != torch.float32 or residual.numel() != flat.numel() \
+            or residual.device != flat.device or not residual.is_contiguous():
+        raise ValueError(f"{name}: residual must be a contiguous fp32 tensor of {flat.numel()} "
+                         f"elements on {flat.device}")
+    return residual.view(-1)

@@ -1,0 +1,59 @@
+"""Unbiased stochastic rounding fp32 -> fp16 (e.g. Gupta et al., "Deep Learning with Limited
+Numerical Precision", ICML 2015): x, between its neighbouring fp16 values lo <= x < hi, becomes
+hi with probability (x - lo) / (hi - lo), so E[fp16(x)] = x.  Exact fp16 values (and zeros, with
+their sign) are unchanged; fp16 subnormals are used.
+
+The draw is compared as an integer with the dropped mantissa bits: exactly unbiased for
+|x| >= 2^-33; below, the round-up probability is truncated to a multiple of 2^-32.
+**Overflow saturates**: |x| > 65504 (the largest finite fp16) encodes as +-65504, so no Inf
+ever enters Horovod's fp16 sum (which can still overflow when adding many workers); the codec is
+biased there, and with error feedback the excess stays in the residual.
+
+Wire: ``values``, the fp16 numbers themselves (2 bytes per element), summable by an fp16
+allreduce as they are.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..backends import cpu, cuda
+from . import _quant as q
+from .base import Codec, Payload, RandomKey
+
+
+@dataclasses.dataclass(frozen=True)
+class StochasticFP16Codec(Codec):
+    """fp32 -> fp16 with unbiased stochastic rounding (saturating at +-65504)."""
+
+    name = "fp16sr"
+
+    def _encode(self, x: torch.Tensor, key: RandomKey, residual: torch.Tensor | None) -> Payload:
+        n = x.numel()
+        values = torch.empty(n, dtype=torch.float16, device=x.device)
+        if x.is_cuda and n:
+            fn = cuda.kernel(q.SOURCE, "hvdc_fp16sr_encode", x.device)
+            cuda.launch(fn, q.grid(-(-n // 4), q.BLOCK), q.BLOCK,
+                        (x, q.dptr(residual), np.int64(n),
+                         *q.cuda_key(key), values))
+        elif n:
+            cpu.call("hvdc_fp16sr_encode", q.ptr(x), q.ptr(residual), n, key.seed, key.step, key.tensor_id,
+                     q.ptr(values), cpu.threads())
+        return Payload(n, {"values": values})
+
+    def decode_accumulate(self, payloads: Sequence[Payload], out: torch.Tensor) -> torch.Tensor:
+        n = payloads[0].numel if payloads else 0
+        flat = q.accumulate_target(payloads, out, {"values": (torch.float16, n)})
+        if n == 0:
+            return out
+        values = q.ptr_array([p.parts["values"] for p in payloads])
+        if flat.is_cuda:
+            fn = cuda.kernel(q.SOURCE, "hvdc_fp16_decode_acc", flat.device)
+            cuda.launch(fn, q.grid(-(-n // 4), q.BLOCK), q.BLOCK,
+                        (values, np.int32(len(payloads)), np.int64(n), flat))
+        else:
+            cpu.call("hvdc_fp16_decode_acc", values, len(payloads), n, q.ptr(flat), cpu.threads())
+        return out

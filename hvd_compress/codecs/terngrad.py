@@ -1,0 +1,160 @@
+"""TernGrad (Wen et al., "TernGrad: Ternary Gradients to Reduce Communication in Distributed Deep
+Learning", NeurIPS 2017).
+
+    ternarize(g)_i = s * sign(g_i) * b_i,   b_i ~ Bernoulli(|g_i| / s),   s = max_i |g_i|
+
+per tensor (the paper's layer-wise scaling, the default) or per bucket of ``bucket_size``
+elements.  E[ternarize(g)] = g and E[(ternarize(g)_i - g_i)^2] = |g_i| (s - |g_i|).
+
+Gradient clipping (the paper's section 3.3, on by default with c = 2.5): g is first clipped to
+[-c sigma, c sigma], sigma the population standard deviation of the tensor (sums in the fixed
+order of the numeric contract), so s = min(max |g|, c sigma).  Clipping makes the codec biased
+(the clipped tails are lost) in exchange for a smaller s and variance; with error feedback the
+clipped part stays in the residual.  A tensor with sigma = 0 (constant, or one element) is not
+clipped.  ``clip=None`` gives the unbiased codec.
+
+Shared scale (the paper's "scale sharing"): :meth:`local_scales` gives this worker's scales, the
+communication layer takes their maximum over workers, and ``codec.with_scales(s).encode(...)``
+encodes with them, so that every worker's codes mean multiples of the same s.  Elements with
+|g_i| > s are then saturated to sign(g_i) s.
+
+Wire: ``codes`` (2 bits per element, 4 per byte, element i at bits 2 (i % 4) of byte i // 4;
+00 = 0, 01 = +s, 10 = -s) and ``scales`` (fp32, one per tensor or bucket).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..backends import cpu, cuda
+from . import _quant as q
+from .base import Codec, Payload, RandomKey, as_fp32_flat
+
+#: HVDC_SUM_CHUNK of kernels/hvdc_common.h: long sums go by chunks of this many elements
+_SUM_CHUNK = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class TernGradCodec(Codec):
+    """TernGrad ternarization; ``bucket_size=None`` scales per tensor, ``clip=None`` disables
+    clipping, ``shared_scales`` (see :meth:`with_scales`) replaces the locally computed scales."""
+
+    bucket_size: int | None = None
+    clip: float | None = 2.5
+    shared_scales: torch.Tensor | None = dataclasses.field(default=None, compare=False, repr=False)
+    name = "terngrad"
+
+    def __post_init__(self) -> None:
+        q.check_bucket(self.bucket_size, allow_none=True)
+        if self.clip is not None and not self.clip > 0:
+            raise ValueError(f"clip must be a positive factor of sigma or None, got {self.clip!r}")
+
+    def with_scales(self, scales: torch.Tensor) -> "TernGradCodec":
+        """This codec encoding with the given scales (fp32, one per tensor or bucket), e.g. the
+        maximum of every worker's :meth:`local_scales`."""
+        return dataclasses.replace(self, shared_scales=scales)
+
+    def n_scales(self, n: int) -> int:
+        """Scales in the payload of an n-element tensor: 1 per tensor or ceil(n / bucket_size)."""
+        return q.n_buckets(n, self._bucket(n)) if n else 0
+
+    def _bucket(self, n: int) -> int:
+        return self.bucket_size if self.bucket_size is not None else max(n, 1)
+
+    def local_scales(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                     name: str = "tensor") -> torch.Tensor:
+        """Scales of g = x (+ residual): max |g| per tensor or bucket, clipped at clip * sigma."""
+        flat = as_fp32_flat(x, name)
+        return self._scales(flat, q.check_residual(flat, residual, name))
+
+    def _scales(self, g: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
+        n = g.numel()
+        scales = torch.empty(self.n_scales(n), dtype=torch.float32, device=g.device)
+        if n == 0:
+            return scales
+        bucket, clip = self._bucket(n), float(self.clip or 0.0)
+        if g.is_cuda:
+            _cuda_scales(g, r, n, bucket, clip, scales)
+        else:
+            scratch = torch.empty(2 * -(-n // _SUM_CHUNK), dtype=torch.float32)
+            cpu.call("hvdc_tern_scales", q.ptr(g), q.ptr(r), n, bucket, clip, q.ptr(scales), q.ptr(scratch),
+                     cpu.threads())
+        return scales
+
+    def _encode(self, x: torch.Tensor, key: RandomKey, residual: torch.Tensor | None) -> Payload:
+        n = x.numel()
+        if self.shared_scales is None:
+            scales = self._scales(x, residual)
+        else:
+            scales = self.shared_scales.detach().to(device=x.device, dtype=torch.float32).reshape(-1).clone()
+            if scales.numel() != self.n_scales(n):
+                raise ValueError(f"shared scales: {self.n_scales(n)} expected, got {scales.numel()}")
+        codes = torch.empty(-(-n // 4), dtype=torch.uint8, device=x.device)
+        if n:
+            bucket = self._bucket(n)
+            if x.is_cuda:
+                fn = cuda.kernel(q.SOURCE, "hvdc_tern_encode", x.device)
+                cuda.launch(fn, q.grid(-(-n // 4), q.BLOCK), q.BLOCK,
+                            (x, q.dptr(residual), np.int64(n), np.int64(bucket), scales, *q.cuda_key(key), codes))
+            else:
+                cpu.call("hvdc_tern_encode", q.ptr(x), q.ptr(residual), n, bucket, q.ptr(scales),
+                         key.seed, key.step, key.tensor_id, q.ptr(codes), cpu.threads())
+        return Payload(n, {"codes": codes, "scales": scales})
+
+    def decode_accumulate(self, payloads: Sequence[Payload], out: torch.Tensor) -> torch.Tensor:
+        n = payloads[0].numel if payloads else 0
+        flat = q.accumulate_target(payloads, out, {"codes": (torch.uint8, -(-n // 4)),
+                                                   "scales": (torch.float32, self.n_scales(n))})
+        if n == 0:
+            return out
+        codes = q.ptr_array([p.parts["codes"] for p in payloads])
+        scales = q.ptr_array([p.parts["scales"] for p in payloads])
+        if flat.is_cuda:
+            fn = cuda.kernel(q.SOURCE, "hvdc_tern_decode_acc", flat.device)
+            cuda.launch(fn, q.grid(-(-n // 4), q.BLOCK), q.BLOCK,
+                        (codes, scales, np.int32(len(payloads)), np.int64(n), np.int64(self._bucket(n)), flat))
+        else:
+            cpu.call("hvdc_tern_decode_acc", codes, scales, len(payloads), n, self._bucket(n), q.ptr(flat),
+                     cpu.threads())
+        return out
+
+
+def _cuda_long_sum(g: torch.Tensor, r: torch.Tensor | None, n: int, total: torch.Tensor | None,
+                   with_max: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sum of g (+ r) (``total`` None; also max |g + r| when ``with_max``) or of
+    (g + r - total / n)^2, in the contract's order: one warp per chunk of HVDC_SUM_CHUNK, then
+    the partial sums the same way until one is left.  Returns 1-element device tensors."""
+    chunk, dev = _SUM_CHUNK, g.device
+    m = -(-n // chunk)
+    partial = torch.empty(m, dtype=torch.float32, device=dev)
+    cmax = torch.empty(m, dtype=torch.float32, device=dev) if with_max else None
+    cuda.launch(cuda.kernel(q.SOURCE, "hvdc_chunk_sums", dev), q.grid(32 * m, q.BLOCK), q.BLOCK,
+                (g, q.dptr(r), np.int64(n), q.dptr(total), partial, q.dptr(cmax)))
+    reduce = cuda.kernel(q.SOURCE, "hvdc_reduce_chunks", dev)
+    while m > 1:
+        m_next = -(-m // chunk)
+        p_next = torch.empty(m_next, dtype=torch.float32, device=dev)
+        c_next = torch.empty(m_next, dtype=torch.float32, device=dev) if with_max else None
+        cuda.launch(reduce, q.grid(32 * m_next, q.BLOCK), q.BLOCK,
+                    (partial, np.int64(m), p_next, q.dptr(cmax), q.dptr(c_next)))
+        partial, cmax, m = p_next, c_next, m_next
+    return partial, cmax
+
+
+def _cuda_scales(g: torch.Tensor, r: torch.Tensor | None, n: int, bucket: int, clip: float,
+                 scales: torch.Tensor) -> None:
+    dev = g.device
+    total, maxabs, sq_dev = None, None, None
+    if clip > 0 or bucket >= n:
+        total, maxabs = _cuda_long_sum(g, r, n, None, with_max=bucket >= n)
+    if clip > 0:
+        sq_dev = _cuda_long_sum(g, r, n, total, with_max=False)[0]
+    if bucket < n:
+        maxabs = torch.empty(scales.numel(), dtype=torch.float32, device=dev)
+        cuda.launch(cuda.kernel(q.SOURCE, "hvdc_bucket_absmax", dev), q.grid(32 * scales.numel(), q.BLOCK),
+                    q.BLOCK, (g, q.dptr(r), np.int64(n), np.int64(bucket), maxabs))
+    cuda.launch(cuda.kernel(q.SOURCE, "hvdc_tern_finalize", dev), q.grid(scales.numel(), q.BLOCK), q.BLOCK,
+                (q.dptr(sq_dev), np.int64(n), np.float32(clip), maxabs, np.int64(scales.numel()), scales))

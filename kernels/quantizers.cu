@@ -1,0 +1,251 @@
+/*
+ * quantizers.cu: CUDA kernels of TernGrad, QSGD and stochastic fp16 (hvd_compress/codecs/
+ * terngrad.py, qsgd.py, fp16.py).  csrc/quant.c is the CPU reference; both evaluate the
+ * per-element formulas of quant.h with the same Philox word per element, and every sum in the
+ * order of hvdc_warp_sum, so results are bit-identical.
+ *
+ * Layouts: element-wise kernels use one thread per block of 4 elements (one Philox call, one
+ * TernGrad code byte); reductions and QSGD use one warp per segment (a HVDC_SUM_CHUNK chunk or a
+ * bucket), lane j taking elements j, j + 32, ... in order, then the butterfly.
+ * Optional pointers (residual r, chunk maxima, ...) may be null.
+ */
+#include "quant.h"
+
+#define HVDC_FULL 0xFFFFFFFFu
+
+/* hvdc_warp_sum's butterfly: v[j] += v[j ^ off] for off = 16 .. 1. */
+__device__ __forceinline__ float hvdc_butterfly_sum(float v)
+{
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(HVDC_FULL, v, off);
+    return v;
+}
+
+__device__ __forceinline__ float hvdc_butterfly_max(float v)
+{
+    for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(HVDC_FULL, v, off));
+    return v;
+}
+
+__device__ __forceinline__ long long hvdc_thread_index()
+{
+    return (long long)blockIdx.x * blockDim.x + threadIdx.x;
+}
+
+__device__ __forceinline__ float hvdc_v(const float *g, const float *r, long long i)
+{
+    return r ? g[i] + r[i] : g[i];
+}
+
+/* Lane sums over [lo, lo + len) of v (mode 0), (v - mean)^2 (mode 1) or v^2 (mode 2), with
+ * v = g (+ r); also the lane's max |v|.  Same statements as warp_sum in csrc/quant.c. */
+__device__ __forceinline__ float hvdc_lane_sum(int mode, const float *g, const float *r, long long lo,
+                                               long long len, float mean, int lane, float *absmax)
+{
+    float acc = 0.0f, mx = 0.0f;
+    for (long long i = lane; i < len; i += 32) {
+        float v = hvdc_v(g, r, lo + i);
+        float d = mode == 1 ? v - mean : v;
+        acc += mode == 0 ? v : d * d;
+        mx = fmaxf(mx, fabsf(v));
+    }
+    *absmax = mx;
+    return acc;
+}
+
+extern "C" {
+
+/* One warp per chunk k of HVDC_SUM_CHUNK elements: partial[k] = sum of v, or of (v - mean)^2
+ * with mean = total[0] / n when total is given; chunk_max[k] = max |v|. */
+__global__ void hvdc_chunk_sums(const float *g, const float *r, long long n, const float *total,
+                                float *partial, float *chunk_max)
+{
+    long long k = hvdc_thread_index() / 32, lo = k * HVDC_SUM_CHUNK;
+    int lane = threadIdx.x & 31;
+    if (lo >= n) return;                       /* whole warps: k is uniform in a warp */
+    long long len = n - lo < HVDC_SUM_CHUNK ? n - lo : HVDC_SUM_CHUNK;
+    float mean = total ? total[0] / (float)n : 0.0f, mx;
+    float s = hvdc_butterfly_sum(hvdc_lane_sum(total ? 1 : 0, g, r, lo, len, mean, lane, &mx));
+    mx = hvdc_butterfly_max(mx);
+    if (lane == 0) {
+        partial[k] = s;
+        if (chunk_max) chunk_max[k] = mx;
+    }
+}
+
+/* Next level of a long sum: one warp per HVDC_SUM_CHUNK partial sums (and maxima, if given). */
+__global__ void hvdc_reduce_chunks(const float *in, long long m, float *out, const float *in_max, float *out_max)
+{
+    long long k = hvdc_thread_index() / 32, lo = k * HVDC_SUM_CHUNK;
+    int lane = threadIdx.x & 31;
+    if (lo >= m) return;
+    long long len = m - lo < HVDC_SUM_CHUNK ? m - lo : HVDC_SUM_CHUNK;
+    float acc = 0.0f, mx = 0.0f;
+    for (long long i = lane; i < len; i += 32) {
+        acc += in[lo + i];
+        if (in_max) mx = fmaxf(mx, in_max[lo + i]);
+    }
+    acc = hvdc_butterfly_sum(acc);
+    mx = hvdc_butterfly_max(mx);
+    if (lane == 0) {
+        out[k] = acc;
+        if (out_max) out_max[k] = mx;
+    }
+}
+
+/* One warp per bucket: maxabs[b] = max |v| over the bucket. */
+__global__ void hvdc_bucket_absmax(const float *g, const float *r, long long n, long long bucket, float *maxabs)
+{
+    long long b = hvdc_thread_index() / 32, lo = b * bucket;
+    int lane = threadIdx.x & 31;
+    if (lo >= n) return;
+    float mx = 0.0f;
+    for (long long i = lo + lane; i < lo + bucket && i < n; i += 32) mx = fmaxf(mx, fabsf(hvdc_v(g, r, i)));
+    mx = hvdc_butterfly_max(mx);
+    if (lane == 0) maxabs[b] = mx;
+}
+
+/* TernGrad scales: min(max |v|, clip threshold from the sum of squared deviations, if given). */
+__global__ void hvdc_tern_finalize(const float *sq_dev_sum, long long n, float clip, const float *maxabs,
+                                   long long nscales, float *scales)
+{
+    long long b = hvdc_thread_index();
+    if (b >= nscales) return;
+    float t = sq_dev_sum ? hvdc_tern_clip_threshold(sq_dev_sum[0], n, clip) : hvdc_u2f(0x7F800000u);
+    float s = maxabs[b];
+    scales[b] = s < t ? s : t;
+}
+
+}  /* extern "C" */
+
+/* Elements [lo, lo + cnt) of one Philox block (cnt <= 4) with one scale: codes, error feedback;
+ * returns the codes packed as on the wire (element q at bits b * q). */
+template <int KIND>
+__device__ __forceinline__ unsigned long long hvdc_encode_block(const float *g, float *r, long long lo, int cnt,
+                                                                float scale, hvdc_u32x4 u)
+{
+    unsigned long long packed = 0;
+    for (int q = 0; q < 4; ++q) {
+        if (q >= cnt) break;
+        float v = hvdc_v(g, r, lo + q);
+        hvdc_u32 c = hvdc_q_code(KIND, v, scale, u.v[q]);
+        if (r) r[lo + q] = v - hvdc_q_value(KIND, c, scale);
+        packed |= (unsigned long long)c << (hvdc_q_bits(KIND) * q);
+    }
+    return packed;
+}
+
+/* Write the packed codes of elements [lo, lo + cnt) (lo % 4 == 0) byte by byte: the last
+ * block must not write past the end of the payload. */
+template <int KIND>
+__device__ __forceinline__ void hvdc_store_block(void *out, long long lo, int cnt, unsigned long long packed)
+{
+    int bits = hvdc_q_bits(KIND);
+    hvdc_u8 *o = (hvdc_u8 *)out + lo * bits / 8;
+    for (int k = 0; k < (cnt * bits + 7) / 8; ++k) o[k] = (hvdc_u8)(packed >> (8 * k));
+}
+
+template <int KIND>
+__device__ __forceinline__ hvdc_u32 hvdc_load_code(const void *in, long long i)
+{
+    if (KIND == HVDC_Q_FP16) return ((const unsigned short *)in)[i];
+    const int bits = KIND == HVDC_Q_TERN || KIND == HVDC_Q_QSGD2 ? 2 : KIND == HVDC_Q_QSGD4 ? 4 : 8;
+    hvdc_u32 byte = ((const hvdc_u8 *)in)[i * bits / 8];
+    return (byte >> (bits * (int)(i % (8 / bits)))) & ((1u << bits) - 1u);
+}
+
+/* One thread per 4-element block; scales[i / bucket] (null: fp16, no scale). */
+template <int KIND>
+__device__ __forceinline__ void hvdc_encode_scaled(const float *g, float *r, long long n, long long bucket,
+                                                   const float *scales, hvdc_u64 seed, hvdc_u32 step,
+                                                   hvdc_u32 tensor_id, void *out)
+{
+    long long k = hvdc_thread_index(), lo = 4 * k;
+    if (lo >= n) return;
+    int cnt = n - lo < 4 ? (int)(n - lo) : 4;
+    float s = scales ? scales[lo / bucket] : 0.0f;
+    hvdc_u32x4 u = hvdc_stream_block(seed, step, tensor_id, (hvdc_u64)k);
+    hvdc_store_block<KIND>(out, lo, cnt, hvdc_encode_block<KIND>(g, r, lo, cnt, s, u));
+}
+
+/* out_i <- (((out_i + D_0,i) + D_1,i) + ...), workers in list order; one thread per 4 elements.
+ * parts / scales hold the addresses of each worker's buffers (scales null for fp16). */
+template <int KIND>
+__device__ __forceinline__ void hvdc_decode_acc(const unsigned long long *parts, const unsigned long long *scales,
+                                                int nworkers, long long n, long long bucket, float *out)
+{
+    long long lo = 4 * hvdc_thread_index();
+    if (lo >= n) return;
+    int cnt = n - lo < 4 ? (int)(n - lo) : 4;
+    float acc[4];
+    for (int q = 0; q < cnt; ++q) acc[q] = out[lo + q];
+    for (int w = 0; w < nworkers; ++w) {
+        const void *p = (const void *)parts[w];
+        float s = scales ? ((const float *)scales[w])[lo / bucket] : 0.0f;
+        for (int q = 0; q < cnt; ++q) acc[q] += hvdc_q_value(KIND, hvdc_load_code<KIND>(p, lo + q), s);
+    }
+    for (int q = 0; q < cnt; ++q) out[lo + q] = acc[q];
+}
+
+/* QSGD: one warp per bucket; norm = sqrt(warp sum of v^2), then lane j encodes the bucket's
+ * Philox blocks j, j + 32, ... (bucket % 4 == 0, so blocks never straddle buckets). */
+template <int KIND>
+__device__ __forceinline__ void hvdc_qsgd_encode(const float *g, float *r, long long n, long long bucket,
+                                                 hvdc_u64 seed, hvdc_u32 step, hvdc_u32 tensor_id,
+                                                 hvdc_u8 *codes, float *norms)
+{
+    long long b = hvdc_thread_index() / 32, lo = b * bucket;
+    int lane = threadIdx.x & 31;
+    if (lo >= n) return;
+    long long len = n - lo < bucket ? n - lo : bucket;
+    float mx;
+    float norm = sqrtf(hvdc_butterfly_sum(hvdc_lane_sum(2, g, r, lo, len, 0.0f, lane, &mx)));
+    if (lane == 0) norms[b] = norm;
+    for (long long e = lo + 4 * lane; e < lo + len; e += 4 * 32) {
+        int cnt = lo + len - e < 4 ? (int)(lo + len - e) : 4;
+        hvdc_u32x4 u = hvdc_stream_block(seed, step, tensor_id, (hvdc_u64)(e / 4));
+        hvdc_store_block<KIND>(codes, e, cnt, hvdc_encode_block<KIND>(g, r, e, cnt, norm, u));
+    }
+}
+
+extern "C" {
+
+__global__ void hvdc_tern_encode(const float *g, float *r, long long n, long long bucket, const float *scales,
+                                 hvdc_u64 seed, hvdc_u32 step, hvdc_u32 tensor_id, hvdc_u8 *codes)
+{
+    hvdc_encode_scaled<HVDC_Q_TERN>(g, r, n, bucket, scales, seed, step, tensor_id, codes);
+}
+
+__global__ void hvdc_tern_decode_acc(const unsigned long long *codes, const unsigned long long *scales,
+                                     int nworkers, long long n, long long bucket, float *out)
+{
+    hvdc_decode_acc<HVDC_Q_TERN>(codes, scales, nworkers, n, bucket, out);
+}
+
+__global__ void hvdc_qsgd_encode(const float *g, float *r, long long n, long long bucket, int bits, hvdc_u64 seed,
+                                 hvdc_u32 step, hvdc_u32 tensor_id, hvdc_u8 *codes, float *norms)
+{
+    if (bits == 2) hvdc_qsgd_encode<HVDC_Q_QSGD2>(g, r, n, bucket, seed, step, tensor_id, codes, norms);
+    else if (bits == 4) hvdc_qsgd_encode<HVDC_Q_QSGD4>(g, r, n, bucket, seed, step, tensor_id, codes, norms);
+    else hvdc_qsgd_encode<HVDC_Q_QSGD8>(g, r, n, bucket, seed, step, tensor_id, codes, norms);
+}
+
+__global__ void hvdc_qsgd_decode_acc(const unsigned long long *codes, const unsigned long long *norms,
+                                     int nworkers, long long n, long long bucket, int bits, float *out)
+{
+    if (bits == 2) hvdc_decode_acc<HVDC_Q_QSGD2>(codes, norms, nworkers, n, bucket, out);
+    else if (bits == 4) hvdc_decode_acc<HVDC_Q_QSGD4>(codes, norms, nworkers, n, bucket, out);
+    else hvdc_decode_acc<HVDC_Q_QSGD8>(codes, norms, nworkers, n, bucket, out);
+}
+
+__global__ void hvdc_fp16sr_encode(const float *g, float *r, long long n, hvdc_u64 seed, hvdc_u32 step,
+                                   hvdc_u32 tensor_id, unsigned short *values)
+{
+    hvdc_encode_scaled<HVDC_Q_FP16>(g, r, n, n, (const float *)0, seed, step, tensor_id, values);
+}
+
+__global__ void hvdc_fp16_decode_acc(const unsigned long long *values, int nworkers, long long n, float *out)
+{
+    hvdc_decode_acc<HVDC_Q_FP16>(values, (const unsigned long long *)0, nworkers, n, n, out);
+}
+
+}  /* extern "C" */

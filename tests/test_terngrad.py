@@ -1,0 +1,132 @@
+"""TernGrad (Wen et al., NeurIPS 2017): the paper's properties on the CPU path, clipping, shared
+scales, the wire format; CUDA == CPU and golden vectors through the shared contract."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hvd_compress.codecs.terngrad import TernGradCodec
+from quant_contract import KEY, CodecContract, chi2_check, contract_sum, repeat_draws
+
+CASES = {"layer": TernGradCodec(), "noclip": TernGradCodec(clip=None),
+         "bucket64": TernGradCodec(bucket_size=64)}
+
+
+class TestTernGrad(CodecContract):
+    cases = CASES
+    golden_file = "terngrad_golden.npz"
+
+    def wire_bytes(self, codec: TernGradCodec, n: int) -> int:
+        return -(-n // 4) + 4 * codec.n_scales(n)
+
+
+def test_wire_sizes() -> None:
+    x = torch.randn(1000)
+    assert TernGradCodec().encode(x).nbytes == 250 + 4
+    assert TernGradCodec(bucket_size=64).encode(x).nbytes == 250 + 16 * 4
+    assert TernGradCodec().encode(torch.randn(1)).nbytes == 1 + 4
+    assert TernGradCodec().encode(torch.randn(0)).nbytes == 0
+
+
+def test_wire_format() -> None:
+    """2-bit codes, element i at bits 2 (i % 4) of byte i // 4: 00 = 0, 01 = +s, 10 = -s."""
+    torch.manual_seed(0)
+    codec = TernGradCodec(bucket_size=64, clip=None)
+    x = torch.randn(1001)
+    p = codec.encode(x, KEY)
+    b = p.parts["codes"].numpy()
+    codes = ((b[:, None] >> np.array([0, 2, 4, 6], np.uint8)) & 3).reshape(-1)
+    assert not (codes == 3).any() and not codes[1001:].any()          # padding bits are 0
+    codes = codes[:1001]
+    s = p.parts["scales"].numpy().repeat(64)[:1001]
+    expected = np.where(codes == 1, s, np.where(codes == 2, -s, 0)).astype(np.float32)
+    assert np.array_equal(codec.decode(p).numpy(), expected)
+    assert np.array_equal(np.sign(expected[codes > 0]), np.sign(x.numpy()[codes > 0]))
+
+
+@pytest.mark.parametrize("bucket", [None, 100])
+def test_unbiased_and_variance(bucket: int | None) -> None:
+    """E[ternarize(g)] = g and E[(ternarize(g)_i - g_i)^2] = |g_i| (s - |g_i|), s = max |g| (per
+    tensor or bucket; no clipping).  The variance check: T = sum of squared errors over all
+    draws and elements has mean K sum_i sigma_i^2 and variance K sum_i p(1-p)((s-a)^2 - a^2)^2
+    (a = |g_i|, p = a / s): accepted within 6 standard deviations."""
+    torch.manual_seed(1)
+    draws, g = 1000, torch.randn(1000)
+    codec = TernGradCodec(bucket_size=bucket, clip=None)
+    d = repeat_draws(codec, g, draws)
+    a = g.abs().double()
+    s = a.max() if bucket is None else a.view(-1, bucket).amax(1).repeat_interleave(bucket)
+    var = a * (s - a)
+    chi2_check(d, g, var)
+    p = a / s
+    total = float(((d.double() - g.double()) ** 2).sum())
+    sd = float((draws * p * (1 - p) * ((s - a) ** 2 - a ** 2) ** 2).sum()) ** 0.5
+    assert abs(total - draws * float(var.sum())) < 6 * sd
+
+
+def test_scale_is_max_abs() -> None:
+    torch.manual_seed(2)
+    g = torch.randn(1000)
+    assert TernGradCodec(clip=None).local_scales(g).item() == g.abs().max().item()
+    assert torch.equal(TernGradCodec(bucket_size=100, clip=None).local_scales(g), g.abs().view(10, 100).amax(1))
+
+
+@pytest.mark.parametrize("bucket", [None, 512])
+def test_clipping_threshold_in_contract_order(bucket: int | None) -> None:
+    """s = min(max |g|, 2.5 sigma), sigma^2 = sum (g - mean)^2 / n with both sums in the
+    contract's order (3 chunks of 8192 here), bit for bit; clipped elements always encode as
+    sign(g) s (probability 1)."""
+    torch.manual_seed(3)
+    n = 3 * 8192 + 5
+    g = torch.randn(n) * torch.rand(n) ** 4                       # heavy tails: clipping bites
+    x = g.numpy()
+    mean = contract_sum(x) / np.float32(n)
+    d = x - mean
+    t = np.float32(2.5) * np.sqrt(contract_sum(d * d) / np.float32(n))
+    codec = TernGradCodec(bucket_size=bucket)
+    maxabs = np.abs(x).max() if bucket is None else np.abs(np.pad(x, (0, -n % 512))).reshape(-1, 512).max(1)
+    assert np.array_equal(codec.local_scales(g).numpy(), np.minimum(maxabs, t).astype(np.float32).reshape(-1))
+    assert (np.abs(x) > t).sum() > 10
+    clipped = torch.from_numpy(np.abs(x) >= t)
+    decoded = codec.decode(codec.encode(g, KEY))
+    assert torch.equal(decoded[clipped], torch.sign(g[clipped]) * float(t))
+
+
+def test_constant_tensor_is_not_clipped_to_zero() -> None:
+    """sigma = 0 (a constant tensor, a single element): clipping at 0 would erase it."""
+    for x in (torch.full((100,), -0.3), torch.tensor([2.0])):
+        assert torch.equal(TernGradCodec().decode(TernGradCodec().encode(x, KEY)), x)
+
+
+def test_shared_scales() -> None:
+    """Codes of every worker against one scale, e.g. the max of the workers' local scales:
+    still unbiased (variance |g| (s' - |g|)); elements beyond the shared scale saturate."""
+    torch.manual_seed(4)
+    g, draws = torch.randn(512), 1000
+    codec = TernGradCodec(bucket_size=128)
+    local = codec.local_scales(g)
+    shared = codec.with_scales(local * 2)
+    p = shared.encode(g, KEY)
+    assert torch.equal(p.parts["scales"], local * 2)
+    rows = repeat_draws(codec.with_scales(local.repeat(draws) * 2), g, draws)
+    s = (local * 2).double().repeat_interleave(128)
+    chi2_check(rows, g, g.abs().double() * (s - g.abs().double()))
+    small = codec.with_scales(torch.full((4,), 0.5))
+    big = g.abs() > 0.5
+    assert torch.equal(small.decode(small.encode(g, KEY))[big], torch.sign(g[big]) * 0.5)
+    with pytest.raises(ValueError):
+        codec.with_scales(torch.ones(3)).encode(g)
+
+
+def test_local_scales_include_the_residual() -> None:
+    torch.manual_seed(5)
+    g, r = torch.randn(3000), torch.randn(3000)
+    for codec in CASES.values():
+        assert torch.equal(codec.local_scales(g, r), codec.encode(g + r, KEY).parts["scales"])
+
+
+@pytest.mark.parametrize("kwargs", [{"bucket_size": 6}, {"bucket_size": 0}, {"clip": 0.0}, {"clip": -1.0}])
+def test_bad_options(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        TernGradCodec(**kwargs)
