@@ -141,7 +141,9 @@ def benchmark(args: argparse.Namespace) -> dict:
 
     # 3. distributed training steps.
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-    optimizer = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9),
+    # DGC's momentum correction moves the momentum into the compressor (as in train_digits.py).
+    momentum = 0.0 if getattr(compression, "owns_momentum", False) else 0.9
+    optimizer = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=args.lr, momentum=momentum),
                                          named_parameters=model.named_parameters(),
                                          compression=compression)
     for _ in range(args.warmup):
