@@ -5,7 +5,7 @@
 #
 #   sudo bash ci/bandwidth_bench.sh                      # full run (~8 minutes on 2 cores)
 #   BW_RATES="100mbit" BW_SPECS="none topk:ratio=0.01" BW_MODEL="--width 64 --depth 2" \
-#   BW_STEPS_100MBIT=2 BW_MARKDOWN=/tmp/bw.md bash ci/bandwidth_bench.sh   # what the smoke test runs
+#   BW_STEPS_100MBIT=2 BW_MINTIME_100MBIT=0 BW_MARKDOWN=/tmp/bw.md bash ci/bandwidth_bench.sh   # what the smoke test runs
 #
 # Needs root (ip netns, tc) and an installed environment (.venv with horovodrun; ci/install.sh).
 # The tree's own hvd_compress is used (C library built in place, PYTHONPATH=.), not the venv's copy.
@@ -13,7 +13,9 @@
 #   BW_RATES     rates as tc spells them, and/or "unlimited"   (default "100mbit 1gbit unlimited")
 #   BW_SPECS     compressions (default "none hvd-fp16 fp16 qsgd:bits=4 terngrad topk:ratio=0.01";
 #                specs this tree's hvd_compress does not know are skipped and listed as not run)
-#   BW_STEPS_<RATE>, BW_WARMUP_<RATE>   timed/warm-up steps per rate, e.g. BW_STEPS_100MBIT=4
+#   BW_STEPS_<RATE>, BW_MINTIME_<RATE>, BW_WARMUP_<RATE>: at least this many timed steps, and
+#                on until they take this many seconds (BW_MAX_STEPS at most, 40), after this many
+#                warm-up steps; e.g. BW_STEPS_100MBIT=3 BW_MINTIME_100MBIT=10 BW_WARMUP_100MBIT=1
 #   BW_MODEL     extra arguments for the model (default: the script's 10.5M-parameter MLP)
 #   BW_TIMEOUT   seconds per horovodrun (default 240); BW_CALIBRATE seconds per goodput test (2)
 #   BW_OUT       results directory (out/bandwidth); BW_MARKDOWN report (docs/bandwidth.md, "" = none)
@@ -94,16 +96,18 @@ tbf_args() {
     esac
 }
 
-# Default steps per rate: few at 100 Mbit/s, where an uncompressed step takes ~7 s.
+# Timed steps per rate: at least STEPS, and on until they add up to MINTIME seconds (at most
+# BW_MAX_STEPS): few at 100 Mbit/s, where an uncompressed step takes ~7 s, more where steps are short.
 steps_for() {
     local key
     key=$(echo "$1" | tr '[:lower:]' '[:upper:]')
-    local s="BW_STEPS_$key" w="BW_WARMUP_$key"
+    local s="BW_STEPS_$key" w="BW_WARMUP_$key" t="BW_MINTIME_$key"
     case $1 in
-        100mbit) echo "${!s:-4} ${!w:-1}" ;;
-        *)       echo "${!s:-8} ${!w:-2}" ;;
+        100mbit) echo "${!s:-3} ${!w:-1} ${!t:-10}" ;;
+        *)       echo "${!s:-5} ${!w:-2} ${!t:-5}" ;;
     esac
 }
+MAX_STEPS=${BW_MAX_STEPS:-40}
 
 # Which specs this tree can build (terngrad/qsgd/fp16 land separately).
 RUN_SPECS=()
@@ -134,15 +138,16 @@ for rate in $RATES; do
     echo "== $label: $(ip netns exec "$NS" tc qdisc show dev lo | head -n 1)"
     bounded timeout -k 5 60 ip netns exec "$NS" "$PY" examples/bandwidth_bench.py --calibrate "$CALIBRATE" \
         --rate-label "$label" "${linkdev[@]}" --tc "${tbf:+tbf $tbf}" --out "$RESULTS"
-    read -r steps warmup <<< "$(steps_for "$rate")"
+    read -r steps warmup mintime <<< "$(steps_for "$rate")"
     for spec in "${RUN_SPECS[@]}"; do
-        echo "-- $label $spec ($warmup warm-up + $steps steps)"
+        echo "-- $label $spec ($warmup warm-up, then >= $steps steps and >= $mintime s)"
         start=$SECONDS
         log=$OUT/log-$label-$(echo "$spec" | tr -c 'A-Za-z0-9.=\n' '_').txt
         rc=0
         # shellcheck disable=SC2086
         bounded timeout -k 10 "$TIMEOUT" ip netns exec "$NS" "$HOROVODRUN" -np 2 -H localhost:2 --gloo \
             "$PY" examples/bandwidth_bench.py --compression "$spec" --steps "$steps" --warmup "$warmup" \
+            --min-time "$mintime" --max-steps "$MAX_STEPS" \
             --rate-label "$label" "${linkdev[@]}" --out "$RESULTS" $MODEL > "$log" 2>&1 || rc=$?
         if [ "$rc" != 0 ]; then
             tail -n 20 "$log" >&2
@@ -160,7 +165,7 @@ done
 
 if [ -n "$MARKDOWN" ]; then
     command="sudo bash ci/bandwidth_bench.sh"
-    for var in BW_RATES BW_SPECS BW_MODEL BW_TIMEOUT BW_CALIBRATE $(compgen -v BW_STEPS_) $(compgen -v BW_WARMUP_); do
+    for var in BW_RATES BW_SPECS BW_MODEL BW_TIMEOUT BW_CALIBRATE BW_MAX_STEPS $(compgen -v BW_STEPS_) $(compgen -v BW_WARMUP_) $(compgen -v BW_MINTIME_); do
         [ -z "${!var+x}" ] || command="$var=\"${!var}\" $command"
     done
     commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)

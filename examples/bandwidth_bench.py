@@ -8,8 +8,9 @@ Per run, rank 0 prints one JSON line (and writes it to ``--out``) with
 
 * ``step_s``: median wall time of a training step (zero_grad, forward, backward, ``step()``
   of ``hvd.DistributedOptimizer``, which waits for the gradients) after ``--warmup`` steps;
-* ``compute_s``: median time of the same step with a plain optimizer (no Horovod, no
-  compression), timed in the same process with both ranks running it at the same time;
+* ``compute_s``: median time of the same step with a plain optimizer on a copy of the model
+  (no Horovod, no compression), timed in the same process: each iteration runs one of these,
+  one codec pass and one distributed step, so all three see the same background load;
 * ``codec_s``: encode (with error feedback when the method uses it) + decode of two workers'
   payloads of every compressed tensor, timed alone, for hvd_compress methods;
 * ``bytes_sent_per_rank``: bytes each rank puts on the wire per step, from
@@ -91,29 +92,37 @@ def train_step(model: nn.Module, optimizer, x: torch.Tensor, y: torch.Tensor) ->
     return time.perf_counter() - start
 
 
-def time_codec(compression, model: nn.Module, repeats: int) -> float | None:
-    """Median over ``repeats`` of encode + decode-of-2-workers for every tensor the compressor
-    would compress (random gradients of the parameters' sizes); None for Horovod's own."""
-    codec = getattr(compression, "codec", None)
-    if codec is None:
-        return None
-    from hvd_compress.codecs.base import RandomKey
-    sizes = [p.numel() for p in model.parameters() if p.numel() >= compression.min_numel]
-    grads = [torch.randn(n) * 1e-3 for n in sizes]
-    residuals = [torch.zeros(n) if compression.error_feedback else None for n in sizes]
-    times = []
-    for step in range(repeats):
+class CodecTimer:
+    """Encode (with error feedback when the method uses it) + decode of two workers' payloads of
+    every tensor the compressor would compress, on random gradients of the parameters' sizes:
+    the codec's share of a step, timed alone.  Does nothing for Horovod's own compressions."""
+
+    def __init__(self, compression, model: nn.Module) -> None:
+        self.codec = getattr(compression, "codec", None)
+        if self.codec is None:
+            return
+        self.seed = compression.seed
+        sizes = [p.numel() for p in model.parameters() if p.numel() >= compression.min_numel]
+        self.grads = [torch.randn(n) * 1e-3 for n in sizes]
+        self.residuals = [torch.zeros(n) if compression.error_feedback else None for n in sizes]
+
+    def __call__(self, step: int) -> float | None:
+        if self.codec is None:
+            return None
+        from hvd_compress.codecs.base import RandomKey
         start = time.perf_counter()
-        for i, (g, r) in enumerate(zip(grads, residuals)):
-            payload = codec.encode(g, RandomKey(compression.seed, step, i), residual=r)
-            if getattr(codec, "summable", False):
-                continue  # Horovod's allreduce sums it; decode is a cast
-            codec.decode_accumulate([payload, payload], torch.zeros(g.numel()))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for i, (g, r) in enumerate(zip(self.grads, self.residuals)):
+            payload = self.codec.encode(g, RandomKey(self.seed, step, i), residual=r)
+            if getattr(self.codec, "summable", False):
+                continue  # Horovod's allreduce sums it; decoding is a cast
+            self.codec.decode_accumulate([payload, payload], torch.zeros(g.numel()))
+        return time.perf_counter() - start
 
 
 def benchmark(args: argparse.Namespace) -> dict:
+    """Warm-up, then iterations of (compute-only step, codec pass, distributed step), so that the
+    three are timed under the same background load; ranks stop together when rank 0 has at least
+    ``--steps`` distributed steps and ``--min-time`` seconds of them (or ``--max-steps``)."""
     import horovod.torch as hvd
     hvd.init()
     torch.set_num_threads(1)
@@ -122,42 +131,41 @@ def benchmark(args: argparse.Namespace) -> dict:
     x = torch.randn(args.batch_size, args.in_features)
     y = torch.randint(0, 10, (args.batch_size,))
     params = sum(p.numel() for p in model.parameters())
-
-    def barrier(name: str) -> None:
-        hvd.allreduce(torch.zeros(1), name=f"bench.{name}")
-
-    # 1. compute only: same step, plain optimizer on a copy, both ranks at once.
-    local = copy.deepcopy(model)
-    local_opt = torch.optim.SGD(local.parameters(), lr=args.lr, momentum=0.9)
-    barrier("compute")
-    compute = [train_step(local, local_opt, x, y) for _ in range(args.warmup + args.compute_steps)]
-    compute = compute[args.warmup:]
-    del local, local_opt
-
-    # 2. codec cost alone (both ranks at once, as in training).
     compression = compression_from_spec(args.compression)
-    barrier("codec")
-    codec_s = time_codec(compression, model, args.codec_repeats)
-
-    # 3. distributed training steps.
-    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     # DGC's momentum correction moves the momentum into the compressor (as in train_digits.py).
     momentum = 0.0 if getattr(compression, "owns_momentum", False) else 0.9
+
+    # Compute only: the same step with a plain optimizer on a copy of the model (no Horovod).
+    local = copy.deepcopy(model)
+    local_opt = torch.optim.SGD(local.parameters(), lr=args.lr, momentum=momentum)
+    codec_pass = CodecTimer(compression, model)
+
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     optimizer = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=args.lr, momentum=momentum),
                                          named_parameters=model.named_parameters(),
                                          compression=compression)
-    for _ in range(args.warmup):
+    for i in range(args.warmup):
+        train_step(local, local_opt, x, y)
+        codec_pass(i)
         train_step(model, optimizer, x, y)
     stats0 = compression.stats() if hasattr(compression, "stats") else None
-    barrier("steps")
+    hvd.allreduce(torch.zeros(1), name="bench.start")
     link0 = link_bytes(args.link_dev) if hvd.rank() == 0 else None
-    steps = [train_step(model, optimizer, x, y) for _ in range(args.steps)]
+    compute, codec, steps = [], [], []
+    while True:
+        compute.append(train_step(local, local_opt, x, y))
+        codec.append(codec_pass(args.warmup + len(steps)))
+        steps.append(train_step(model, optimizer, x, y))
+        more = len(steps) < args.max_steps and (len(steps) < args.steps or sum(steps) < args.min_time)
+        if not hvd.broadcast(torch.tensor([int(more)]), root_rank=0, name="bench.more").item():
+            break
     link1 = link_bytes(args.link_dev) if hvd.rank() == 0 else None
+    n = len(steps)
 
     if stats0 is not None:
         stats1 = compression.stats()
-        sent = (stats1["bytes_sent"] - stats0["bytes_sent"]) / args.steps
-        received = (stats1["bytes_received"] - stats0["bytes_received"]) / args.steps
+        sent = (stats1["bytes_sent"] - stats0["bytes_sent"]) / n
+        received = (stats1["bytes_received"] - stats0["bytes_received"]) / n
     else:
         width = 2 if compression is hvd.Compression.fp16 else 4
         sent = received = float(params * width)  # ring allreduce, 2 ranks: n out, n in per rank
@@ -166,12 +174,15 @@ def benchmark(args: argparse.Namespace) -> dict:
     return {
         "bench": "bandwidth", "compression": args.compression, "rate": args.rate_label,
         "workers": hvd.size(), "params": params, "dense_bytes": params * 4,
-        "batch_size": args.batch_size, "warmup": args.warmup, "steps": args.steps,
+        "batch_size": args.batch_size, "warmup": args.warmup, "steps": n,
         "step_s": statistics.median(steps), "step_s_all": steps,
-        "compute_s": statistics.median(compute), "compute_s_all": compute, "codec_s": codec_s,
+        "compute_s": statistics.median(compute), "compute_s_all": compute,
+        "codec_s": None if codec[0] is None else statistics.median(codec),
+        "codec_s_all": None if codec[0] is None else codec,
         "bytes_sent_per_rank": [r[0] for r in per_rank],
         "bytes_received_per_rank": [r[1] for r in per_rank],
-        "link_bytes_per_step": None if link0 is None or link1 is None else (link1 - link0) / args.steps,
+        # includes the few bytes of the per-step stop broadcast
+        "link_bytes_per_step": None if link0 is None or link1 is None else (link1 - link0) / n,
         "torch_threads": torch.get_num_threads(),
     }
 
@@ -267,14 +278,14 @@ def _rate_tables(results: list[dict]) -> list[str]:
         rows = [r for r in results if r["rate"] == rate]
         base = next((r for r in rows if r["compression"] == "none"), None)
         lines += [f"### {rate}", "",
-                  "| compression | step s | speed-up vs none | bytes sent / rank / step | link bytes / step (tc) "
+                  "| compression | steps | step s | speed-up vs none | bytes sent / rank / step | link bytes / step (tc) "
                   "| compute s | codec s | ideal s | measured / ideal |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             ideal = ideal_s(r)
             link = r.get("link_bytes_per_step")
             lines.append("| " + " | ".join([
-                f"`{r['compression']}`", f"{r['step_s']:.3f}",
+                f"`{r['compression']}`", str(r["steps"]), f"{r['step_s']:.3f}",
                 f"{base['step_s'] / r['step_s']:.1f}x" if base else "-",
                 _fmt_bytes(max(r["bytes_sent_per_rank"])),
                 _fmt_bytes(link) if link is not None else "-",
@@ -347,8 +358,9 @@ def markdown(records: list[dict], command: str, commit: str, notes: str = "") ->
         f"    {command}", "",
         f"Machine: {_machine()}, shared with other jobs, so the timings are noisy (same-run comparisons only). "
         f"{first.get('workers', 2)} Horovod ranks (Gloo, `horovodrun`), 1 torch thread and `OMP_NUM_THREADS=1` per rank. "
-        f"Model: {model}. Median over {first.get('steps')} timed steps after {first.get('warmup')} warm-up "
-        "step(s) per run (the steps per rate are in the raw results).", "",
+        f"Model: {model}. Each run: warm-up step(s), then iterations of one compute-only step, one "
+        "codec pass and one distributed step (so the three see the same background load); medians over "
+        "the iterations (`steps` column; every step's time is in the raw results).", "",
         "## Link", "",
         "The ranks run in a private network namespace (`ip netns add`), whose only interface is `lo`, "
         "MTU set to 1500 (Ethernet framing, so TCP/IP headers cost what they cost on a real link: a 1514-byte "
@@ -409,10 +421,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--compression", default="none",
                         help="none, hvd-fp16, or an hvd_compress spec (topk:ratio=0.01, terngrad, qsgd:bits=4, fp16)")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps (after warm-up)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (at least; after warm-up)")
+    parser.add_argument("--min-time", type=float, default=0.0,
+                        help="go on past --steps until the timed steps add up to this many seconds")
+    parser.add_argument("--max-steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--compute-steps", type=int, default=10, help="timed compute-only steps")
-    parser.add_argument("--codec-repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32, help="per rank")
     parser.add_argument("--in-features", type=int, default=1024)
     parser.add_argument("--width", type=int, default=2048)

@@ -47,7 +47,7 @@ def test_bandwidth_bench_smoke(tmp_path):
         pytest.skip(reason)
     env = dict(os.environ, BW_RATES="100mbit", BW_SPECS="none topk:ratio=0.01",
                BW_MODEL="--width 64 --depth 2 --in-features 64", BW_STEPS_100MBIT="2",
-               BW_WARMUP_100MBIT="1", BW_CALIBRATE="0.3", BW_TIMEOUT="120",
+               BW_WARMUP_100MBIT="1", BW_MINTIME_100MBIT="0", BW_CALIBRATE="0.3", BW_TIMEOUT="120",
                BW_OUT=str(tmp_path), BW_MARKDOWN=str(tmp_path / "bandwidth.md"))
     proc = subprocess.Popen(["bash", str(SCRIPT)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
