@@ -6,4 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash ci/install.sh
 export PATH="$PWD/.venv/bin:$PATH"
-exec python examples/compare.py --np 2 --out out --specs ${HVD_COMPRESS_SPECS:-none hvd-fp16} "$@"
+exec python examples/compare.py --task digits --np 2 --out out \
+    --specs ${HVD_COMPRESS_SPECS:-none hvd-fp16 terngrad qsgd:bits=4 topk:ratio=0.01 dgc:ratio=0.001,warmup_steps=60} "$@"

@@ -274,7 +274,10 @@ HVDC_CLONES static void w_decode(const job *j, hvdc_i64 t0, hvdc_i64 t1)
 }
 
 static hvdc_i64 ntiles(hvdc_i64 n) { return (n + HVDC_TILE - 1) / HVDC_TILE; }
-static int qsgd_kind(int bits) { return bits == 2 ? HVDC_Q_QSGD2 : bits == 4 ? HVDC_Q_QSGD4 : HVDC_Q_QSGD8; }
+static int qsgd_kind(int bits)
+{
+    return bits == 2 ? HVDC_Q_QSGD2 : bits == 4 ? HVDC_Q_QSGD4 : HVDC_Q_QSGD8;
+}
 
 /* ---- exported entry points (n > 0; bucket > 0 and a multiple of 4, bucket >= n: one scale) ---- */
 
@@ -310,8 +313,8 @@ void hvdc_tern_encode(const float *g, float *r, hvdc_i64 n, hvdc_i64 bucket, con
     run_parallel(w_encode_scaled, &j, ntiles(n), nthreads);
 }
 
-void hvdc_tern_decode_acc(const hvdc_u8 *const *codes, const float *const *scales, int nworkers, hvdc_i64 n,
-                          hvdc_i64 bucket, float *out, int nthreads)
+void hvdc_tern_decode_acc(const hvdc_u8 *const *codes, const float *const *scales, int nworkers,
+                          hvdc_i64 n, hvdc_i64 bucket, float *out, int nthreads)
 {
     job j = {.kind = HVDC_Q_TERN, .n = n, .bucket = bucket, .out = out, .nworkers = nworkers,
              .parts = (const void *const *)codes, .wscales = scales};
@@ -326,8 +329,8 @@ void hvdc_qsgd_encode(const float *g, float *r, hvdc_i64 n, hvdc_i64 bucket, int
     run_parallel(w_qsgd, &j, (n + bucket - 1) / bucket, nthreads);
 }
 
-void hvdc_qsgd_decode_acc(const hvdc_u8 *const *codes, const float *const *norms, int nworkers, hvdc_i64 n,
-                          hvdc_i64 bucket, int bits, float *out, int nthreads)
+void hvdc_qsgd_decode_acc(const hvdc_u8 *const *codes, const float *const *norms, int nworkers,
+                          hvdc_i64 n, hvdc_i64 bucket, int bits, float *out, int nthreads)
 {
     job j = {.kind = qsgd_kind(bits), .n = n, .bucket = bucket, .out = out, .nworkers = nworkers,
              .parts = (const void *const *)codes, .wscales = norms};

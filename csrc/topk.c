@@ -19,6 +19,11 @@
 #include "topk.h"
 #include "hvdc_cpu.h"
 
+/* Loops over fewer items (small tensors, small payloads) run on one thread: forking costs more
+ * than it saves there, and far more when other processes hold the cores (every barrier then
+ * waits for a time slice). */
+#define TOPK_CPU_PARALLEL_MIN (1 << 16)
+
 /* Elements per inner tile of the count pass (a multiple of 32): |g'| of a tile stays in L1 and
  * is compared with each level in a separate, vectorised loop. */
 #define TOPK_CPU_TILE 1024
@@ -32,7 +37,7 @@ void hvdc_topk_sample(const float *g, const float *r, int has_r, float *out, hvd
                       hvdc_i64 m, hvdc_u64 seed, hvdc_u32 step, hvdc_u32 tensor_id, int nthreads)
 {
     hvdc_i64 start = hvdc_topk_sample_start(seed, step, tensor_id, stride);
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if(m >= TOPK_CPU_PARALLEL_MIN)
     for (hvdc_i64 j = 0; j < m; ++j) {
         hvdc_i64 i = start + j * stride;
         out[j] = fabsf(has_r ? g[i] + r[i] : g[i]);
@@ -57,7 +62,7 @@ void hvdc_topk_count(const float *g, float *r, int has_r, hvdc_i64 n, const floa
                      int nlevels, hvdc_i64 *counts, int nchunks, hvdc_i32 *buf_idx,
                      float *buf_val, hvdc_i64 cap, hvdc_i64 *fill, int nthreads)
 {
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if(n >= TOPK_CPU_PARALLEL_MIN)
     for (int c = 0; c < nchunks; ++c) {
         hvdc_i64 hi = chunk_lo(n, c + 1, nchunks), f = 0;
         hvdc_i64 total[HVDC_TOPK_MAX_LEVELS] = {0};
@@ -113,7 +118,7 @@ void hvdc_topk_compact(const float *src, hvdc_i64 n, const float *thr, const hvd
                        float *val, int nthreads)
 {
     float t = *thr;
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if(n >= TOPK_CPU_PARALLEL_MIN)
     for (int c = 0; c < nchunks; ++c) {
         hvdc_i64 pos = offsets[c];
         if (fill[c] >= 0 && t >= *buf_thr) {           /* the buffer holds a superset */
@@ -142,7 +147,7 @@ void hvdc_topk_compact(const float *src, hvdc_i64 n, const float *thr, const hvd
 void hvdc_topk_finalize(const hvdc_i32 *idx, const float *cand, hvdc_i64 c, void *vals, int fp16,
                         float *r, int has_r, int nthreads)
 {
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if(c >= TOPK_CPU_PARALLEL_MIN)
     for (hvdc_i64 j = 0; j < c; ++j) {
         float v = cand[j];
         hvdc_half h = 0;
@@ -167,7 +172,7 @@ void hvdc_topk_check(const hvdc_i32 *idx, hvdc_i64 c, hvdc_i64 n, hvdc_i64 *bad)
 void hvdc_topk_scatter_add(const hvdc_i32 *idx, const void *vals, int fp16, hvdc_i64 c,
                            float *out, int nthreads)
 {
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if(c >= TOPK_CPU_PARALLEL_MIN)
     for (hvdc_i64 j = 0; j < c; ++j)
         out[idx[j]] = out[idx[j]] + hvdc_topk_decode_value(vals, fp16, j);
 }

@@ -9,16 +9,17 @@ The data (1,797 8x8 images, 10 classes) ships inside scikit-learn: nothing is do
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
 import horovod.torch as hvd
+
+from common import (add_common_args, agreed_steps, distributed_optimizer, finish, progress,
+                    wire_bytes_per_step)
 
 
 class DigitsNet(nn.Module):
@@ -36,25 +37,6 @@ class DigitsNet(nn.Module):
         x = F.max_pool2d(F.relu(self.conv2(x)), 2)
         x = F.relu(self.fc1(x.flatten(1)))
         return self.fc2(x)
-
-
-def compression_from_spec(spec: str):
-    """Horovod's built-in ``none``/``fp16``, or any hvd_compress spec such as ``terngrad``."""
-    if spec == "none":
-        return hvd.Compression.none
-    if spec == "hvd-fp16":
-        return hvd.Compression.fp16
-    import hvd_compress
-    return hvd_compress.from_spec(spec)
-
-
-def wire_bytes_per_step(compression, model: nn.Module, steps: int) -> float:
-    """Bytes one worker sends per step: from the compressor's own payload accounting when it
-    has one, otherwise the dense tensor Horovod allreduces (fp32, or fp16 for Horovod's fp16)."""
-    if hasattr(compression, "stats"):
-        return compression.stats()["bytes_sent"] / max(steps, 1)
-    width = 2 if compression is hvd.Compression.fp16 else 4
-    return float(sum(p.numel() for p in model.parameters()) * width)
 
 
 def load_data(seed: int):
@@ -78,15 +60,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--compression", default="none",
-                        help="none, hvd-fp16, or an hvd_compress spec, e.g. terngrad, qsgd:bits=4")
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=32, help="per worker")
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--out", help="write the run's metrics as JSON here (rank 0)")
-    parser.add_argument("--no-progress", action="store_true")
+    add_common_args(parser, lr=0.05, epochs=8, batch_size=32)
     args = parser.parse_args()
 
     hvd.init()
@@ -95,27 +69,12 @@ def main() -> None:
     (x_train, y_train), (x_test, y_test) = load_data(args.seed)
     # Each rank trains on its own shard, as DistributedSampler would give it.
     x_train, y_train = x_train[hvd.rank()::hvd.size()], y_train[hvd.rank()::hvd.size()]
-
     model = DigitsNet()
-    compression = compression_from_spec(args.compression)
-    # DGC's momentum correction moves momentum into the compressor (Lin et al. 2018).
-    momentum = 0.0 if getattr(compression, "owns_momentum", False) else args.momentum
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr * hvd.size(), momentum=momentum)
-    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-    hvd.broadcast_optimizer_state(optimizer, root_rank=0)
-    optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
-                                         compression=compression)
+    optimizer, compression = distributed_optimizer(model, args, torch.optim.SGD)
 
-    steps_per_epoch = len(x_train) // args.batch_size
-    # Ranks may hold shards of different length: agree on the shortest so collectives match.
-    steps_per_epoch = int(hvd.allreduce(torch.tensor(steps_per_epoch), op=hvd.Min, name="steps"))
-    history = []
-    show = hvd.rank() == 0 and not args.no_progress
-    bar = None
-    if show:
-        from tqdm import tqdm
-        bar = tqdm(total=args.epochs * steps_per_epoch, desc=f"digits {args.compression}", unit="step")
-    step, start = 0, time.perf_counter()
+    steps_per_epoch = agreed_steps(len(x_train) // args.batch_size)
+    bar = progress(args, args.epochs * steps_per_epoch, f"digits {args.compression}")
+    history, step, start = [], 0, time.perf_counter()
     for epoch in range(args.epochs):
         perm = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(args.seed + epoch))
         for i in range(steps_per_epoch):
@@ -136,20 +95,11 @@ def main() -> None:
     wall = time.perf_counter() - start
     if bar is not None:
         bar.close()
-
-    dense = float(sum(p.numel() for p in model.parameters()) * 4)
-    result = {"task": "digits", "compression": args.compression, "workers": hvd.size(),
-              "steps": step, "wall_s": wall, "step_ms": 1000 * wall / step,
-              "final_test_acc": history[-1]["test_acc"], "final_test_loss": history[-1]["test_loss"],
-              "bytes_per_step": history[-1]["bytes_per_step"], "dense_bytes_per_step": dense,
-              "history": history}
-    if hvd.rank() == 0:
-        print(json.dumps({k: v for k, v in result.items() if k != "history"}))
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(result, f, indent=1)
+    finish(args, {"task": "digits", "compression": args.compression, "workers": hvd.size(),
+                  "steps": step, "wall_s": wall, "step_ms": 1000 * wall / step,
+                  "final_test_acc": history[-1]["test_acc"], "final_test_loss": history[-1]["test_loss"],
+                  "bytes_per_step": history[-1]["bytes_per_step"], "history": history}, model)
 
 
 if __name__ == "__main__":
-    np.seterr(all="raise")
     main()

@@ -217,7 +217,9 @@ class Compressor(_HorovodCompressor):
             return tensor.to(ctx.dtype).view(ctx.shape)
         out, received = ctx.finish()
         self._bytes["bytes_received"] += received
-        out.mul_(tensor.to(torch.float32) / ctx.size)
+        # size / probe is exactly size under Average and exactly 1 under Sum: dividing by it
+        # gives the bits of "sum / size", where multiplying by probe / size would be 1 ulp off.
+        out.div_(ctx.size / tensor.to(torch.float32))
         return out.view(ctx.shape).to(ctx.dtype)
 
     # -- accounting and checks --------------------------------------------------------------------

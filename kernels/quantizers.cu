@@ -73,7 +73,8 @@ __global__ void hvdc_chunk_sums(const float *g, const float *r, long long n, con
 }
 
 /* Next level of a long sum: one warp per HVDC_SUM_CHUNK partial sums (and maxima, if given). */
-__global__ void hvdc_reduce_chunks(const float *in, long long m, float *out, const float *in_max, float *out_max)
+__global__ void hvdc_reduce_chunks(const float *in, long long m, float *out, const float *in_max,
+                                   float *out_max)
 {
     long long k = hvdc_thread_index() / 32, lo = k * HVDC_SUM_CHUNK;
     int lane = threadIdx.x & 31;
@@ -93,13 +94,15 @@ __global__ void hvdc_reduce_chunks(const float *in, long long m, float *out, con
 }
 
 /* One warp per bucket: maxabs[b] = max |v| over the bucket. */
-__global__ void hvdc_bucket_absmax(const float *g, const float *r, long long n, long long bucket, float *maxabs)
+__global__ void hvdc_bucket_absmax(const float *g, const float *r, long long n, long long bucket,
+                                   float *maxabs)
 {
     long long b = hvdc_thread_index() / 32, lo = b * bucket;
     int lane = threadIdx.x & 31;
     if (lo >= n) return;
     float mx = 0.0f;
-    for (long long i = lo + lane; i < lo + bucket && i < n; i += 32) mx = fmaxf(mx, fabsf(hvdc_v(g, r, i)));
+    for (long long i = lo + lane; i < lo + bucket && i < n; i += 32)
+        mx = fmaxf(mx, fabsf(hvdc_v(g, r, i)));
     mx = hvdc_butterfly_max(mx);
     if (lane == 0) maxabs[b] = mx;
 }
@@ -120,8 +123,8 @@ __global__ void hvdc_tern_finalize(const float *sq_dev_sum, long long n, float c
 /* Elements [lo, lo + cnt) of one Philox block (cnt <= 4) with one scale: codes, error feedback;
  * returns the codes packed as on the wire (element q at bits b * q). */
 template <int KIND>
-__device__ __forceinline__ unsigned long long hvdc_encode_block(const float *g, float *r, long long lo, int cnt,
-                                                                float scale, hvdc_u32x4 u)
+__device__ __forceinline__ unsigned long long hvdc_encode_block(const float *g, float *r, long long lo,
+                                                                int cnt, float scale, hvdc_u32x4 u)
 {
     unsigned long long packed = 0;
     for (int q = 0; q < 4; ++q) {
@@ -137,7 +140,8 @@ __device__ __forceinline__ unsigned long long hvdc_encode_block(const float *g, 
 /* Write the packed codes of elements [lo, lo + cnt) (lo % 4 == 0) byte by byte: the last
  * block must not write past the end of the payload. */
 template <int KIND>
-__device__ __forceinline__ void hvdc_store_block(void *out, long long lo, int cnt, unsigned long long packed)
+__device__ __forceinline__ void hvdc_store_block(void *out, long long lo, int cnt,
+                                                 unsigned long long packed)
 {
     int bits = hvdc_q_bits(KIND);
     hvdc_u8 *o = (hvdc_u8 *)out + lo * bits / 8;
@@ -155,9 +159,9 @@ __device__ __forceinline__ hvdc_u32 hvdc_load_code(const void *in, long long i)
 
 /* One thread per 4-element block; scales[i / bucket] (null: fp16, no scale). */
 template <int KIND>
-__device__ __forceinline__ void hvdc_encode_scaled(const float *g, float *r, long long n, long long bucket,
-                                                   const float *scales, hvdc_u64 seed, hvdc_u32 step,
-                                                   hvdc_u32 tensor_id, void *out)
+__device__ __forceinline__ void hvdc_encode_scaled(const float *g, float *r, long long n,
+                                                   long long bucket, const float *scales, hvdc_u64 seed,
+                                                   hvdc_u32 step, hvdc_u32 tensor_id, void *out)
 {
     long long k = hvdc_thread_index(), lo = 4 * k;
     if (lo >= n) return;
@@ -170,8 +174,9 @@ __device__ __forceinline__ void hvdc_encode_scaled(const float *g, float *r, lon
 /* out_i <- (((out_i + D_0,i) + D_1,i) + ...), workers in list order; one thread per 4 elements.
  * parts / scales hold the addresses of each worker's buffers (scales null for fp16). */
 template <int KIND>
-__device__ __forceinline__ void hvdc_decode_acc(const unsigned long long *parts, const unsigned long long *scales,
-                                                int nworkers, long long n, long long bucket, float *out)
+__device__ __forceinline__ void hvdc_decode_acc(const unsigned long long *parts,
+                                                const unsigned long long *scales, int nworkers,
+                                                long long n, long long bucket, float *out)
 {
     long long lo = 4 * hvdc_thread_index();
     if (lo >= n) return;
@@ -209,8 +214,9 @@ __device__ __forceinline__ void hvdc_qsgd_encode(const float *g, float *r, long 
 
 extern "C" {
 
-__global__ void hvdc_tern_encode(const float *g, float *r, long long n, long long bucket, const float *scales,
-                                 hvdc_u64 seed, hvdc_u32 step, hvdc_u32 tensor_id, hvdc_u8 *codes)
+__global__ void hvdc_tern_encode(const float *g, float *r, long long n, long long bucket,
+                                 const float *scales, hvdc_u64 seed, hvdc_u32 step, hvdc_u32 tensor_id,
+                                 hvdc_u8 *codes)
 {
     hvdc_encode_scaled<HVDC_Q_TERN>(g, r, n, bucket, scales, seed, step, tensor_id, codes);
 }
@@ -221,11 +227,13 @@ __global__ void hvdc_tern_decode_acc(const unsigned long long *codes, const unsi
     hvdc_decode_acc<HVDC_Q_TERN>(codes, scales, nworkers, n, bucket, out);
 }
 
-__global__ void hvdc_qsgd_encode(const float *g, float *r, long long n, long long bucket, int bits, hvdc_u64 seed,
-                                 hvdc_u32 step, hvdc_u32 tensor_id, hvdc_u8 *codes, float *norms)
+__global__ void hvdc_qsgd_encode(const float *g, float *r, long long n, long long bucket, int bits,
+                                 hvdc_u64 seed, hvdc_u32 step, hvdc_u32 tensor_id, hvdc_u8 *codes,
+                                 float *norms)
 {
     if (bits == 2) hvdc_qsgd_encode<HVDC_Q_QSGD2>(g, r, n, bucket, seed, step, tensor_id, codes, norms);
-    else if (bits == 4) hvdc_qsgd_encode<HVDC_Q_QSGD4>(g, r, n, bucket, seed, step, tensor_id, codes, norms);
+    else if (bits == 4)
+        hvdc_qsgd_encode<HVDC_Q_QSGD4>(g, r, n, bucket, seed, step, tensor_id, codes, norms);
     else hvdc_qsgd_encode<HVDC_Q_QSGD8>(g, r, n, bucket, seed, step, tensor_id, codes, norms);
 }
 
@@ -243,7 +251,8 @@ __global__ void hvdc_fp16sr_encode(const float *g, float *r, long long n, hvdc_u
     hvdc_encode_scaled<HVDC_Q_FP16>(g, r, n, n, (const float *)0, seed, step, tensor_id, values);
 }
 
-__global__ void hvdc_fp16_decode_acc(const unsigned long long *values, int nworkers, long long n, float *out)
+__global__ void hvdc_fp16_decode_acc(const unsigned long long *values, int nworkers, long long n,
+                                     float *out)
 {
     hvdc_decode_acc<HVDC_Q_FP16>(values, (const unsigned long long *)0, nworkers, n, n, out);
 }

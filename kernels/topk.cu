@@ -36,7 +36,7 @@ extern "C" __global__ void hvdc_topk_sample(const float *g, const float *r, int 
 
 /* Grid: one block per TOPK_TILE elements.  counts[l * gridDim.x + block] = #{|r_i| >= levels[l]}
  * in the block's tile, after r <- g + r when has_r (error feedback: g' = g + r). */
-extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
+extern "C" __global__ __launch_bounds__(TOPK_THREADS) void
 hvdc_topk_count(const float *g, float *r, int has_r, long long n, const float *levels,
                 int nlevels, int *counts)
 {
@@ -80,7 +80,7 @@ hvdc_topk_count(const float *g, float *r, int has_r, long long n, const float *l
 /* Same grid as hvdc_topk_count.  offsets[block] = exclusive scan of the block counts at the
  * chosen level *threshold, so block b writes its selected elements, ascending, at offsets[b],
  * offsets[b] + 1, ... */
-extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
+extern "C" __global__ __launch_bounds__(TOPK_THREADS) void
 hvdc_topk_compact(const float *src, long long n, const float *threshold,
                   const long long *offsets, int *idx, float *val)
 {

@@ -17,8 +17,10 @@ KEY = RandomKey(seed=0x0123456789ABCDEF, step=7, tensor_id=3)
 
 
 def payload_equal(a: Payload, b: Payload) -> bool:
+    def raw(t: torch.Tensor) -> torch.Tensor:
+        return t.cpu().view(torch.uint8)
     return a.numel == b.numel and list(a.parts) == list(b.parts) and all(
-        torch.equal(a.parts[k].cpu().view(torch.uint8), b.parts[k].cpu().view(torch.uint8)) for k in a.parts)
+        torch.equal(raw(a.parts[k]), raw(b.parts[k])) for k in a.parts)
 
 
 def chi2_check(decoded: torch.Tensor, g: torch.Tensor, var: torch.Tensor) -> None:
@@ -163,7 +165,8 @@ def gpu_matches_cpu(codec: Codec, n: int, scale: float = 1.0) -> None:
     xs = [torch.randn(n, generator=gen) * scale for _ in range(3)]
     r_cpu = torch.randn(n, generator=gen) * 0.1
     r_gpu = r_cpu.cuda()
-    cpu_p = [codec.encode(x, RandomKey(w, 9, 4), residual=r_cpu if w == 0 else None) for w, x in enumerate(xs)]
+    cpu_p = [codec.encode(x, RandomKey(w, 9, 4), residual=r_cpu if w == 0 else None)
+             for w, x in enumerate(xs)]
     gpu_p = [codec.encode(x.cuda(), RandomKey(w, 9, 4), residual=r_gpu if w == 0 else None)
              for w, x in enumerate(xs)]
     for a, b in zip(cpu_p, gpu_p):
@@ -196,9 +199,11 @@ def check_golden(codec: Codec, filename: str, case: str, device: str) -> None:
         v = x + r
         p = codec.encode(x, KEY, residual=r)
         for part, t in p.parts.items():
-            assert np.array_equal(t.cpu().view(torch.uint8).numpy(), data[f"{case}_{n}_{part}"]), (case, n, part)
+            recorded = data[f"{case}_{n}_{part}"]
+            assert np.array_equal(t.cpu().view(torch.uint8).numpy(), recorded), (case, n, part)
         decoded = codec.decode(p)
-        assert np.array_equal(decoded.cpu().numpy().view(np.uint32), data[f"{case}_{n}_decoded"].view(np.uint32))
+        recorded = data[f"{case}_{n}_decoded"]
+        assert np.array_equal(decoded.cpu().numpy().view(np.uint32), recorded.view(np.uint32))
         assert torch.equal(r, v - decoded)
 
 
@@ -223,7 +228,8 @@ def warp_sum(x: np.ndarray) -> np.float32:
     """hvdc_warp_sum in numpy fp32: lane j adds x[j], x[j + 32], ... in order, then the butterfly
     (zero padding only adds +0.0 to lanes, which never hold -0.0)."""
     lanes = np.zeros(32, np.float32)
-    for row in np.concatenate([x.astype(np.float32), np.zeros(-len(x) % 32, np.float32)]).reshape(-1, 32):
+    padded = np.concatenate([x.astype(np.float32), np.zeros(-len(x) % 32, np.float32)])
+    for row in padded.reshape(-1, 32):
         lanes = lanes + row
     for off in (16, 8, 4, 2, 1):
         lanes[:off] = lanes[:off] + lanes[off:2 * off]

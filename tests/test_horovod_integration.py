@@ -284,3 +284,71 @@ def test_wrapper_per_parameter_map_agrees_with_stock_path():
         torch.testing.assert_close(other_grad, mean)          # unmatched: uncompressed
         torch.testing.assert_close(bias_grad, mean)           # mapped to none
         assert stats["bytes_dense"] == NUMEL * 4              # only 'weight' went through hvd_compress
+
+
+def _two_phase_steps(spec: str, steps: int = 2):
+    import horovod.torch as hvd
+    import hvd_compress
+    from hvd_compress.methods import _METHODS
+    name, _, _ = spec.partition(":")
+    comp = hvd_compress.from_spec(spec)
+    comp.collective = "two_phase"
+    w = torch.nn.Parameter(torch.zeros(NUMEL))
+    opt = hvd.DistributedOptimizer(torch.optim.SGD([w], lr=0.0), named_parameters=[("weight", w)],
+                                   compression=comp)
+    out = []
+    for step in range(steps):
+        opt.zero_grad()
+        (w * _rank_grad(hvd.rank(), step)).sum().backward()
+        opt.synchronize()
+        out.append(w.grad.clone())
+    return out, comp.stats()
+
+
+def _simulate_two_phase(spec: str, size: int, steps: int = 2) -> list[torch.Tensor]:
+    import hvd_compress
+    from hvd_compress.codecs import RandomKey
+    from hvd_compress.comm.two_phase import chunk_bounds, derived_id
+    codec = hvd_compress.from_spec(spec).codec
+    error_feedback = hvd_compress.from_spec(spec).error_feedback
+    tid = zlib.crc32(b"weight")
+    bounds = chunk_bounds(NUMEL, size)
+    chunk = [slice(bounds[c], bounds[c + 1]) for c in range(size)]
+    worker_r = [torch.zeros(NUMEL) if error_feedback else None for _ in range(size)]
+    server_r = [torch.zeros(bounds[c + 1] - bounds[c]) for c in range(size)]
+    expected = []
+    for step in range(steps):
+        sent = [[codec.encode(_rank_grad(rank, step)[chunk[c]], RandomKey(0, step, derived_id(tid, 1, c)),
+                              residual=None if worker_r[rank] is None else worker_r[rank][chunk[c]])
+                 for c in range(size)] for rank in range(size)]
+        out = torch.zeros(NUMEL)
+        for c in range(size):
+            total = codec.decode_accumulate([sent[rank][c] for rank in range(size)],
+                                            torch.zeros(bounds[c + 1] - bounds[c]))
+            again = codec.encode(total, RandomKey(0, step, derived_id(tid, 2, c)), residual=server_r[c])
+            codec.decode_accumulate([again], out[chunk[c]])
+        expected.append(out / size)
+    return expected
+
+
+@pytest.mark.parametrize("spec", ["terngrad", "qsgd:bits=4", "qsgd:bits=2,error_feedback=True"])
+def test_two_phase_matches_simulation(spec):
+    results = run_job(_two_phase_steps, np=3, args=(spec,), timeout=120)
+    expected = _simulate_two_phase(spec, size=3)
+    for grads, stats in results:
+        for step, grad in enumerate(grads):
+            assert torch.equal(grad, expected[step]), step
+        assert 0 < stats["bytes_sent"] < stats["bytes_dense"] / 4
+
+
+def test_cost_model_prefers_two_phase_for_large_worlds():
+    from hvd_compress.comm import cost
+    n = 10_000_000
+    payload = n // 4
+    assert cost.choose("auto", 2, n, payload) == cost.ALLGATHER
+    assert cost.choose("auto", 8, n, payload) == cost.TWO_PHASE
+    assert cost.choose("auto", 8, 2000, 500) == cost.ALLGATHER      # latency-bound
+    assert cost.choose("auto", 8, n, None) == cost.ALLGATHER        # sparsifier
+    assert cost.choose("two_phase", 2, n, payload) == cost.TWO_PHASE
+    with pytest.raises(ValueError):
+        cost.choose("ring", 2, n, payload)

@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import hvd_compress
+
+# Import the same hvd_compress this test session uses (installed, or an in-place build).
+PACKAGE_PARENT = Path(hvd_compress.__file__).resolve().parents[1]
 
 PROBE = r"""
 import importlib, pkgutil, sys
@@ -40,10 +43,10 @@ print("ok")
 """
 
 
-def test_codecs_import_without_horovod_cupy_or_gpu():
+def test_codecs_import_without_horovod_cupy_or_gpu(tmp_path):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    result = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True,
+               PYTHONPATH=os.pathsep.join(filter(None, [str(PACKAGE_PARENT), os.environ.get("PYTHONPATH")])))
+    result = subprocess.run([sys.executable, "-c", PROBE], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().endswith("ok")

@@ -32,7 +32,9 @@ REPORT = Path(__file__).resolve().parents[1] / "build" / "nvrtc_report.txt"
 _ENTRY = re.compile(r"Compiling entry function '(\w+)' for 'sm_(\d+)'")
 _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _REGS = re.compile(r"Used (\d+) registers")
-_GLOBAL = re.compile(r'extern\s+"C"\s+__global__\s+(?:__launch_bounds__\([^)]*\)\s+)?void\s+(\w+)')
+# __launch_bounds__ may stand before or after the return type.
+_GLOBAL = re.compile(r'extern\s+"C"\s+__global__\s+(?:__launch_bounds__\([^)]*\)\s+)?void\s+'
+                     r'(?:__launch_bounds__\([^)]*\)\s+)?(\w+)')
 
 
 def parse_ptxas(log: str) -> dict[str, dict[str, int]]:

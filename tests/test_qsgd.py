@@ -9,7 +9,8 @@ import torch
 from hvd_compress.codecs.qsgd import QSGDCodec
 from quant_contract import KEY, CodecContract, chi2_check, repeat_draws, warp_sum
 
-CASES = {"b4": QSGDCodec(), "b2": QSGDCodec(bits=2, bucket_size=128), "b8": QSGDCodec(bits=8, bucket_size=1000)}
+CASES = {"b4": QSGDCodec(), "b2": QSGDCodec(bits=2, bucket_size=128),
+         "b8": QSGDCodec(bits=8, bucket_size=1000)}
 
 
 class TestQSGD(CodecContract):

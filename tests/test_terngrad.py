@@ -69,7 +69,8 @@ def test_scale_is_max_abs() -> None:
     torch.manual_seed(2)
     g = torch.randn(1000)
     assert TernGradCodec(clip=None).local_scales(g).item() == g.abs().max().item()
-    assert torch.equal(TernGradCodec(bucket_size=100, clip=None).local_scales(g), g.abs().view(10, 100).amax(1))
+    assert torch.equal(TernGradCodec(bucket_size=100, clip=None).local_scales(g),
+                       g.abs().view(10, 100).amax(1))
 
 
 @pytest.mark.parametrize("bucket", [None, 512])
@@ -85,8 +86,10 @@ def test_clipping_threshold_in_contract_order(bucket: int | None) -> None:
     d = x - mean
     t = np.float32(2.5) * np.sqrt(contract_sum(d * d) / np.float32(n))
     codec = TernGradCodec(bucket_size=bucket)
-    maxabs = np.abs(x).max() if bucket is None else np.abs(np.pad(x, (0, -n % 512))).reshape(-1, 512).max(1)
-    assert np.array_equal(codec.local_scales(g).numpy(), np.minimum(maxabs, t).astype(np.float32).reshape(-1))
+    a = np.abs(x)
+    maxabs = a.max() if bucket is None else np.pad(a, (0, -n % 512)).reshape(-1, 512).max(1)
+    expected = np.minimum(maxabs, t).astype(np.float32).reshape(-1)
+    assert np.array_equal(codec.local_scales(g).numpy(), expected)
     assert (np.abs(x) > t).sum() > 10
     clipped = torch.from_numpy(np.abs(x) >= t)
     decoded = codec.decode(codec.encode(g, KEY))
@@ -126,7 +129,8 @@ def test_local_scales_include_the_residual() -> None:
         assert torch.equal(codec.local_scales(g, r), codec.encode(g + r, KEY).parts["scales"])
 
 
-@pytest.mark.parametrize("kwargs", [{"bucket_size": 6}, {"bucket_size": 0}, {"clip": 0.0}, {"clip": -1.0}])
+@pytest.mark.parametrize("kwargs", [{"bucket_size": 6}, {"bucket_size": 0}, {"clip": 0.0},
+                                    {"clip": -1.0}])
 def test_bad_options(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         TernGradCodec(**kwargs)

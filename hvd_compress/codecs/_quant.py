@@ -83,7 +83,8 @@ def accumulate_target(payloads: Sequence[Payload], out: torch.Tensor,
                              f"{p.numel} elements with parts {list(p.parts)}")
         for name, (dtype, length) in expected.items():
             t = p.parts[name]
-            if t.dtype != dtype or t.numel() != length or t.device != out.device or not t.is_contiguous():
+            if (t.dtype != dtype or t.numel() != length or t.device != out.device
+                    or not t.is_contiguous()):
                 raise ValueError(f"payload {w}: part {name!r} must be {length} contiguous {dtype} on "
                                  f"{out.device}, got {t.numel()} {t.dtype} on {t.device}")
     return out.view(-1)

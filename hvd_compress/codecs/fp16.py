@@ -29,6 +29,9 @@ from .base import Codec, Payload, RandomKey
 class StochasticFP16Codec(Codec):
     """fp32 -> fp16 with unbiased stochastic rounding (saturating at +-65504)."""
 
+    fixed_size = True
+    summable = True
+
     name = "fp16sr"
 
     def _encode(self, x: torch.Tensor, key: RandomKey, residual: torch.Tensor | None) -> Payload:
@@ -40,8 +43,8 @@ class StochasticFP16Codec(Codec):
                         (x, q.dptr(residual), np.int64(n),
                          *q.cuda_key(key), values))
         elif n:
-            cpu.call("hvdc_fp16sr_encode", q.ptr(x), q.ptr(residual), n, key.seed, key.step, key.tensor_id,
-                     q.ptr(values), cpu.threads())
+            cpu.call("hvdc_fp16sr_encode", q.ptr(x), q.ptr(residual), n, key.seed, key.step,
+                     key.tensor_id, q.ptr(values), cpu.threads())
         return Payload(n, {"values": values})
 
     def decode_accumulate(self, payloads: Sequence[Payload], out: torch.Tensor) -> torch.Tensor:

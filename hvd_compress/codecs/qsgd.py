@@ -12,6 +12,11 @@ n the bucket length).  ||v||_2 is the square root of the sum of squares in the o
 numeric contract (hvdc_warp_sum over the bucket; one warp per bucket on the GPU); decoding
 evaluates sign * l * (norm / s).  r_i is capped at s (|v_i| can exceed the rounded norm by an ulp).
 
+Error feedback (``encode(..., residual=r)``) is optional and off by default: QSGD is unbiased,
+and error feedback's guarantees assume a contraction (E||C(v) - v||^2 <= (1 - delta) ||v||^2),
+which QSGD is not when min(n / s^2, sqrt(n) / s) >= 1 (e.g. 4 bits, 512-element buckets): the
+residual can then grow without bound.
+
 Wire: ``codes`` (b bits per element: sign bit, the MSB, then the level; 8/b per byte, element i
 at bits b (i % (8/b)) of byte i b / 8) and ``norms`` (fp32, one per bucket).  A bucket of zeros
 has norm 0 and codes 0.
@@ -32,6 +37,8 @@ from .base import Codec, Payload, RandomKey
 @dataclasses.dataclass(frozen=True)
 class QSGDCodec(Codec):
     """QSGD with ``bits`` in {2, 4, 8} per element and one fp32 norm per bucket."""
+
+    fixed_size = True
 
     bits: int = 4
     bucket_size: int = 512
@@ -58,8 +65,8 @@ class QSGDCodec(Codec):
         if x.is_cuda and n:
             fn = cuda.kernel(q.SOURCE, "hvdc_qsgd_encode", x.device)
             cuda.launch(fn, q.grid(32 * n_norms, q.BLOCK), q.BLOCK,
-                        (x, q.dptr(residual), np.int64(n),
-                         np.int64(self.bucket_size), np.int32(self.bits), *q.cuda_key(key), codes, norms))
+                        (x, q.dptr(residual), np.int64(n), np.int64(self.bucket_size),
+                         np.int32(self.bits), *q.cuda_key(key), codes, norms))
         elif n:
             cpu.call("hvdc_qsgd_encode", q.ptr(x), q.ptr(residual), n, self.bucket_size, self.bits,
                      key.seed, key.step, key.tensor_id, q.ptr(codes), q.ptr(norms), cpu.threads())

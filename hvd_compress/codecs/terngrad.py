@@ -6,17 +6,21 @@ Learning", NeurIPS 2017).
 per tensor (the paper's layer-wise scaling, the default) or per bucket of ``bucket_size``
 elements.  E[ternarize(g)] = g and E[(ternarize(g)_i - g_i)^2] = |g_i| (s - |g_i|).
 
-Gradient clipping (the paper's section 3.3, on by default with c = 2.5): g is first clipped to
+Gradient clipping (as in the paper, on by default with c = 2.5): g is first clipped to
 [-c sigma, c sigma], sigma the population standard deviation of the tensor (sums in the fixed
 order of the numeric contract), so s = min(max |g|, c sigma).  Clipping makes the codec biased
 (the clipped tails are lost) in exchange for a smaller s and variance; with error feedback the
 clipped part stays in the residual.  A tensor with sigma = 0 (constant, or one element) is not
 clipped.  ``clip=None`` gives the unbiased codec.
 
-Shared scale (the paper's "scale sharing"): :meth:`local_scales` gives this worker's scales, the
-communication layer takes their maximum over workers, and ``codec.with_scales(s).encode(...)``
-encodes with them, so that every worker's codes mean multiples of the same s.  Elements with
-|g_i| > s are then saturated to sign(g_i) s.
+Shared scale (the paper shares s across workers): :meth:`local_scales` gives this worker's
+scales, the communication layer takes their maximum over workers, and
+``codec.with_scales(s).encode(...)`` encodes with them, so that every worker's codes mean
+multiples of the same s.  Elements with |g_i| > s are then saturated to sign(g_i) s.
+
+Error feedback (``encode(..., residual=r)``) is optional: without clipping the codec is
+unbiased, and it is no contraction (E||C(g) - g||^2 = sum_i |g_i| (s - |g_i|) can exceed
+||g||^2), so the residual is not guaranteed to stay bounded.
 
 Wire: ``codes`` (2 bits per element, 4 per byte, element i at bits 2 (i % 4) of byte i // 4;
 00 = 0, 01 = +s, 10 = -s) and ``scales`` (fp32, one per tensor or bucket).
@@ -41,6 +45,8 @@ _SUM_CHUNK = 8192
 class TernGradCodec(Codec):
     """TernGrad ternarization; ``bucket_size=None`` scales per tensor, ``clip=None`` disables
     clipping, ``shared_scales`` (see :meth:`with_scales`) replaces the locally computed scales."""
+
+    fixed_size = True
 
     bucket_size: int | None = None
     clip: float | None = 2.5
@@ -80,8 +86,8 @@ class TernGradCodec(Codec):
             _cuda_scales(g, r, n, bucket, clip, scales)
         else:
             scratch = torch.empty(2 * -(-n // _SUM_CHUNK), dtype=torch.float32)
-            cpu.call("hvdc_tern_scales", q.ptr(g), q.ptr(r), n, bucket, clip, q.ptr(scales), q.ptr(scratch),
-                     cpu.threads())
+            cpu.call("hvdc_tern_scales", q.ptr(g), q.ptr(r), n, bucket, clip, q.ptr(scales),
+                     q.ptr(scratch), cpu.threads())
         return scales
 
     def _encode(self, x: torch.Tensor, key: RandomKey, residual: torch.Tensor | None) -> Payload:
@@ -89,7 +95,7 @@ class TernGradCodec(Codec):
         if self.shared_scales is None:
             scales = self._scales(x, residual)
         else:
-            scales = self.shared_scales.detach().to(device=x.device, dtype=torch.float32).reshape(-1).clone()
+            scales = self.shared_scales.detach().to(x.device, torch.float32).reshape(-1).clone()
             if scales.numel() != self.n_scales(n):
                 raise ValueError(f"shared scales: {self.n_scales(n)} expected, got {scales.numel()}")
         codes = torch.empty(-(-n // 4), dtype=torch.uint8, device=x.device)
@@ -98,7 +104,8 @@ class TernGradCodec(Codec):
             if x.is_cuda:
                 fn = cuda.kernel(q.SOURCE, "hvdc_tern_encode", x.device)
                 cuda.launch(fn, q.grid(-(-n // 4), q.BLOCK), q.BLOCK,
-                            (x, q.dptr(residual), np.int64(n), np.int64(bucket), scales, *q.cuda_key(key), codes))
+                            (x, q.dptr(residual), np.int64(n), np.int64(bucket), scales,
+                             *q.cuda_key(key), codes))
             else:
                 cpu.call("hvdc_tern_encode", q.ptr(x), q.ptr(residual), n, bucket, q.ptr(scales),
                          key.seed, key.step, key.tensor_id, q.ptr(codes), cpu.threads())
@@ -115,10 +122,11 @@ class TernGradCodec(Codec):
         if flat.is_cuda:
             fn = cuda.kernel(q.SOURCE, "hvdc_tern_decode_acc", flat.device)
             cuda.launch(fn, q.grid(-(-n // 4), q.BLOCK), q.BLOCK,
-                        (codes, scales, np.int32(len(payloads)), np.int64(n), np.int64(self._bucket(n)), flat))
+                        (codes, scales, np.int32(len(payloads)), np.int64(n),
+                         np.int64(self._bucket(n)), flat))
         else:
-            cpu.call("hvdc_tern_decode_acc", codes, scales, len(payloads), n, self._bucket(n), q.ptr(flat),
-                     cpu.threads())
+            cpu.call("hvdc_tern_decode_acc", codes, scales, len(payloads), n, self._bucket(n),
+                     q.ptr(flat), cpu.threads())
         return out
 
 
@@ -154,7 +162,9 @@ def _cuda_scales(g: torch.Tensor, r: torch.Tensor | None, n: int, bucket: int, c
         sq_dev = _cuda_long_sum(g, r, n, total, with_max=False)[0]
     if bucket < n:
         maxabs = torch.empty(scales.numel(), dtype=torch.float32, device=dev)
-        cuda.launch(cuda.kernel(q.SOURCE, "hvdc_bucket_absmax", dev), q.grid(32 * scales.numel(), q.BLOCK),
-                    q.BLOCK, (g, q.dptr(r), np.int64(n), np.int64(bucket), maxabs))
-    cuda.launch(cuda.kernel(q.SOURCE, "hvdc_tern_finalize", dev), q.grid(scales.numel(), q.BLOCK), q.BLOCK,
-                (q.dptr(sq_dev), np.int64(n), np.float32(clip), maxabs, np.int64(scales.numel()), scales))
+        cuda.launch(cuda.kernel(q.SOURCE, "hvdc_bucket_absmax", dev),
+                    q.grid(32 * scales.numel(), q.BLOCK), q.BLOCK,
+                    (g, q.dptr(r), np.int64(n), np.int64(bucket), maxabs))
+    cuda.launch(cuda.kernel(q.SOURCE, "hvdc_tern_finalize", dev), q.grid(scales.numel(), q.BLOCK),
+                q.BLOCK, (q.dptr(sq_dev), np.int64(n), np.float32(clip), maxabs,
+                          np.int64(scales.numel()), scales))

@@ -8,10 +8,11 @@ top-k among candidates):
   k = max(1, ceil(ratio * n)):
 
   1. sample |g'| with stride s from a random start (below), m = floor(n / s) samples;
-  2. thr = the t-th largest sample, t = ceil(ratio * m);
+  2. thr = the t-th largest sample, t = ceil(ratio * m) (with ``exact_k``, t = min(m,
+     ceil(1.25 ceil(ratio * m))): see below);
   3. levels thr_l = thr * fl32(0.8^l), l = 0..7 (DGC's "thr *= 0.8, select again" rounds);
-     count #{|g'_i| >= thr_l} for l = 0, 1 in the pass that also computes g' = g + r, and for
-     l = 2..7 in one more pass only if neither reaches lo = ceil(0.8 k) (k with ``exact_k``);
+     count #{|g'_i| >= thr_0} in the pass that also computes g' = g + r, and the other levels
+     in one more pass only if that count is below lo = ceil(0.8 k) (k with ``exact_k``);
      take the first level with count >= lo (the last level if none);
   4. compact the selected (index, g'_i) in ascending index order;
   5. if count > hi (hi = floor(1.3 k), or k with ``exact_k``): keep the exact top-k of those
@@ -19,10 +20,12 @@ top-k among candidates):
 
   So the variable count lies in [0.8k, 1.3k] unless even thr * 0.8^7 selects fewer than 0.8k
   (then all of those are sent).  In the common case the GPU reads the tensor twice (count,
-  compact) and the CPU once (its count pass keeps the candidates at thr_1).  Zeros are never
+  compact) and the CPU once (its count pass keeps the candidates at thr_0).  Zeros are never
   sent in variable mode (levels are clamped to >= 2^-149): an all-zero gradient gives an empty
   payload.  ``exact_k=True`` sends exactly k: its extra last level 0 takes every element, so
-  with fewer than k nonzeros the lowest-index zeros fill up (the tie rule).
+  with fewer than k nonzeros the lowest-index zeros fill up (the tie rule).  Its result is the
+  exact top-k of the whole tensor whatever thr is (the candidates always hold every |g'| >= the
+  k-th largest), so thr is aimed at ~1.25 k candidates: one pass finds >= k of them.
 
 * ``mode="exact"``: exact top-k by magnitude (Dryden et al., MLHPC 2016), i.e. ``sampled`` with
   ``exact_k=True``: the sample only bounds the candidate set, the result is the k largest
@@ -38,7 +41,7 @@ step with power-of-two tensor shapes; s = 1 samples everything), m = floor(n / s
 start = floor(u * s / 2^32), u = word 0 of the RandomKey's Philox stream, so positions
 start + j s, j < m, all lie in [0, n) (``kernels/topk.h``).
 
-Error feedback (on by default for this codec, :attr:`TopKCodec.error_feedback`):
+Error feedback (on by default in ``hvd_compress.methods.TopK``):
 g' = g + r;  payload = C(g');  r <- g' - D(C(g')), i.e. r = g' except at the sent entries, where
 r = 0 for fp32 values and r = g' - fp16(g') for fp16 values (fp16: round to nearest even,
 saturated at +-65504).  g' - fp16(g') is exact in fp32, so g + r_old = D(C(g')) + r_new holds
@@ -77,10 +80,8 @@ _LEVEL_FACTORS = tuple(0.8 ** level for level in range(8))
 _SMALLEST = 2.0 ** -149
 #: the threshold sample has at least this many elements expected above the threshold.
 _SAMPLE_TOP = 64
-#: levels counted in the first pass (thr, 0.8 thr); the others only if neither reaches lo.
-_FIRST_LEVELS = 2
-#: CPU candidate buffers hold up to this many times k elements (at 0.8 thr) in all.
-_CPU_BUFFER = 6
+#: CPU candidate buffers hold up to this many times k elements (at thr) in all.
+_CPU_BUFFER = 2
 _MAX_INDEX = 2 ** 31 - 1
 
 
@@ -129,8 +130,6 @@ class TopKCodec(Codec):
     """
 
     name = "topk"
-    #: compressors keep an error-feedback residual for this codec unless told otherwise.
-    error_feedback = True
 
     def __init__(self, ratio: float = 0.01, sample_ratio: float = 0.01,
                  value_dtype: torch.dtype = torch.float16, exact_k: bool | None = None,
@@ -182,17 +181,18 @@ class TopKCodec(Codec):
         else:
             stride, m = sample_plan(n, self.ratio, self.sample_ratio)
             sample = ops.sample(x, residual, stride, m, key)
-            thr = kth_largest(sample, ceil_ratio(self.ratio, m))
+            t = ceil_ratio(self.ratio, m)
+            thr = kth_largest(sample, min(m, math.ceil(Fraction(5, 4) * t)) if self.exact_k else t)
             levels = torch.clamp_min(thr * _constant(_LEVEL_FACTORS, x.device), _SMALLEST)
             if self.exact_k:
                 levels = torch.cat([levels, levels.new_zeros(1)])
         lo = k if self.exact_k else math.ceil(Fraction(4, 5) * k)
         src = residual if residual is not None else x
         # counts: [levels, parts]; r <- g + r.  totals: the host sync of the common case.
-        counts, scratch = ops.count(x, residual, levels[:_FIRST_LEVELS], k)
+        counts, scratch = ops.count(x, residual, levels[:1], k)
         totals = counts.sum(1).tolist()
-        if max(totals) < lo and levels.numel() > _FIRST_LEVELS:  # DGC's further rounds
-            more, scratch = ops.count(src, None, levels[_FIRST_LEVELS:], 0)
+        if totals[0] < lo and levels.numel() > 1:               # DGC's further rounds
+            more, scratch = ops.count(src, None, levels[1:], 0)
             counts = torch.cat([counts, more])
             totals += more.sum(1).tolist()
         level = next((l for l, c in enumerate(totals) if c >= lo), len(totals) - 1)
@@ -307,13 +307,13 @@ class _CudaOps:
         cuda.launch(cuda.kernel("topk.cu", name, device), grid, cls._THREADS, args)
 
     @classmethod
-    def _grid(cls, count):
-        return max(1, min(-(-count // cls._THREADS), 8192))
+    def _grid(cls, count, device):
+        return cuda.grid_size(count, cls._THREADS, device)
 
     @classmethod
     def sample(cls, x, r, stride, m, key):
         out = torch.empty(m, dtype=torch.float32, device=x.device)
-        cls._run("hvdc_topk_sample", x.device, cls._grid(m),
+        cls._run("hvdc_topk_sample", x.device, cls._grid(m, x.device),
                  (x, x if r is None else r, np.int32(r is not None), out, np.int64(stride),
                   np.int64(m), np.uint64(key.seed), np.uint32(key.step), np.uint32(key.tensor_id)))
         return out
@@ -338,7 +338,7 @@ class _CudaOps:
 
     @classmethod
     def finalize(cls, idx, val, values, r):
-        cls._run("hvdc_topk_finalize", idx.device, cls._grid(idx.numel()),
+        cls._run("hvdc_topk_finalize", idx.device, cls._grid(idx.numel(), idx.device),
                  (idx, val, np.int64(idx.numel()), values, np.int32(values.dtype == torch.float16),
                   val if r is None else r, np.int32(r is not None)))
 
@@ -349,7 +349,7 @@ class _CudaOps:
         bad = torch.zeros(len(indices), dtype=torch.int32, device=indices[0].device)
         for w, idx in enumerate(indices):
             if idx.numel():
-                cls._run("hvdc_topk_check", idx.device, cls._grid(idx.numel()),
+                cls._run("hvdc_topk_check", idx.device, cls._grid(idx.numel(), idx.device),
                          (idx, np.int64(idx.numel()), np.int64(n), bad[w:w + 1]))
         for w, flag in enumerate(bad.tolist()):              # one host sync per decode
             if flag:
@@ -357,7 +357,7 @@ class _CudaOps:
 
     @classmethod
     def scatter_add(cls, idx, values, out):
-        cls._run("hvdc_topk_scatter_add", idx.device, cls._grid(idx.numel()),
+        cls._run("hvdc_topk_scatter_add", idx.device, cls._grid(idx.numel(), idx.device),
                  (idx, values, np.int32(values.dtype == torch.float16), np.int64(idx.numel()), out))
 
 

@@ -1,0 +1,79 @@
+"""What the example training scripts share: the ``--compression`` spec, the optimizer set-up
+Horovod's examples use, wire-byte accounting, and the progress bar on rank 0."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+import horovod.torch as hvd
+
+
+def add_common_args(parser: argparse.ArgumentParser, *, lr: float, epochs: int, batch_size: int) -> None:
+    parser.add_argument("--compression", default="none",
+                        help="none, hvd-fp16 (Horovod's), or an hvd_compress spec: terngrad, "
+                             "qsgd:bits=4, fp16, topk:ratio=0.01, dgc:ratio=0.001,warmup_steps=100")
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--batch-size", type=int, default=batch_size, help="per worker")
+    parser.add_argument("--lr", type=float, default=lr, help="per worker; scaled by the world size")
+    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--out", help="write the run's metrics as JSON here (rank 0)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def compression_from_spec(spec: str):
+    """Horovod's built-in ``none`` / ``hvd-fp16``, or any :func:`hvd_compress.from_spec` spec."""
+    if spec == "none":
+        return hvd.Compression.none
+    if spec == "hvd-fp16":
+        return hvd.Compression.fp16
+    import hvd_compress
+    return hvd_compress.from_spec(spec)
+
+
+def distributed_optimizer(model: torch.nn.Module, args, make_optimizer):
+    """Horovod's recipe (lr scaled by the world size, broadcast of parameters and optimizer
+    state) with ``compression=`` from ``args.compression``.  DGC keeps the momentum itself
+    (momentum correction), so the wrapped optimizer then gets none."""
+    compression = compression_from_spec(args.compression)
+    momentum = 0.0 if getattr(compression, "owns_momentum", False) else args.momentum
+    optimizer = make_optimizer(model.parameters(), lr=args.lr * hvd.size(), momentum=momentum)
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+    optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
+                                         compression=compression)
+    return optimizer, compression
+
+
+def wire_bytes_per_step(compression, model: torch.nn.Module, steps: int) -> float:
+    """Bytes one worker sends per step: the compressor's own payload accounting when it has one,
+    else the dense tensors Horovod allreduces (fp32, or fp16 with Horovod's fp16)."""
+    if hasattr(compression, "stats"):
+        return compression.stats()["bytes_sent"] / max(steps, 1)
+    width = 2 if compression is hvd.Compression.fp16 else 4
+    return float(sum(p.numel() for p in model.parameters()) * width)
+
+
+def progress(args, total: int, desc: str):
+    """A tqdm bar on rank 0 (None elsewhere or with --no-progress)."""
+    if hvd.rank() != 0 or args.no_progress:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="step")
+
+
+def agreed_steps(local_steps: int) -> int:
+    """Ranks may hold shards of different length: agree on the shortest so collectives match."""
+    return int(hvd.allreduce(torch.tensor(local_steps), op=hvd.Min, name="steps_per_epoch"))
+
+
+def finish(args, result: dict, model: torch.nn.Module) -> None:
+    """Print the summary line on rank 0 and write the JSON (with history) if asked."""
+    result["dense_bytes_per_step"] = float(sum(p.numel() for p in model.parameters()) * 4)
+    if hvd.rank() == 0:
+        print(json.dumps({k: v for k, v in result.items() if k != "history"}))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)

@@ -1,0 +1,48 @@
+"""The example scripts run under horovodrun with a compressor and learn (short runs), and the
+comparison driver renders its table and plot from their JSON."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness import horovodrun
+
+pytestmark = pytest.mark.horovod
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _train(script: str, spec: str, tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / f"{script}.json"
+    cmd = [horovodrun(), "-np", "2", "-H", "localhost:2", "--gloo", sys.executable,
+           str(EXAMPLES / script), "--compression", spec, "--no-progress", "--out", str(out), *args]
+    subprocess.run(cmd, check=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                   stdout=subprocess.DEVNULL)
+    return json.loads(out.read_text())
+
+
+def test_charlm_learns_with_qsgd(tmp_path):
+    result = _train("train_charlm.py", "qsgd:bits=4", tmp_path, "--epochs", "2", "--steps-per-epoch", "15")
+    assert result["workers"] == 2 and result["steps"] == 30
+    uniform = math.log(103)  # nats/char of a uniform guess over the text's 103 characters
+    losses = [h["test_loss"] for h in result["history"]]
+    assert losses[-1] < 0.85 * uniform
+    assert result["bytes_per_step"] < result["dense_bytes_per_step"] / 5
+
+
+def test_compare_table_and_plot(tmp_path):
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import compare
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    results = [compare.run("digits", spec, 2, tmp_path, epochs=2, progress=False)
+               for spec in ("none", "topk:ratio=0.01")]
+    text = compare.table(results)
+    assert "topk:ratio=0.01" in text and "1.0x" in text
+    compare.plot(results, tmp_path / "digits.png")
+    assert (tmp_path / "digits.png").stat().st_size > 10_000
+    assert results[1]["bytes_per_step"] < results[0]["bytes_per_step"] / 10
