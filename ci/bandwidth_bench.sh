@@ -14,7 +14,7 @@
 #   BW_SPECS     compressions (default "none hvd-fp16 fp16 qsgd:bits=4 terngrad topk:ratio=0.01";
 #                specs this tree's hvd_compress does not know are skipped and listed as not run)
 #   BW_STEPS_<RATE>, BW_MINTIME_<RATE>, BW_WARMUP_<RATE>: at least this many timed steps, and
-#                on until they take this many seconds (BW_MAX_STEPS at most, 40), after this many
+#                on until they take this many seconds (BW_MAX_STEPS at most, 30), after this many
 #                warm-up steps; e.g. BW_STEPS_100MBIT=3 BW_MINTIME_100MBIT=10 BW_WARMUP_100MBIT=1
 #   BW_MODEL     extra arguments for the model (default: the script's 10.5M-parameter MLP)
 #   BW_TIMEOUT   seconds per horovodrun (default 240); BW_CALIBRATE seconds per goodput test (2)
@@ -103,11 +103,11 @@ steps_for() {
     key=$(echo "$1" | tr '[:lower:]' '[:upper:]')
     local s="BW_STEPS_$key" w="BW_WARMUP_$key" t="BW_MINTIME_$key"
     case $1 in
-        100mbit) echo "${!s:-3} ${!w:-1} ${!t:-10}" ;;
-        *)       echo "${!s:-5} ${!w:-2} ${!t:-5}" ;;
+        100mbit) echo "${!s:-3} ${!w:-1} ${!t:-8}" ;;
+        *)       echo "${!s:-5} ${!w:-2} ${!t:-4}" ;;
     esac
 }
-MAX_STEPS=${BW_MAX_STEPS:-40}
+MAX_STEPS=${BW_MAX_STEPS:-30}
 
 # Which specs this tree can build (terngrad/qsgd/fp16 land separately).
 RUN_SPECS=()

@@ -151,6 +151,7 @@ def benchmark(args: argparse.Namespace) -> dict:
     stats0 = compression.stats() if hasattr(compression, "stats") else None
     hvd.allreduce(torch.zeros(1), name="bench.start")
     link0 = link_bytes(args.link_dev) if hvd.rank() == 0 else None
+    load0 = os.getloadavg()[0]
     compute, codec, steps = [], [], []
     while True:
         compute.append(train_step(local, local_opt, x, y))
@@ -184,6 +185,8 @@ def benchmark(args: argparse.Namespace) -> dict:
         # includes the few bytes of the per-step stop broadcast
         "link_bytes_per_step": None if link0 is None or link1 is None else (link1 - link0) / n,
         "torch_threads": torch.get_num_threads(),
+        # 1-minute load average of the machine at the start and end of the timed steps
+        "loadavg": [load0, os.getloadavg()[0]],
     }
 
 
@@ -256,13 +259,14 @@ def rate_bits(label: str) -> float | None:
     return float(match.group(1)) * _RATE_UNITS[match.group(2)] if match else None
 
 
-def ideal_s(r: dict) -> float | None:
+def ideal_s(r: dict, compute_s: float | None = None) -> float | None:
     """compute + (bytes every rank sends) / R: the loopback qdisc carries both directions, so the
     link moves the sum over ranks (see docs/bandwidth.md for the derivation)."""
     bits = rate_bits(r["rate"])
     if bits is None:
         return None
-    return r["compute_s"] + 8 * sum(r["bytes_sent_per_rank"]) / bits
+    compute = r["compute_s"] if compute_s is None else compute_s
+    return compute + 8 * sum(r["bytes_sent_per_rank"]) / bits
 
 
 def _fmt_bytes(n: float) -> str:
@@ -279,8 +283,8 @@ def _rate_tables(results: list[dict]) -> list[str]:
         base = next((r for r in rows if r["compression"] == "none"), None)
         lines += [f"### {rate}", "",
                   "| compression | steps | step s | speed-up vs none | bytes sent / rank / step | link bytes / step (tc) "
-                  "| compute s | codec s | ideal s | measured / ideal |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| compute s | codec s | ideal s | measured / ideal | fastest step s | load avg |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             ideal = ideal_s(r)
             link = r.get("link_bytes_per_step")
@@ -293,6 +297,8 @@ def _rate_tables(results: list[dict]) -> list[str]:
                 f"{r['codec_s']:.3f}" if r.get("codec_s") is not None else "-",
                 f"{ideal:.3f}" if ideal is not None else "- (no limit)",
                 f"{r['step_s'] / ideal:.2f}" if ideal is not None else f"{r['step_s'] / r['compute_s']:.2f} (vs compute)",
+                f"{min(r['step_s_all']):.3f}",
+                "-" if "loadavg" not in r else f"{r['loadavg'][0]:.1f} - {r['loadavg'][1]:.1f}",
             ]) + " |")
         lines.append("")
     return lines
@@ -305,20 +311,25 @@ TARGETS = [("terngrad", "TernGrad", 8.0, 1.3), ("topk:ratio=0.01", "top-k 1%", 2
 def _targets(results: list[dict], rate: str = "100mbit") -> list[str]:
     rows = {r["compression"]: r for r in results if r["rate"] == rate}
     base = rows.get("none")
-    lines = [f"| target (at {rate}) | speed-up: measured / wanted | measured / ideal: measured / allowed | met? |",
-             "|---|---:|---:|---|"]
+    lines = [f"| target (at {rate}) | speed-up: measured / wanted | measured / ideal: measured / allowed | met? "
+             "| fastest steps: speed-up, measured / ideal |",
+             "|---|---:|---:|---|---:|"]
     for prefix, label, want, slack in TARGETS:
         r = next((rows[k] for k in rows if k == prefix or k.startswith(prefix + ":")), None)
         if r is None or base is None:
-            lines.append(f"| {label} | not run | not run | no result (codec not in this tree?) |")
+            lines.append(f"| {label} | not run | not run | no result (codec not in this tree?) | - |")
             continue
         speedup = base["step_s"] / r["step_s"]
         ratio = r["step_s"] / ideal_s(r)
         verdict = []
         verdict.append("speed-up met" if speedup >= want else f"speed-up missed by {want / speedup:.2f}x")
         verdict.append("ideal met" if ratio <= slack else f"ideal missed by {ratio / slack:.2f}x")
+        # Best case: the fastest step of each run against the ideal with the fastest compute step.
+        fast = min(r["step_s_all"])
+        fast_ratio = fast / ideal_s(r, min(r["compute_s_all"]))
         lines.append(f"| {label} (`{r['compression']}`) | {speedup:.1f}x / {want:.0f}x | {ratio:.2f} / {slack} "
-                     f"| {'yes' if speedup >= want and ratio <= slack else 'no'}: {', '.join(verdict)} |")
+                     f"| {'yes' if speedup >= want and ratio <= slack else 'no'}: {', '.join(verdict)} "
+                     f"| {min(base['step_s_all']) / fast:.1f}x, {fast_ratio:.2f} |")
     return lines
 
 
@@ -388,10 +399,14 @@ def markdown(records: list[dict], command: str, commit: str, notes: str = "") ->
         "every byte through the qdisc) and Horovod's negotiation. The ideal is undefined without a rate limit; "
         "there the last column is step time / compute time.", "",
         "## Results", "",
-        "`bytes sent / rank / step` is the larger of the two ranks' `s_r`; `speed-up` is the uncompressed step "
-        "time at the same rate divided by this row's.", "",
+        "`step s`, `compute s`, `codec s`: medians. `bytes sent / rank / step` is the larger of the two ranks' "
+        "`s_r`; `speed-up` is the uncompressed step time at the same rate divided by this row's; `load avg`: "
+        "the machine's 1-minute load average at the start and end of the timed steps (2 cores: above 2, "
+        "other jobs were competing for them).", "",
         *_rate_tables(results),
         "## Targets", "",
+        "Judged on the medians, as the issue asks. The last column is the best case on this shared machine: "
+        "the fastest step of each run, against the ideal computed with the fastest compute-only step.", "",
         *_targets(results), "",
     ]
     if skipped:
