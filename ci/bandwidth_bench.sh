@@ -3,7 +3,7 @@
 # loopback is rate-limited with tc (tbf), every compressor at every rate over the same link, plus
 # one run without a limit; writes out/bandwidth/results.jsonl and docs/bandwidth.md.
 #
-#   sudo bash ci/bandwidth_bench.sh                      # full run (~8 minutes on 2 cores)
+#   sudo bash ci/bandwidth_bench.sh                      # full run (6-9 minutes on 2 busy cores)
 #   BW_RATES="100mbit" BW_SPECS="none topk:ratio=0.01" BW_MODEL="--width 64 --depth 2" \
 #   BW_STEPS_100MBIT=2 BW_MINTIME_100MBIT=0 BW_MARKDOWN=/tmp/bw.md bash ci/bandwidth_bench.sh   # what the smoke test runs
 #
@@ -164,7 +164,7 @@ for rate in $RATES; do
 done
 
 if [ -n "$MARKDOWN" ]; then
-    command="sudo bash ci/bandwidth_bench.sh"
+    command="bash ci/bandwidth_bench.sh"
     for var in BW_RATES BW_SPECS BW_MODEL BW_TIMEOUT BW_CALIBRATE BW_MAX_STEPS $(compgen -v BW_STEPS_) $(compgen -v BW_WARMUP_) $(compgen -v BW_MINTIME_); do
         [ -z "${!var+x}" ] || command="$var=\"${!var}\" $command"
     done
