@@ -1,0 +1,489 @@
+"""Step time of Horovod training with and without gradient compression, over whatever link the
+ranks talk through (``ci/bandwidth_bench.sh`` runs it inside a network namespace whose loopback
+is rate-limited with ``tc``).  Synthetic data: this measures time, not accuracy.
+
+    horovodrun -np 2 -H localhost:2 --gloo python examples/bandwidth_bench.py --compression topk:ratio=0.01
+
+Per run, rank 0 prints one JSON line (and writes it to ``--out``) with
+
+* ``step_s``: median wall time of a training step (zero_grad, forward, backward, ``step()``
+  of ``hvd.DistributedOptimizer``, which waits for the gradients) after ``--warmup`` steps;
+* ``compute_s``: median time of the same step with a plain optimizer on a copy of the model
+  (no Horovod, no compression), timed in the same process: each iteration runs one of these,
+  one codec pass and one distributed step, so all three see the same background load;
+* ``codec_s``: encode (with error feedback when the method uses it) + decode of two workers'
+  payloads of every compressed tensor, timed alone, for hvd_compress methods;
+* ``bytes_sent_per_rank``: bytes each rank puts on the wire per step, from
+  ``compression.stats()`` (hvd_compress), or the dense gradient size (fp32 for ``none``,
+  fp16 for ``hvd-fp16``, which is what Horovod's allreduce of 2 ranks sends per rank);
+* ``link_bytes_per_step``: bytes that crossed the rate limiter per step, read from
+  ``tc -s qdisc show dev <--link-dev>`` around the timed steps (headers and ACKs included),
+  when ``--link-dev`` is given and ``tc`` can read it.
+
+``--report RESULTS.jsonl --markdown FILE`` turns collected JSON lines into the tables of
+``docs/bandwidth.md`` (no Horovod needed for that).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # one core per rank (the C codecs use OpenMP)
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class MLP(nn.Module):
+    """``depth`` hidden layers of ``width`` units: with the defaults (1024 inputs, 3 x 2048, 10
+    outputs) 10.5M parameters, 42 MB of fp32 gradient, ~2 GFLOP per step at batch 32."""
+
+    def __init__(self, in_features: int = 1024, width: int = 2048, depth: int = 3, classes: int = 10) -> None:
+        super().__init__()
+        sizes = [in_features] + [width] * depth
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes, sizes[1:]))
+        self.head = nn.Linear(sizes[-1], classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.hidden:
+            x = F.relu(layer(x))
+        return self.head(x)
+
+
+def compression_from_spec(spec: str):
+    """Same convention as examples/train_digits.py: Horovod's ``none``/``hvd-fp16``, or any
+    hvd_compress spec."""
+    import horovod.torch as hvd
+    if spec == "none":
+        return hvd.Compression.none
+    if spec == "hvd-fp16":
+        return hvd.Compression.fp16
+    import hvd_compress
+    return hvd_compress.from_spec(spec)
+
+
+def link_bytes(dev: str | None) -> int | None:
+    """Bytes the root qdisc of ``dev`` has sent so far (``tc -s qdisc``), or None."""
+    if not dev or shutil.which("tc") is None:
+        return None
+    try:
+        text = subprocess.run(["tc", "-s", "qdisc", "show", "dev", dev], capture_output=True,
+                              text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"Sent (\d+) bytes", text)
+    return int(match.group(1)) if match else None
+
+
+def train_step(model: nn.Module, optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
+    start = time.perf_counter()
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    return time.perf_counter() - start
+
+
+class CodecTimer:
+    """Encode (with error feedback when the method uses it) + decode of two workers' payloads of
+    every tensor the compressor would compress, on random gradients of the parameters' sizes:
+    the codec's share of a step, timed alone.  Does nothing for Horovod's own compressions."""
+
+    def __init__(self, compression, model: nn.Module) -> None:
+        self.codec = getattr(compression, "codec", None)
+        if self.codec is None:
+            return
+        self.seed = compression.seed
+        sizes = [p.numel() for p in model.parameters() if p.numel() >= compression.min_numel]
+        self.grads = [torch.randn(n) * 1e-3 for n in sizes]
+        self.residuals = [torch.zeros(n) if compression.error_feedback else None for n in sizes]
+
+    def __call__(self, step: int) -> float | None:
+        if self.codec is None:
+            return None
+        from hvd_compress.codecs.base import RandomKey
+        start = time.perf_counter()
+        for i, (g, r) in enumerate(zip(self.grads, self.residuals)):
+            payload = self.codec.encode(g, RandomKey(self.seed, step, i), residual=r)
+            if getattr(self.codec, "summable", False):
+                continue  # Horovod's allreduce sums it; decoding is a cast
+            self.codec.decode_accumulate([payload, payload], torch.zeros(g.numel()))
+        return time.perf_counter() - start
+
+
+def benchmark(args: argparse.Namespace) -> dict:
+    """Warm-up, then iterations of (compute-only step, codec pass, distributed step), so that the
+    three are timed under the same background load; ranks stop together when rank 0 has at least
+    ``--steps`` distributed steps and ``--min-time`` seconds of them (or ``--max-steps``)."""
+    import horovod.torch as hvd
+    hvd.init()
+    torch.set_num_threads(1)
+    torch.manual_seed(args.seed + hvd.rank())
+    model = MLP(args.in_features, args.width, args.depth)
+    x = torch.randn(args.batch_size, args.in_features)
+    y = torch.randint(0, 10, (args.batch_size,))
+    params = sum(p.numel() for p in model.parameters())
+    compression = compression_from_spec(args.compression)
+    # DGC's momentum correction moves the momentum into the compressor (as in train_digits.py).
+    momentum = 0.0 if getattr(compression, "owns_momentum", False) else 0.9
+
+    # Compute only: the same step with a plain optimizer on a copy of the model (no Horovod).
+    local = copy.deepcopy(model)
+    local_opt = torch.optim.SGD(local.parameters(), lr=args.lr, momentum=momentum)
+    codec_pass = CodecTimer(compression, model)
+
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    optimizer = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=args.lr, momentum=momentum),
+                                         named_parameters=model.named_parameters(),
+                                         compression=compression)
+    for i in range(args.warmup):
+        train_step(local, local_opt, x, y)
+        codec_pass(i)
+        train_step(model, optimizer, x, y)
+    stats0 = compression.stats() if hasattr(compression, "stats") else None
+    hvd.allreduce(torch.zeros(1), name="bench.start")
+    link0 = link_bytes(args.link_dev) if hvd.rank() == 0 else None
+    load0 = os.getloadavg()[0]
+    compute, codec, steps = [], [], []
+    while True:
+        compute.append(train_step(local, local_opt, x, y))
+        codec.append(codec_pass(args.warmup + len(steps)))
+        steps.append(train_step(model, optimizer, x, y))
+        more = len(steps) < args.max_steps and (len(steps) < args.steps or sum(steps) < args.min_time)
+        if not hvd.broadcast(torch.tensor([int(more)]), root_rank=0, name="bench.more").item():
+            break
+    link1 = link_bytes(args.link_dev) if hvd.rank() == 0 else None
+    n = len(steps)
+
+    if stats0 is not None:
+        stats1 = compression.stats()
+        sent = (stats1["bytes_sent"] - stats0["bytes_sent"]) / n
+        received = (stats1["bytes_received"] - stats0["bytes_received"]) / n
+    else:
+        width = 2 if compression is hvd.Compression.fp16 else 4
+        sent = received = float(params * width)  # ring allreduce, 2 ranks: n out, n in per rank
+    per_rank = hvd.allgather(torch.tensor([[sent, received]], dtype=torch.float64),
+                             name="bench.bytes").tolist()
+    return {
+        "bench": "bandwidth", "compression": args.compression, "rate": args.rate_label,
+        "workers": hvd.size(), "params": params, "dense_bytes": params * 4,
+        "batch_size": args.batch_size, "warmup": args.warmup, "steps": n,
+        "step_s": statistics.median(steps), "step_s_all": steps,
+        "compute_s": statistics.median(compute), "compute_s_all": compute,
+        "codec_s": None if codec[0] is None else statistics.median(codec),
+        "codec_s_all": None if codec[0] is None else codec,
+        "bytes_sent_per_rank": [r[0] for r in per_rank],
+        "bytes_received_per_rank": [r[1] for r in per_rank],
+        # includes the few bytes of the per-step stop broadcast
+        "link_bytes_per_step": None if link0 is None or link1 is None else (link1 - link0) / n,
+        "torch_threads": torch.get_num_threads(),
+        # 1-minute load average of the machine at the start and end of the timed steps
+        "loadavg": [load0, os.getloadavg()[0]],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# link calibration: TCP goodput over 127.0.0.1, one stream and two at once
+
+
+def _tcp_goodput(streams: int, seconds: float) -> float:
+    """Bits/s of payload that ``streams`` concurrent TCP connections over 127.0.0.1 deliver."""
+    import socket
+    import threading
+    received = [0] * streams
+    deadline = [0.0]
+
+    def serve(sock: socket.socket, i: int) -> None:
+        conn, _ = sock.accept()
+        with conn:
+            while True:
+                data = conn.recv(1 << 20)
+                if not data:
+                    return
+                received[i] += len(data)
+
+    def send(port: int) -> None:
+        chunk = b"\0" * (1 << 16)
+        with socket.create_connection(("127.0.0.1", port)) as conn:
+            while time.perf_counter() < deadline[0]:
+                conn.sendall(chunk)
+
+    listeners = []
+    for _ in range(streams):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        listeners.append(sock)
+    servers = [threading.Thread(target=serve, args=(s, i)) for i, s in enumerate(listeners)]
+    for t in servers:
+        t.start()
+    start = time.perf_counter()
+    deadline[0] = start + seconds
+    senders = [threading.Thread(target=send, args=(s.getsockname()[1],)) for s in listeners]
+    for t in senders:
+        t.start()
+    for t in senders + servers:
+        t.join()
+    elapsed = time.perf_counter() - start
+    for s in listeners:
+        s.close()
+    return 8 * sum(received) / elapsed
+
+
+def calibrate(rate_label: str, seconds: float, link_dev: str | None) -> dict:
+    before = link_bytes(link_dev)
+    one = _tcp_goodput(1, seconds)
+    two = _tcp_goodput(2, seconds)
+    after = link_bytes(link_dev)
+    return {"bench": "link", "rate": rate_label, "goodput_1_stream_bits": one,
+            "goodput_2_streams_bits": two, "tc_bytes": None if before is None else after - before}
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+_RATE_UNITS = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
+
+
+def rate_bits(label: str) -> float | None:
+    """``100mbit`` -> 1e8 bits/s; ``unlimited`` (or anything else) -> None."""
+    match = re.fullmatch(r"([\d.]+)\s*(kbit|mbit|gbit)", label.strip().lower())
+    return float(match.group(1)) * _RATE_UNITS[match.group(2)] if match else None
+
+
+def ideal_s(r: dict, compute_s: float | None = None) -> float | None:
+    """compute + (bytes every rank sends) / R: the loopback qdisc carries both directions, so the
+    link moves the sum over ranks (see docs/bandwidth.md for the derivation)."""
+    bits = rate_bits(r["rate"])
+    if bits is None:
+        return None
+    compute = r["compute_s"] if compute_s is None else compute_s
+    return compute + 8 * sum(r["bytes_sent_per_rank"]) / bits
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, scale in (("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.{2 if n < 10 * scale else 1}f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _rate_tables(results: list[dict]) -> list[str]:
+    lines = []
+    for rate in dict.fromkeys(r["rate"] for r in results):
+        rows = [r for r in results if r["rate"] == rate]
+        base = next((r for r in rows if r["compression"] == "none"), None)
+        lines += [f"### {rate}", "",
+                  "| compression | steps | step s | speed-up vs none | bytes sent / rank / step | link bytes / step (tc) "
+                  "| compute s | codec s | ideal s | measured / ideal | fastest step s | load avg |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            ideal = ideal_s(r)
+            link = r.get("link_bytes_per_step")
+            lines.append("| " + " | ".join([
+                f"`{r['compression']}`", str(r["steps"]), f"{r['step_s']:.3f}",
+                f"{base['step_s'] / r['step_s']:.1f}x" if base else "-",
+                _fmt_bytes(max(r["bytes_sent_per_rank"])),
+                _fmt_bytes(link) if link is not None else "-",
+                f"{r['compute_s']:.3f}",
+                f"{r['codec_s']:.3f}" if r.get("codec_s") is not None else "-",
+                f"{ideal:.3f}" if ideal is not None else "- (no limit)",
+                f"{r['step_s'] / ideal:.2f}" if ideal is not None else f"{r['step_s'] / r['compute_s']:.2f} (vs compute)",
+                f"{min(r['step_s_all']):.3f}",
+                "-" if "loadavg" not in r else f"{r['loadavg'][0]:.1f} - {r['loadavg'][1]:.1f}",
+            ]) + " |")
+        lines.append("")
+    return lines
+
+
+#: issue "main job" item 4: (spec prefix, label, minimum speed-up at 100 Mbit/s, max measured/ideal)
+TARGETS = [("terngrad", "TernGrad", 8.0, 1.3), ("topk:ratio=0.01", "top-k 1%", 20.0, 1.3)]
+
+
+def _targets(results: list[dict], rate: str = "100mbit") -> list[str]:
+    rows = {r["compression"]: r for r in results if r["rate"] == rate}
+    base = rows.get("none")
+    lines = [f"| target (at {rate}) | speed-up: measured / wanted | measured / ideal: measured / allowed | met? "
+             "| fastest steps: speed-up, measured / ideal |",
+             "|---|---:|---:|---|---:|"]
+    for prefix, label, want, slack in TARGETS:
+        r = next((rows[k] for k in rows if k == prefix or k.startswith(prefix + ":")), None)
+        if r is None or base is None:
+            lines.append(f"| {label} | not run | not run | no result (codec not in this tree?) | - |")
+            continue
+        speedup = base["step_s"] / r["step_s"]
+        ratio = r["step_s"] / ideal_s(r)
+        verdict = []
+        verdict.append("speed-up met" if speedup >= want else f"speed-up missed by {want / speedup:.2f}x")
+        verdict.append("ideal met" if ratio <= slack else f"ideal missed by {ratio / slack:.2f}x")
+        # Best case: the fastest step of each run against the ideal with the fastest compute step.
+        fast = min(r["step_s_all"])
+        fast_ratio = fast / ideal_s(r, min(r["compute_s_all"]))
+        lines.append(f"| {label} (`{r['compression']}`) | {speedup:.1f}x / {want:.0f}x | {ratio:.2f} / {slack} "
+                     f"| {'yes' if speedup >= want and ratio <= slack else 'no'}: {', '.join(verdict)} "
+                     f"| {min(base['step_s_all']) / fast:.1f}x, {fast_ratio:.2f} |")
+    return lines
+
+
+def _links(links: list[dict]) -> list[str]:
+    lines = ["| rate | qdisc on lo | goodput, 1 TCP stream | goodput, 2 streams at once (total) |",
+             "|---|---|---:|---:|"]
+    for link in links:
+        lines.append(f"| {link['rate']} | `{link.get('tc') or 'none (noqueue)'}` | "
+                     f"{link['goodput_1_stream_bits'] / 1e6:.1f} Mbit/s | {link['goodput_2_streams_bits'] / 1e6:.1f} Mbit/s |")
+    return lines
+
+
+def _machine() -> str:
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{os.cpu_count()} cores ({model})"
+
+
+NOTES_MARKER = "<!-- Everything below this line is kept when ci/bandwidth_bench.sh rewrites the file. -->"
+
+
+def markdown(records: list[dict], command: str, commit: str, notes: str = "", when: float | None = None) -> str:
+    results = [r for r in records if r.get("bench") == "bandwidth"]
+    links = [r for r in records if r.get("bench") == "link"]
+    skipped = [r for r in records if r.get("bench") == "skipped"]
+    failed = [r for r in records if r.get("bench") == "failed"]
+    first = results[0] if results else {}
+    model = (f"MLP, {first.get('params', 0):,} parameters ({first.get('dense_bytes', 0) / 1e6:.1f} MB of "
+             f"fp32 gradient), batch {first.get('batch_size')} per rank, synthetic data") if results else "-"
+    lines = [
+        "# Bandwidth-limited step time", "",
+        f"Generated by `ci/bandwidth_bench.sh` on {time.strftime('%Y-%m-%d %H:%M %Z', time.localtime(when))}, commit `{commit}`, as root "
+        "(it needs `ip netns` and `tc`):", "",
+        f"    {command}", "",
+        f"Machine: {_machine()}, shared with other jobs, so the timings are noisy (same-run comparisons only). "
+        f"{first.get('workers', 2)} Horovod ranks (Gloo, `horovodrun`), 1 torch thread and `OMP_NUM_THREADS=1` per rank. "
+        f"Model: {model}. Each run: warm-up step(s), then iterations of one compute-only step, one "
+        "codec pass and one distributed step (so the three see the same background load); medians over "
+        "the iterations (`steps` column; every step's time is in the raw results).", "",
+        "## Link", "",
+        "The ranks run in a private network namespace (`ip netns add`), whose only interface is `lo`, "
+        "MTU set to 1500 (Ethernet framing, so TCP/IP headers cost what they cost on a real link: a 1514-byte "
+        "frame per 1448 payload bytes, ~4.6%) and a token bucket filter as its root qdisc. `burst` is far above "
+        "the 1514-byte frame (and tbf splits lo's GSO super-packets to fit). Measured TCP goodput through it:", "",
+        *_links(links), "",
+        "Every packet between the two ranks leaves through the same `lo` qdisc, whichever direction it goes: "
+        "two streams share the rate (last column), the link is **half-duplex at R in total**.", "",
+        "## Ideal step time for 2 ranks", "",
+        "Let `s_r` be the bytes rank r sends per step (what `compression.stats()['bytes_sent']` counts):",
+        "",
+        "* **allgather** (hvd_compress payloads: TernGrad, QSGD, top-k): with 2 ranks each rank sends its "
+        "payload to the other and receives the other's: `s_r` = its payload, received = the other's payload.",
+        "* **ring allreduce** of n bytes (`none`, `hvd-fp16`, `fp16`, and tensors below `min_numel`): "
+        "reduce-scatter, each rank sends the n/2 bytes the other reduces, then allgather, each sends its reduced "
+        "n/2: `s_r = 2 (p-1)/p * n = n` for p = 2, and n received.",
+        "",
+        "So in both cases the link carries `s_0 + s_1` bytes per step, and with both directions sharing the "
+        "qdisc's rate R (bits/s):", "",
+        "    ideal = compute + 8 (s_0 + s_1) / R", "",
+        "`compute` is forward + backward + optimizer step with a plain optimizer, measured in the same process. "
+        "(On a full-duplex point-to-point link of R each way the transfer term would be `8 max(s_0, s_1) / R`, "
+        "half as long; that is not the link measured here.) Not in the ideal: the codec's encode/decode (column "
+        "`codec s`, timed alone), TCP/IP headers (~4.6% plus ACKs, see `link bytes / step (tc)`, which counts "
+        "every byte through the qdisc) and Horovod's negotiation. The ideal is undefined without a rate limit; "
+        "there the last column is step time / compute time.", "",
+        "## Results", "",
+        "`step s`, `compute s`, `codec s`: medians. `bytes sent / rank / step` is the larger of the two ranks' "
+        "`s_r`; `speed-up` is the uncompressed step time at the same rate divided by this row's; `load avg`: "
+        "the machine's 1-minute load average at the start and end of the timed steps (2 cores: above 2, "
+        "other jobs were competing for them).", "",
+        *_rate_tables(results),
+        "## Targets", "",
+        "Judged on the medians, as the issue asks. The last column is the best case on this shared machine: "
+        "the fastest step of each run, against the ideal computed with the fastest compute-only step.", "",
+        *_targets(results), "",
+    ]
+    if skipped:
+        lines += ["Not run: " + ", ".join(f"`{r['compression']}` ({r['reason']})" for r in skipped) + ".", ""]
+    if failed:
+        lines += ["Failed: " + ", ".join(f"`{r['compression']}` at {r['rate']} ({r['reason']})" for r in failed) + ".", ""]
+    lines += ["## Raw results", "", "<details><summary>JSON lines</summary>", "", "```"]
+    lines += [json.dumps(r) for r in records]
+    lines += ["```", "", "</details>", "", NOTES_MARKER, notes.rstrip("\n"), ""]
+    return "\n".join(lines)
+
+
+def write_markdown(jsonl: str, path: str, command: str, commit: str) -> None:
+    notes = ""
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+        if NOTES_MARKER in old:
+            notes = old.split(NOTES_MARKER, 1)[1].strip("\n")
+    with open(jsonl) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    with open(path, "w") as f:  # dated by the results file (the end of the run)
+        f.write(markdown(records, command, commit, notes, os.path.getmtime(jsonl)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--compression", default="none",
+                        help="none, hvd-fp16, or an hvd_compress spec (topk:ratio=0.01, terngrad, qsgd:bits=4, fp16)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (at least; after warm-up)")
+    parser.add_argument("--min-time", type=float, default=0.0,
+                        help="go on past --steps until the timed steps add up to this many seconds")
+    parser.add_argument("--max-steps", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=32, help="per rank")
+    parser.add_argument("--in-features", type=int, default=1024)
+    parser.add_argument("--width", type=int, default=2048)
+    parser.add_argument("--depth", type=int, default=3)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rate-label", default="unlimited",
+                        help="the link's rate as tc spells it (100mbit, 1gbit) or 'unlimited'; recorded and "
+                             "used for the ideal time")
+    parser.add_argument("--link-dev", help="read this device's qdisc byte counter around the timed steps (lo)")
+    parser.add_argument("--out", help="rank 0 appends its JSON line to this file")
+    parser.add_argument("--calibrate", type=float, metavar="SECONDS",
+                        help="no training: measure TCP goodput over 127.0.0.1 (1 and 2 streams, SECONDS each), "
+                             "append a JSON line to --out and exit")
+    parser.add_argument("--tc", help="with --calibrate: the qdisc, recorded in the JSON line")
+    parser.add_argument("--report", metavar="JSONL", help="no training: write the markdown of collected JSON lines "
+                                                          "to --markdown and exit")
+    parser.add_argument("--markdown", default="docs/bandwidth.md")
+    parser.add_argument("--command", default="bash ci/bandwidth_bench.sh", help="with --report: recorded")
+    parser.add_argument("--commit", default="?", help="with --report: recorded")
+    args = parser.parse_args()
+
+    if args.report:
+        write_markdown(args.report, args.markdown, args.command, args.commit)
+        return
+    if args.calibrate:
+        line = json.dumps(dict(calibrate(args.rate_label, args.calibrate, args.link_dev), tc=args.tc))
+        print(line, flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(line + "\n")
+        return
+    result = benchmark(args)
+    import horovod.torch as hvd
+    if hvd.rank() == 0:
+        line = json.dumps(result)
+        print(line, flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(line + "\n")
+    hvd.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
