@@ -77,10 +77,12 @@ def plot(results: list[dict], path: Path) -> None:
     by_bytes.xaxis.set_minor_formatter(NullFormatter())  # log axis: label the decades only
     for ax in (by_step, by_bytes):
         ax.grid(alpha=0.3)
-        ax.legend()
+    # one legend, under both panels, so it hides no curve
+    fig.legend(*by_step.get_legend_handles_labels(), loc="lower center", ncol=min(len(results), 4),
+               fontsize="small", frameon=False)
     model = "digits CNN" if digits else "char-level GRU on the Python docs"
     fig.suptitle(f"{model}, {results[0]['workers']} Horovod workers")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=120)
 
 
