@@ -90,8 +90,12 @@ def main() -> None:
             optimizer.zero_grad()
             loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
             loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 5.0)  # usual for RNNs: keeps steps bounded
-            optimizer.step()
+            # Clip the *aggregated* gradient (Horovod's recipe): clipping p.grad before step()
+            # would touch local gradients while their allreduce is still in flight.
+            optimizer.synchronize()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            with optimizer.skip_synchronize():
+                optimizer.step()
             step += 1
             if bar is not None:
                 bar.update(1)
