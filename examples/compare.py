@@ -20,7 +20,7 @@ SCRIPTS = {"digits": "train_digits.py", "charlm": "train_charlm.py"}
 
 
 def run(task: str, spec: str, np_: int, out: Path, epochs: int | None = None, seed: int = 42,
-        timeout: float = 900, progress: bool = True) -> dict:
+        timeout: float = 900, progress: bool = True, extra: tuple[str, ...] = ()) -> dict:
     """One ``horovodrun`` training; returns its JSON result."""
     slug = spec.replace(":", "_").replace("=", "-").replace(",", "_").replace("'", "")
     result_file = out / f"{task}_{slug}_np{np_}_seed{seed}.json"
@@ -30,6 +30,7 @@ def run(task: str, spec: str, np_: int, out: Path, epochs: int | None = None, se
         cmd += ["--epochs", str(epochs)]
     if not progress:
         cmd.append("--no-progress")
+    cmd += list(extra)
     print(f"$ {' '.join(cmd)}", flush=True)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run(cmd, check=True, timeout=timeout, env=env, stdout=None if progress else subprocess.DEVNULL)
