@@ -5,27 +5,25 @@ Layers, bottom to top (each usable without the ones above it):
 * :mod:`hvd_compress.codecs`: pure tensor transforms (TernGrad, QSGD, top-k with sampled
   thresholds, stochastic fp16) with a C reference on the CPU and CuPy/NVRTC kernels on the GPU,
   bit-identical to each other.  Needs neither Horovod nor a GPU nor CuPy.
-* :mod:`hvd_compress.comm`: which collective carries which payload.  Needs Horovod.
-* :mod:`hvd_compress.compressor` / :mod:`hvd_compress.methods`: Horovod ``Compressor`` objects
-  for ``hvd.DistributedOptimizer(compression=...)``: ``TernGrad``, ``QSGD``, ``TopK``, ``DGC``, ``FP16``,
-  and ``from_spec("topk:ratio=0.01")``; ``DistributedOptimizer`` adds per-parameter
-  compressor maps to Horovod's.  Imported on first use, so ``import hvd_compress`` works
-  without Horovod.
+* :mod:`hvd_compress.routes`: how one bucket's payloads travel (dense, summable allreduce,
+  allgather, two-phase quantized, two-phase sparse).
+* :mod:`hvd_compress.engine`: buckets, the plan (a route per bucket), transactional state, the
+  step lifecycle.
+* :mod:`hvd_compress.adaptor` / :mod:`hvd_compress.methods`: Horovod ``Compressor`` objects for
+  ``hvd.DistributedOptimizer(compression=...)``: ``TernGrad``, ``QSGD``, ``TopK``, ``DGC``,
+  ``FP16``, and ``from_spec("topk:ratio=0.01")``; ``DistributedOptimizer`` adds per-parameter
+  maps and the compressor state in ``state_dict()``.  Horovod is imported on first use only.
 """
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-_HOROVOD_LAYER = {"TernGrad", "QSGD", "TopK", "DGC", "FP16", "from_spec"}
-__all__ = sorted(_HOROVOD_LAYER) + ["Compressor", "DistributedOptimizer"]
+_LAZY = {"TernGrad": "methods", "QSGD": "methods", "TopK": "methods", "DGC": "methods",
+         "FP16": "methods", "from_spec": "methods", "Compressor": "adaptor", "Link": "routes.base",
+         "DistributedOptimizer": "optimizer"}
+__all__ = sorted(_LAZY)
 
 
 def __getattr__(name: str):
-    if name in _HOROVOD_LAYER:
-        from . import methods
-        return getattr(methods, name)
-    if name == "DistributedOptimizer":
-        from .optimizer import DistributedOptimizer
-        return DistributedOptimizer
-    if name == "Compressor":
-        from .compressor import Compressor
-        return Compressor
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'hvd_compress' has no attribute {name!r}")

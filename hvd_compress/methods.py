@@ -1,86 +1,193 @@
-"""The compressors users pass to ``hvd.DistributedOptimizer(compression=...)``.
+"""The compressors users name: ``hvd.DistributedOptimizer(..., compression=hvd_compress.TernGrad())``.
 
-Each is a :class:`hvd_compress.compressor.Compressor` (hence a Horovod ``Compressor``) around one
-codec, with the defaults of its paper.  :func:`from_spec` builds one from a command-line string.
+Each is a :class:`Method`: a codec with the defaults of its paper, the method's hooks into the
+engine (how its bucket input is prepared, what happens after encoding), the routes its payloads
+can take, and, through :class:`~hvd_compress.adaptor.Compressor`, Horovod's interface.
+:func:`from_spec` builds one from a command-line string.
 """
 from __future__ import annotations
 
 import ast
 import math
+from typing import Any
 
 import torch
 
-from .compressor import Compressor, _Caller, _ParamState
+from .adaptor import Compressor
+from .codecs.base import Codec
+from .engine.buckets import Bucket
+from .engine.plan import AUTO, COMPRESSED
+from .engine.state import BucketState
+from .routes.base import Link, Pending
+from .routes.gather import GatherRoute
+from .routes.sparse_two_phase import SparseTwoPhaseRoute
+from .routes.summable import SharedScaleRoute, SummableRoute
+from .routes.two_phase import TwoPhaseRoute
+
+_FIXED_ROUTES = {"allgather": GatherRoute(), "two_phase": TwoPhaseRoute()}
+_SPARSE_ROUTES = {"allgather": GatherRoute(), "sparse_two_phase": SparseTwoPhaseRoute()}
+_SUMMABLE_ROUTES = {"allreduce": SummableRoute()}
+_SHARED_SCALE_ROUTES = {"allreduce": SharedScaleRoute()}
 
 
-class TernGrad(Compressor):
+class Method(Compressor):
+    """A compression method: one codec (with error feedback or not) for every parameter.
+
+    Args (common to every method):
+        error_feedback: keep a residual per parameter, ``r <- g + r - D(C(g + r))`` (Seide et
+            al. 2014; Karimireddy et al. 2019).
+        min_numel: parameters with fewer elements go uncompressed (dense buckets).
+        seed: 64-bit seed of the Philox streams (each rank draws its own stream from it).
+        route: ``"auto"`` (cost model; dense where compression would not pay), ``"compressed"``
+            (cost model among the compressed routes only), or a route name to force.
+        bucket_cap_mb, link: see :class:`~hvd_compress.adaptor.Compressor`.
+    """
+
+    name = "method"
+    #: "tensor": one segment per parameter (per-tensor semantics); "bucket": one per bucket
+    scope = "tensor"
+
+    def __init__(self, codec: Codec | None, *, error_feedback: bool, min_numel: int = 1024,
+                 seed: int = 0, route: str = AUTO, bucket_cap_mb: float = 25.0,
+                 link: Link | str = "auto") -> None:
+        super().__init__(bucket_cap_mb=bucket_cap_mb, link=link)
+        if min_numel < 0 or not 0 <= seed < 2 ** 64:
+            raise ValueError(f"need min_numel >= 0 and 0 <= seed < 2**64, got {min_numel}, {seed}")
+        self.codec = codec
+        if codec is not None and route not in (AUTO, COMPRESSED, "dense", *self.candidates()):
+            raise ValueError(f"{self.name}: route must be 'auto', 'compressed', 'dense' or one of "
+                             f"{sorted(self.candidates())}, got {route!r}")
+        self.error_feedback = error_feedback
+        self.min_numel = int(min_numel)
+        self.seed = int(seed)
+        self.route = route
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.codec!r}, error_feedback={self.error_feedback}, "
+                f"min_numel={self.min_numel}, seed={self.seed}, route={self.route!r}, "
+                f"bucket_cap_mb={self.bucket_cap_mb}, link={self.link!r})")
+
+    def method_for(self, name: str) -> "Method":
+        return self
+
+    # -- what the engine asks ------------------------------------------------------------------
+
+    def codec_at(self, step: int) -> Codec:
+        """The codec of the engine's ``step``-th committed step (schedules override this)."""
+        return self.codec
+
+    def candidates(self) -> dict:
+        """The compressed routes this method's payloads can take, by name."""
+        if self.codec is None:
+            return {}
+        if self.codec.summable:
+            return _SUMMABLE_ROUTES
+        return _FIXED_ROUTES if self.codec.fixed_size else _SPARSE_ROUTES
+
+    def payload_bytes(self, bucket: Bucket, codec: Codec) -> float:
+        """This rank's payload bytes for the bucket per step (exact for fixed-size codecs)."""
+        return sum(codec.payload_nbytes(seg.numel) for seg in bucket.segments(self.scope))
+
+    def prepare(self, bucket: Bucket, grads: list[torch.Tensor | None], x: torch.Tensor,
+                state: BucketState, comm: Any) -> torch.Tensor:
+        """Fill the bucket's flat fp32 input from the members' gradients (None: absent this
+        step, zeros) and return the tensor to send."""
+        for g, m, offset in zip(grads, bucket.members, bucket.offsets):
+            part = x[offset:offset + m.numel]
+            if g is None:
+                part.zero_()
+            else:
+                part.copy_(g.reshape(-1))
+        return x
+
+    def after_encode(self, bucket: Bucket, pending: Pending, state: BucketState) -> None:
+        """Called after a compressed route started (DGC masks its momentum here)."""
+
+    def check_optimizer(self, optimizer, names: list[str]) -> str | None:
+        """A message when this method cannot serve these parameters of ``optimizer``."""
+        return None
+
+
+class TernGrad(Method):
     """TernGrad (Wen et al., NeurIPS 2017): ``s * sign(g) * b``, ``b ~ Bernoulli(|g|/s)``,
-    ``s = max|g|`` per tensor (or per bucket) after clipping at ``clip * sigma``; 2 bits per
-    element + fp32 scales on the wire.  Unbiased without clipping; error feedback optional.
+    ``s = max|g|`` per tensor (the paper's layer-wise scaling; or per ``bucket_size`` elements)
+    after clipping at ``clip * sigma``; 2 bits per element + fp32 scales on the wire.  Unbiased
+    without clipping; error feedback optional.
 
     ``shared_scale=True`` is the paper's scale sharing: the ranks first agree on
-    ``s = max over ranks`` (a one-value allreduce per scale), encode with it, and Horovod's
-    allreduce sums the codes as fp16 integers (exact up to 2048 ranks), 2 bytes per element.
-    Only worth it where an allreduce of fp16 beats gathering 2-bit codes (large worlds without
-    the two-phase route); the default gathers codes.
+    ``s = max over ranks`` (a small max-allreduce per bucket), encode with it, and the codes are
+    summed by an fp16 allreduce (exact up to 2048 ranks), 2 bytes per element.  Only worth it
+    where an fp16 allreduce beats gathering 2-bit codes; the default gathers codes.
     """
+
+    name = "terngrad"
 
     def __init__(self, clip: float | None = 2.5, bucket_size: int | None = None, *,
                  shared_scale: bool = False, error_feedback: bool = False, min_numel: int = 1024,
-                 seed: int = 0, collective: str = "auto") -> None:
+                 seed: int = 0, route: str = AUTO, bucket_cap_mb: float = 25.0,
+                 link: Link | str = "auto") -> None:
         from .codecs.terngrad import TernGradCodec
-        super().__init__(TernGradCodec(bucket_size=bucket_size, clip=clip),
-                         error_feedback=error_feedback, min_numel=min_numel, seed=seed,
-                         collective=collective)
         self.shared_scale = shared_scale
+        super().__init__(TernGradCodec(bucket_size=bucket_size, clip=clip), error_feedback=error_feedback,
+                         min_numel=min_numel, seed=seed, route=route, bucket_cap_mb=bucket_cap_mb, link=link)
 
     def __repr__(self) -> str:
         return f"{super().__repr__()[:-1]}, shared_scale={self.shared_scale})"
 
-    def _sums_in_allreduce(self, codec) -> bool:
-        return self.shared_scale
+    def candidates(self) -> dict:
+        return _SHARED_SCALE_ROUTES if self.shared_scale else _FIXED_ROUTES
 
-    def _summable(self, codec, grad, key, state, caller):
-        if not self.shared_scale:
-            return None
-        import horovod.torch as hvd
-        kwargs = {} if caller.process_set is None else {"process_set": caller.process_set}
-        local = codec.local_scales(grad, state.residual, name=caller.name)
-        shared = hvd.allreduce(local, op=hvd.Max, name=f"hvdc.{caller.name}.scale", **kwargs)
-        payload = codec.with_scales(shared).encode(grad, key, residual=state.residual, name=caller.name)
-        # Codes as -1/0/+1: decode with unit scales; the sum over ranks is an exact fp16 integer.
-        unit = dict(payload.parts, scales=torch.ones_like(payload.parts["scales"]))
-        ternary = codec.decode(type(payload)(payload.numel, unit)).half()
-        per_element = shared if codec.bucket_size is None else \
-            shared.repeat_interleave(codec.bucket_size)[:payload.numel]
-        return ternary, lambda out: out.to(torch.float32) * per_element
+    def payload_bytes(self, bucket: Bucket, codec: Codec) -> float:
+        return 2 * bucket.numel if self.shared_scale else super().payload_bytes(bucket, codec)
 
 
-class QSGD(Compressor):
+class QSGD(Method):
     """QSGD (Alistarh et al., NeurIPS 2017): unbiased stochastic rounding of ``|g_i| / ||g||``
-    to ``2^(bits-1) - 1`` levels per bucket; ``bits`` per element + one fp32 norm per bucket."""
+    to ``2^(bits-1) - 1`` levels per bucket of ``bucket_size`` elements; ``bits`` per element +
+    one fp32 norm per bucket.  Norm buckets run over the engine's fused buffer (as CGX's)."""
+
+    name = "qsgd"
+    scope = "bucket"
 
     def __init__(self, bits: int = 4, bucket_size: int = 512, *, error_feedback: bool = False,
-                 min_numel: int = 1024, seed: int = 0, collective: str = "auto") -> None:
+                 min_numel: int = 1024, seed: int = 0, route: str = AUTO, bucket_cap_mb: float = 25.0,
+                 link: Link | str = "auto") -> None:
         from .codecs.qsgd import QSGDCodec
-        super().__init__(QSGDCodec(bits=bits, bucket_size=bucket_size),
-                         error_feedback=error_feedback, min_numel=min_numel, seed=seed,
-                         collective=collective)
+        super().__init__(QSGDCodec(bits=bits, bucket_size=bucket_size), error_feedback=error_feedback,
+                         min_numel=min_numel, seed=seed, route=route, bucket_cap_mb=bucket_cap_mb, link=link)
 
 
-class TopK(Compressor):
+class TopK(Method):
     """Top-k sparsification with sampled thresholds (Lin et al., DGC, ICLR 2018; Aji & Heafield,
-    EMNLP 2017): send the ``ratio`` largest-magnitude entries as (int32 index, fp16 value) through
-    a sparse allgather; error feedback on by default (what is not sent accumulates)."""
+    EMNLP 2017): send the ``ratio`` largest-magnitude entries of each tensor (``scope="bucket"``:
+    of each bucket, one global threshold) as (int32 index, fp16 value); error feedback on by
+    default (what is not sent accumulates).  Routes: sparse allgather, or the two-phase sparse
+    allreduce whose bytes per rank stay flat as the world grows."""
+
+    name = "topk"
 
     def __init__(self, ratio: float = 0.01, sample_ratio: float = 0.01, *,
                  value_dtype: torch.dtype = torch.float16, exact_k: bool | None = None,
-                 mode: str = "sampled", threshold: float | None = None, error_feedback: bool = True,
-                 min_numel: int = 1024, seed: int = 0) -> None:
+                 mode: str = "sampled", threshold: float | None = None, scope: str = "tensor",
+                 error_feedback: bool = True, min_numel: int = 1024, seed: int = 0,
+                 route: str = AUTO, bucket_cap_mb: float = 25.0, link: Link | str = "auto") -> None:
         from .codecs.topk import TopKCodec
+        if scope not in ("tensor", "bucket"):
+            raise ValueError(f"scope must be 'tensor' or 'bucket', got {scope!r}")
+        self.scope = scope
         super().__init__(TopKCodec(ratio=ratio, sample_ratio=sample_ratio, value_dtype=value_dtype,
                                    exact_k=exact_k, mode=mode, threshold=threshold),
-                         error_feedback=error_feedback, min_numel=min_numel, seed=seed)
+                         error_feedback=error_feedback, min_numel=min_numel, seed=seed, route=route,
+                         bucket_cap_mb=bucket_cap_mb, link=link)
+
+    def __repr__(self) -> str:
+        return f"{super().__repr__()[:-1]}, scope={self.scope!r})"
+
+    def payload_bytes(self, bucket: Bucket, codec: Codec) -> float:
+        entry = 4 + torch.empty(0, dtype=codec.value_dtype).element_size()
+        if codec.mode == "threshold":   # unknown in advance: assume the default 1%
+            return entry * 0.01 * bucket.numel
+        return entry * sum(codec.k(seg.numel) for seg in bucket.segments(self.scope))
 
 
 class DGC(TopK):
@@ -88,50 +195,57 @@ class DGC(TopK):
 
     * **momentum correction**: the compressor keeps the momentum, ``u <- m u + g``, and
       accumulates ``v <- v + u`` (the error-feedback residual); the top entries of ``v`` are sent
-      and zeroed in ``v``.  The wrapped optimizer must therefore have ``momentum=0`` (checked):
+      and zeroed in ``v``.  The wrapped optimizer must be SGD with ``momentum=0`` (checked):
       momentum happens here, before sparsification, which is the point of the correction.
-      Tensors below ``min_numel`` send ``u`` densely, i.e. plain momentum SGD.
+      Parameters below ``min_numel`` send ``u`` densely, i.e. plain momentum SGD.
     * **local gradient clipping** (optional): ``g <- g * min(1, clip_norm / (sqrt(N) ||g||))``
       per tensor before it enters ``u``, the paper's threshold scaled by ``N^-1/2``.
-    * **momentum factor masking**: ``u`` is zeroed where ``v`` was sent, so stale momentum does
-      not keep pushing the sent coordinates.
-    * **sparsity warm-up**: over the first ``warmup_steps`` compressions of each tensor the
-      density falls geometrically in four stages from ``warmup_ratio`` (DGC: 25%) to ``ratio``
-      (25% -> 6.25% -> ... as the paper's 75%, 93.75%, 98.4%, 99.6%, 99.9%).
+    * **momentum factor masking**: ``u`` is zeroed where ``v`` was sent.
+    * **sparsity warm-up**: over the first ``warmup_steps`` committed steps the density falls
+      geometrically in four stages from ``warmup_ratio`` (DGC: 25%) to ``ratio``.
+
+    Momentum and residual are state: checkpoint them with ``state_dict()``.
     """
+
+    name = "dgc"
+    #: the wrapped optimizer must not apply momentum again (examples/ read this)
+    owns_momentum = True
+    _STAGES = 4
 
     def __init__(self, ratio: float = 0.001, momentum: float = 0.9, *, clip_norm: float | None = None,
                  warmup_steps: int = 0, warmup_ratio: float = 0.25, sample_ratio: float = 0.01,
-                 value_dtype: torch.dtype = torch.float16, min_numel: int = 1024, seed: int = 0) -> None:
+                 value_dtype: torch.dtype = torch.float16, scope: str = "tensor", min_numel: int = 1024,
+                 seed: int = 0, route: str = AUTO, bucket_cap_mb: float = 25.0,
+                 link: Link | str = "auto") -> None:
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        if warmup_steps < 0 or not 0 < ratio <= warmup_ratio <= 1:
-            raise ValueError("need warmup_steps >= 0 and 0 < ratio <= warmup_ratio <= 1")
+        if warmup_steps < 0 or not 0 < ratio <= 1 or (warmup_steps and not ratio <= warmup_ratio <= 1):
+            raise ValueError("need 0 < ratio <= 1, warmup_steps >= 0 and, with warm-up, "
+                             f"ratio <= warmup_ratio <= 1 (got ratio={ratio}, "
+                             f"warmup_ratio={warmup_ratio}, warmup_steps={warmup_steps})")
+        if clip_norm is not None and not clip_norm > 0:
+            raise ValueError(f"clip_norm must be > 0 or None, got {clip_norm}")
         super().__init__(ratio=ratio, sample_ratio=sample_ratio, value_dtype=value_dtype,
-                         error_feedback=True, min_numel=min_numel, seed=seed)
+                         scope=scope, error_feedback=True, min_numel=min_numel, seed=seed,
+                         route=route, bucket_cap_mb=bucket_cap_mb, link=link)
         self.momentum = momentum
         self.clip_norm = clip_norm
         self.warmup_steps = warmup_steps
         self.warmup_ratio = warmup_ratio
-        self._codecs: dict = {}
-
-    #: the wrapped optimizer must not apply momentum again (examples/ read this)
-    owns_momentum = True
+        self._codecs: dict[float, Codec] = {}
 
     def __repr__(self) -> str:
         return (f"{super().__repr__()[:-1]}, momentum={self.momentum}, clip_norm={self.clip_norm}, "
                 f"warmup_steps={self.warmup_steps}, warmup_ratio={self.warmup_ratio})")
 
-    _STAGES = 4
-
     def density(self, step: int) -> float:
-        """Fraction of entries sent at a tensor's ``step``-th compression."""
+        """Fraction of entries sent at the engine's ``step``-th committed step."""
         if step >= self.warmup_steps:
             return self.codec.ratio
         stage = step * self._STAGES // self.warmup_steps
         return self.warmup_ratio * (self.codec.ratio / self.warmup_ratio) ** (stage / self._STAGES)
 
-    def _codec_at(self, step: int):
+    def codec_at(self, step: int) -> Codec:
         density = self.density(step)
         if density not in self._codecs:  # at most 5: the warm-up stages and the final ratio
             from .codecs.topk import TopKCodec
@@ -140,54 +254,81 @@ class DGC(TopK):
                                               value_dtype=c.value_dtype, exact_k=c.exact_k, mode=c.mode)
         return self._codecs[density]
 
-    def _prepare(self, tensor: torch.Tensor, state: _ParamState, caller: _Caller) -> torch.Tensor:
-        if state.momentum is None:
-            _require_no_optimizer_momentum(caller)
-            state.momentum = torch.zeros(tensor.numel(), dtype=torch.float32, device=tensor.device)
-        g = tensor.detach().reshape(-1).to(torch.float32)
-        if self.clip_norm is not None:
-            size = caller.process_set.size() if caller.process_set is not None else _size()
-            bound = self.clip_norm / math.sqrt(size)
-            g = g * torch.clamp(bound / (g.norm() + 1e-12), max=1.0)
-        return state.momentum.mul_(self.momentum).add_(g)
+    def prepare(self, bucket, grads, x, state, comm):
+        # u_new = m u + g, written out of place: the committed u changes only at commit.
+        momentum = state.buffer("momentum", x.device)
+        u_old, u_new = momentum.committed, momentum.begin(copy=False)
+        bound = None if self.clip_norm is None else self.clip_norm / math.sqrt(comm.size)
+        for g, m, offset in zip(grads, bucket.members, bucket.offsets):
+            part = slice(offset, offset + m.numel)
+            torch.mul(u_old[part], self.momentum, out=u_new[part])
+            if g is not None:
+                g = g.detach().reshape(-1).to(torch.float32)
+                if bound is not None:
+                    g = g * torch.clamp(bound / (g.norm() + 1e-12), max=1.0)
+                u_new[part].add_(g)
+        return u_new
 
-    def _after_encode(self, payload, state: _ParamState) -> None:
-        state.momentum.index_fill_(0, payload.parts["indices"].long(), 0.0)
+    def after_encode(self, bucket, pending, state):
+        # momentum factor masking: u <- 0 where v was sent (this rank's own entries)
+        u_new = state.buffers["momentum"].working
+        for payload, seg in zip(pending.payloads, bucket.segments(self.scope)):
+            sent = payload.parts["indices"].to(torch.int64) + seg.offset
+            u_new.index_fill_(0, sent, 0.0)
 
-
-def _size() -> int:
-    import horovod.torch as hvd
-    return hvd.size()
-
-
-def _require_no_optimizer_momentum(caller: _Caller) -> None:
-    for group in caller.optimizer.param_groups:
-        if any(p is caller.param for p in group["params"]) and group.get("momentum", 0):
-            raise ValueError(
-                f"DGC applies momentum itself (momentum correction, Lin et al. 2018) but the "
-                f"optimizer has momentum={group['momentum']} for {caller.name}: build the optimizer "
-                f"with momentum=0 and pass the momentum to DGC(momentum=...)")
-
-
-class FP16(Compressor):
-    """fp32 -> fp16 with unbiased stochastic rounding (or round-to-nearest with
-    ``stochastic=False``); the payload is summed by Horovod's own allreduce."""
-
-    def __init__(self, stochastic: bool = True, *, error_feedback: bool = False,
-                 min_numel: int = 1024, seed: int = 0) -> None:
-        from .codecs.fp16 import StochasticFP16Codec
-        if not stochastic:
-            raise NotImplementedError("FP16(stochastic=False) is Horovod's hvd.Compression.fp16")
-        super().__init__(StochasticFP16Codec(), error_feedback=error_feedback,
-                         min_numel=min_numel, seed=seed)
+    def check_optimizer(self, optimizer, names):
+        if not isinstance(optimizer, torch.optim.SGD):
+            return (f"DGC replaces SGD's momentum (momentum correction, Lin et al. 2018) and cannot "
+                    f"be combined with {type(optimizer).__mro__[1].__name__}: use "
+                    "hvd_compress.TopK (error feedback without momentum) with other optimizers")
+        for group in optimizer.param_groups:
+            if group["momentum"]:
+                return (f"DGC applies momentum itself (momentum correction, Lin et al. 2018) but the "
+                        f"optimizer has momentum={group['momentum']}: build the optimizer with "
+                        "momentum=0 and pass the momentum to DGC(momentum=...)")
+        return None
 
 
-_METHODS: dict[str, type[Compressor]] = {
+class FP16(Method):
+    """fp32 -> fp16 with unbiased stochastic rounding (``stochastic=False``: round to nearest,
+    exactly Horovod's ``Compression.fp16``); summed by Horovod's fp16 allreduce, 2 bytes per
+    element; overflow gives inf, so loss scalers back off."""
+
+    name = "fp16"
+    scope = "bucket"
+
+    def __init__(self, stochastic: bool = True, *, error_feedback: bool = False, min_numel: int = 1024,
+                 seed: int = 0, route: str = AUTO, bucket_cap_mb: float = 25.0,
+                 link: Link | str = "auto") -> None:
+        from .codecs.fp16 import HalfCodec, StochasticFP16Codec
+        if error_feedback and not stochastic:
+            raise ValueError("FP16(stochastic=False) has no error feedback")
+        self.stochastic = stochastic
+        super().__init__(StochasticFP16Codec() if stochastic else HalfCodec(),
+                         error_feedback=error_feedback, min_numel=min_numel, seed=seed, route=route,
+                         bucket_cap_mb=bucket_cap_mb, link=link)
+
+
+class Dense(Method):
+    """No compression: fp32 allreduce per bucket (what ``hvd.Compression.none`` means inside
+    ``hvd_compress.DistributedOptimizer``'s maps)."""
+
+    name = "none"
+
+    def __init__(self, *, bucket_cap_mb: float = 25.0) -> None:
+        super().__init__(None, error_feedback=False, min_numel=2 ** 62, route="dense",
+                         bucket_cap_mb=bucket_cap_mb)
+
+    def codec_at(self, step: int) -> None:
+        return None
+
+
+_METHODS: dict[str, type[Method]] = {
     "terngrad": TernGrad, "qsgd": QSGD, "topk": TopK, "dgc": DGC, "fp16": FP16,
 }
 
 
-def from_spec(spec: str) -> Compressor:
+def from_spec(spec: str) -> Method:
     """Build a compressor from ``"name"`` or ``"name:key=value,key=value"``, e.g.
     ``"topk:ratio=0.001"``, ``"qsgd:bits=8,bucket_size=1024"``, ``"terngrad:clip=None"``.
     Values are Python literals; ``value_dtype=float32`` names a torch dtype."""

@@ -76,10 +76,12 @@ HVDC_FN float hvdc_qsgd_value(hvdc_u32 code, float norm, hvdc_u32 s)
  * bits fp16 drops, R / 2^13; below 2^-14 the ulp is 2^-24 and d = 126 - exponent bits are dropped.
  * The draw u rounds up iff u < t = floor(R * 2^(32 - d)): exactly P = R / 2^d for d <= 32, i.e.
  * |x| >= 2^-33 (smaller values round up with probability truncated to a multiple of 2^-32).
- * Exact fp16 values (R = 0) are unchanged.  |x| beyond the largest fp16 (65504) saturates to
- * +-65504: no Inf enters a sum; with error feedback the excess stays in the residual.
+ * Exact fp16 values (R = 0) are unchanged.  Overflow gives inf, as Horovod's fp16 does (a loss
+ * scaler then backs off): above 65504 the next value up is inf, so 65504 < |x| < 65536 rounds to
+ * inf with probability (|x| - 65504) / 32 and |x| >= 65536 (inf included) is inf; NaN stays NaN.
  * Returns the fp16 bit pattern.                                                                  */
-#define HVDC_FP16_MAX_BITS 0x7BFFu
+#define HVDC_FP16_INF_BITS 0x7C00u
+#define HVDC_FP16_NAN_BITS 0x7E00u
 
 HVDC_FN hvdc_u32 hvdc_fp16_sr(float x, hvdc_u32 u)
 {
@@ -100,7 +102,9 @@ HVDC_FN hvdc_u32 hvdc_fp16_sr(float x, hvdc_u32 u)
     hvdc_u32 h_sub = m >> dc;
     int normal = a >= 0x38800000u;
     hvdc_u32 h = (normal ? h_nrm : h_sub) + (u < (normal ? t_nrm : t_sub) ? 1u : 0u);
-    return sign | (h < HVDC_FP16_MAX_BITS ? h : HVDC_FP16_MAX_BITS);
+    if (a > 0x7F800000u)
+        return sign | HVDC_FP16_NAN_BITS;
+    return sign | (h < HVDC_FP16_INF_BITS ? h : HVDC_FP16_INF_BITS);
 }
 
 /* Exact fp16 -> fp32 (subnormals, Inf and NaN included: payloads may come from elsewhere). */

@@ -1,7 +1,9 @@
 """Unbiased stochastic rounding fp32 -> fp16: neighbours, unbiasedness (normal and subnormal
-range), exact values, saturation, signed zeros; CUDA == CPU and golden vectors through the
+range), exact values, overflow to inf, signed zeros; CUDA == CPU and golden vectors through the
 contract."""
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -70,13 +72,22 @@ def test_error_feedback_is_exact() -> None:
     assert torch.equal(d + r, v)
 
 
-def test_saturates_beyond_fp16_range() -> None:
-    """|x| > 65504 encodes as +-65504 (no Inf); with error feedback the excess stays in r."""
-    x = torch.tensor([65504.0, 65519.0, 65520.0, 7e4, -1e30, 3.4e38, -65505.0])
-    r = torch.zeros_like(x)
-    d = CODEC.decode(CODEC.encode(x, KEY, residual=r))
-    assert d.tolist() == [65504.0, 65504.0, 65504.0, 65504.0, -65504.0, 65504.0, -65504.0]
-    assert torch.equal(r, x - d)
+def test_overflows_to_inf_like_horovods_fp16() -> None:
+    """Above 65504 the next value up is inf: |x| >= 65536 (and inf) is inf, 65504 < |x| < 65536
+    is inf with probability (|x| - 65504) / 32, NaN stays NaN, 65504 itself is exact.  (A loss
+    scaler sees the overflow and backs off, as with Horovod's Compression.fp16.)"""
+    x = torch.tensor([65504.0, 7e4, -1e30, 3.4e38, 65536.0, float("inf"), -float("inf"), float("nan")])
+    d = CODEC.decode(CODEC.encode(x, KEY, check_finite=False))
+    assert d[:7].tolist() == [65504.0, math.inf, -math.inf, math.inf, math.inf, math.inf, -math.inf]
+    assert math.isnan(d[7])
+    between = torch.full((200_000,), 65520.0)            # halfway: inf with probability 1/2
+    d = CODEC.decode(CODEC.encode(between, KEY))
+    assert set(d.unique().tolist()) == {65504.0, math.inf}
+    assert abs(float(d.isinf().float().mean()) - 0.5) < 0.01
+    with_residual = torch.tensor([-65519.0] * 64)       # inf with probability 15/32, else -65504
+    r = torch.zeros_like(with_residual)
+    d = CODEC.decode(CODEC.encode(with_residual, KEY, residual=r))
+    assert torch.equal(r, with_residual - d)
 
 
 def test_tiny_values_and_signs() -> None:

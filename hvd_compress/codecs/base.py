@@ -67,10 +67,12 @@ class Codec(ABC):
     summable: bool = False
 
     def encode(self, x: torch.Tensor, key: RandomKey = RandomKey(), residual: torch.Tensor | None = None,
-               name: str = "tensor") -> Payload:
+               name: str = "tensor", check_finite: bool = True) -> Payload:
         """Compress ``x`` (any float dtype, any shape, any strides).  With ``residual`` (fp32,
-        ``x.numel()`` elements, same device) error feedback is applied and ``residual`` updated."""
-        flat = as_fp32_flat(x, name)
+        ``x.numel()`` elements, same device) error feedback is applied and ``residual`` updated.
+        ``check_finite=False`` skips the inf/NaN check for callers that made it already (the
+        engine checks each bucket once)."""
+        flat = as_fp32_flat(x, name, check_finite)
         if residual is not None:
             if residual.dtype != torch.float32 or residual.numel() != flat.numel() \
                     or residual.device != flat.device or not residual.is_contiguous():
@@ -111,15 +113,15 @@ class Codec(ABC):
         return self.decode_accumulate([payload], out)
 
 
-def as_fp32_flat(x: torch.Tensor, name: str) -> torch.Tensor:
-    """Contiguous 1-D fp32 view or copy of ``x``; rejects non-float and non-finite input with
-    an error that names the tensor."""
+def as_fp32_flat(x: torch.Tensor, name: str, check_finite: bool = True) -> torch.Tensor:
+    """Contiguous 1-D fp32 view or copy of ``x``; rejects non-float and (unless
+    ``check_finite=False``) non-finite input with an error that names the tensor."""
     if not x.is_floating_point():
         raise TypeError(f"{name}: gradient compression needs a floating-point tensor, got {x.dtype}")
     flat = x.detach().reshape(-1).to(torch.float32).contiguous()
     # One min/max pass: NaN propagates into both, +-Inf shows up as the max or min.  (About 20x
     # cheaper than isfinite(x).all(); the full count runs only to word the error.)
-    if flat.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(flat))).all()):
+    if check_finite and flat.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(flat))).all()):
         bad = int((~torch.isfinite(flat)).sum())
         raise FloatingPointError(f"{name}: {bad} of {flat.numel()} elements are NaN or Inf; "
                                  "refusing to compress a non-finite gradient")

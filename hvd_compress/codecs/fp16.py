@@ -5,9 +5,9 @@ their sign) are unchanged; fp16 subnormals are used.
 
 The draw is compared as an integer with the dropped mantissa bits: exactly unbiased for
 |x| >= 2^-33; below, the round-up probability is truncated to a multiple of 2^-32.
-**Overflow saturates**: |x| > 65504 (the largest finite fp16) encodes as +-65504, so no Inf
-ever enters Horovod's fp16 sum (which can still overflow when adding many workers); the codec is
-biased there, and with error feedback the excess stays in the residual.
+**Overflow gives inf**, as Horovod's fp16 does, so that a loss scaler sees it and backs off:
+above 65504 (the largest finite fp16) the next value up is inf, so 65504 < |x| < 65536 becomes
+inf with probability (|x| - 65504) / 32 and larger |x| (inf included) is inf; NaN stays NaN.
 
 Wire: ``values``, the fp16 numbers themselves (2 bytes per element), summable by an fp16
 allreduce as they are.
@@ -27,7 +27,7 @@ from .base import Codec, Payload, RandomKey
 
 @dataclasses.dataclass(frozen=True)
 class StochasticFP16Codec(Codec):
-    """fp32 -> fp16 with unbiased stochastic rounding (saturating at +-65504)."""
+    """fp32 -> fp16 with unbiased stochastic rounding (overflow to inf)."""
 
     fixed_size = True
     summable = True
@@ -59,4 +59,27 @@ class StochasticFP16Codec(Codec):
                         (values, np.int32(len(payloads)), np.int64(n), flat))
         else:
             cpu.call("hvdc_fp16_decode_acc", values, len(payloads), n, q.ptr(flat), cpu.threads())
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class HalfCodec(Codec):
+    """fp32 -> fp16 with round to nearest even, exactly Horovod's ``Compression.fp16`` (torch's
+    own cast, identical on CPU and GPU: overflow gives inf).  Summable; no error feedback."""
+
+    fixed_size = True
+    summable = True
+
+    name = "fp16rn"
+
+    def _encode(self, x: torch.Tensor, key: RandomKey, residual: torch.Tensor | None) -> Payload:
+        if residual is not None:
+            raise ValueError("HalfCodec has no error feedback")
+        return Payload(x.numel(), {"values": x.to(torch.float16)})
+
+    def decode_accumulate(self, payloads: Sequence[Payload], out: torch.Tensor) -> torch.Tensor:
+        n = payloads[0].numel if payloads else 0
+        flat = q.accumulate_target(payloads, out, {"values": (torch.float16, n)})
+        for p in payloads:
+            flat.add_(p.parts["values"].to(torch.float32))
         return out

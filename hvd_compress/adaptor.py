@@ -1,0 +1,230 @@
+"""Horovod's ``Compressor`` interface over the engine: what ``hvd.DistributedOptimizer(...,
+compression=X)`` of Horovod 0.28.1 calls.
+
+* ``compress(p.grad)`` (Horovod's backward hook, or ``synchronize()`` for gradients that never
+  came) finds the parameter and its optimizer in the calling frame, gets or builds the
+  :class:`~hvd_compress.engine.engine.Engine` of that optimizer, hands the gradient over and
+  returns a one-element probe for Horovod to allreduce (Horovod needs a tensor; its value is
+  unused).  It never raises and never waits: see the engine.
+* ``decompress(probe, ctx)`` returns the parameter's aggregated gradient, a fresh tensor (never
+  one of the engine's buffers).  ``decompress(x, None)`` is Horovod's own sparse path
+  (``nn.Embedding(sparse=True)``): the gradient passes through uncompressed.
+
+One compressor object may serve several optimizers (a GAN's generator and discriminator): each
+gets its own engine and state, numbered in the order the compressor first sees them.
+Nothing here imports Horovod at module level.
+"""
+from __future__ import annotations
+
+import sys
+import weakref
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .engine import cost
+from .engine.buckets import Member
+from .engine.engine import Engine
+from .routes.base import Link
+
+STATE_FORMAT = "hvd_compress/1"
+
+
+@dataclass
+class _Ticket:
+    engine: Any
+    index: int
+
+
+@dataclass
+class _Passthrough:
+    """A member some other (Horovod) compressor handles."""
+    compressor: Any
+    ctx: Any
+
+
+class _FailedEngine:
+    """Stands in for an engine that could not be built (e.g. ``op=hvd.Adasum``): the hook does
+    nothing, ``synchronize()`` raises the message, identically on every rank."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def add(self, index: int, grad: torch.Tensor) -> None:
+        pass
+
+    def result(self, index: int) -> torch.Tensor:
+        raise ValueError(self.message)
+
+
+class Compressor:
+    """Base of every hvd_compress compressor (see the module docstring).
+
+    Args:
+        bucket_cap_mb: bucket cap in MiB of fp32 gradient (DDP's default 25; 0: one parameter
+            per bucket, i.e. layer-wise).
+        link: ``"auto"`` (measure once at the first step), or a declared :class:`Link`.
+    """
+
+    def __init__(self, *, bucket_cap_mb: float = 25.0, link: Link | str = "auto") -> None:
+        if not bucket_cap_mb >= 0:
+            raise ValueError(f"bucket_cap_mb must be >= 0, got {bucket_cap_mb!r}")
+        cost.declared_link(link)  # validates
+        self.bucket_cap_mb = float(bucket_cap_mb)
+        self.link = link
+        self._engines: list[tuple[Any, Any]] = []         # (weakref to optimizer, engine)
+        self._members: dict[int, dict[int, int]] = {}     # id(engine) -> id(param) -> index
+        self._loaded: list[dict] | None = None
+
+    def method_for(self, name: str):
+        """The method serving parameter ``name``: an hvd_compress method, or another Horovod
+        compressor object (used as it is)."""
+        raise NotImplementedError
+
+    # -- Horovod's interface -----------------------------------------------------------------
+
+    def compress(self, tensor: torch.Tensor):
+        optimizer, param = _calling_optimizer()
+        engine = self.engine(optimizer)
+        probe = torch.ones(1, dtype=torch.float32, device=tensor.device)
+        if isinstance(engine, _FailedEngine):
+            return probe, _Ticket(engine, 0)
+        index = self._members[id(engine)].get(id(param))
+        if index is None:
+            other = self.method_for(optimizer._parameter_names[param])
+            compressed, ctx = other.compress(tensor)
+            return compressed, _Passthrough(other, ctx)
+        engine.add(index, tensor)
+        return probe, _Ticket(engine, index)
+
+    def decompress(self, tensor: torch.Tensor, ctx):
+        if ctx is None:
+            return tensor
+        if isinstance(ctx, _Passthrough):
+            return ctx.compressor.decompress(tensor, ctx.ctx)
+        return ctx.engine.result(ctx.index)
+
+    # -- engines ---------------------------------------------------------------------------------
+
+    def engine(self, optimizer) -> Any:
+        """The engine of ``optimizer`` (a Horovod DistributedOptimizer), built on first use."""
+        for ref, engine in self._engines:
+            if ref() is optimizer:
+                return engine
+        engine = self._build(optimizer, len(self._engines))
+        self._engines.append((weakref.ref(optimizer), engine))
+        if self._loaded is not None and len(self._engines) <= len(self._loaded) \
+                and not isinstance(engine, _FailedEngine):
+            engine.load_state_dict(self._loaded[len(self._engines) - 1])
+        return engine
+
+    def _build(self, optimizer, ordinal: int) -> Any:
+        import horovod.torch as hvd
+        if not hasattr(optimizer, "op"):  # Horovod's Adasum optimizer is a class of its own
+            return _FailedEngine(f"{type(self).__name__} cannot be combined with op=hvd.Adasum: "
+                                 "Adasum combines dense gradients pairwise and has no compressed form")
+        if optimizer.op not in (hvd.Average, hvd.Sum):
+            return _FailedEngine(f"{type(self).__name__} supports op=hvd.Average and op=hvd.Sum "
+                                 f"only (got op={optimizer.op}): Min, Max and Product of compressed "
+                                 "gradients are not what the codecs approximate")
+        members, ids = [], {}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p not in optimizer._requires_update or id(p) in ids:
+                    continue
+                name = optimizer._parameter_names[p]
+                method = self.method_for(name)
+                if not hasattr(method, "codec_at"):   # another Horovod compressor: not ours
+                    continue
+                ids[id(p)] = len(members)
+                members.append(Member(len(members), name, p.shape, p.dtype, method))
+        for method in {id(m.method): m.method for m in members}.values():
+            problem = method.check_optimizer(optimizer, [m.name for m in members if m.method is method])
+            if problem:
+                return _FailedEngine(problem)
+        names = "\0".join(m.name for m in members)
+        tag = f"e{zlib.crc32(names.encode()):08x}.{ordinal}"
+        process_set = getattr(optimizer, "process_set", None)
+
+        def comm():
+            from .engine.comm import HorovodComm
+            return HorovodComm(process_set)
+
+        engine = Engine(members, comm, average=optimizer.op == hvd.Average,
+                        cap_bytes=int(self.bucket_cap_mb * 2 ** 20), link=cost.declared_link(self.link),
+                        name=tag)
+        self._members[id(engine)] = ids
+        return engine
+
+    def _live_engines(self) -> list[Engine]:
+        return [e for _, e in self._engines if not isinstance(e, _FailedEngine)]
+
+    # -- what users call -----------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        """Since creation, over every optimizer served: ``bytes_sent`` (this rank's share of
+        every collective: its payloads, or the tensor it allreduces), ``bytes_received``
+        (payloads of other ranks gathered here, or what an allreduce delivers), ``bytes_dense``
+        (what fp32 gradients would have cost), ``collectives``, ``steps``, ``skipped_steps``
+        (steps with a non-finite gradient on some rank, rolled back)."""
+        total: dict[str, int] = {}
+        for engine in self._live_engines():
+            for key, value in engine.stats.as_dict().items():
+                total[key] = total.get(key, 0) + value
+        return total or {"bytes_sent": 0, "bytes_received": 0, "bytes_dense": 0, "collectives": 0,
+                         "steps": 0, "skipped_steps": 0}
+
+    def plan(self) -> str:
+        """Every engine's plan: buckets, members, routes, predicted bytes and times."""
+        plans = [str(e.plan) for e in self._live_engines() if e.plan is not None]
+        return "\n\n".join(plans) if plans else "(no plan yet: it is made at the first step)"
+
+    def state_dict(self) -> dict:
+        """This rank's compressor state, by PyTorch's conventions (``torch.save``-able): per
+        optimizer (in first-use order) the parameters' buffers by name, the committed step and
+        the link the plan used.  Each rank saves its own (see README, "Checkpoints")."""
+        engines = [e.state_dict() for e in self._live_engines()]
+        if self._loaded is not None and len(engines) < len(self._loaded):
+            engines += self._loaded[len(engines):]   # loaded but not used yet: keep it
+        return {"format": STATE_FORMAT, "config": self.config(), "optimizers": engines}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; engines not built yet get theirs when first used."""
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a {STATE_FORMAT} compressor state")
+        # Settings may differ (e.g. another bucket cap): buffers are keyed and checked per parameter.
+        self._loaded = list(state["optimizers"])
+        for (_, engine), saved in zip(self._engines, self._loaded):
+            if not isinstance(engine, _FailedEngine):
+                engine.load_state_dict(saved)
+
+    def config(self) -> str:
+        """Deterministic description of the settings (compared across ranks via the plan)."""
+        return repr(self)
+
+
+def _calling_optimizer() -> tuple[Any, torch.Tensor]:
+    """(optimizer, parameter) whose gradient Horovod is compressing.
+
+    Horovod 0.28.1 calls ``compress(p.grad)`` from ``_allreduce_grad_async`` or from a
+    comprehension in ``_grouped_allreduce_grad_async``; both bind the parameter as ``p``, with
+    the optimizer (holding ``_parameter_names``) as ``self`` at most one frame up.
+    """
+    frame = sys._getframe(2)
+    param = None
+    for _ in range(4):
+        if frame is None:
+            break
+        local = frame.f_locals
+        if param is None and isinstance(local.get("p"), torch.Tensor):
+            param = local["p"]
+        names = getattr(local.get("self"), "_parameter_names", None)
+        if param is not None and isinstance(names, dict) and param in names:
+            return local["self"], param
+        frame = frame.f_back
+    raise RuntimeError(
+        "hvd_compress compressors must be called by horovod.torch.DistributedOptimizer "
+        "(compression=...) or hvd_compress.DistributedOptimizer; could not find the parameter "
+        "being compressed in the caller")

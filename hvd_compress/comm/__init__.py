@@ -1,1 +1,0 @@
-"""Communication layer: which Horovod collective carries which codec payload."""

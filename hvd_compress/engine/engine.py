@@ -1,0 +1,372 @@
+"""The step engine: gradients in by member, buckets launched when complete, one flush per step.
+
+One engine serves one (compressor, optimizer) pair.  Per step:
+
+* :meth:`Engine.add` (Horovod's backward hook, via the adaptor) copies a member's gradient into
+  its bucket; when the bucket is complete its route starts (encode, phase-1 collective); when
+  every member has come, the step header starts.  Nothing here waits or raises: a failure is
+  recorded, flagged in the header and raised in the flush on every rank.
+* :meth:`Engine.result` (``synchronize()``): the first call of a step runs :meth:`flush`, which
+  blocks, in the same order on every rank: incomplete buckets are started (absent members as
+  zeros), the step header is started and waited (plan digest, errors, finite flags), every
+  multi-phase route advances in bucket order, every route finishes in bucket order, members
+  flagged non-finite by any rank become NaN, and the step's state is committed (all finite) or
+  rolled back.  The link is measured at the first flush when it was not declared.
+
+See docs/design.md ("The engine") for the reasoning.
+"""
+from __future__ import annotations
+
+import traceback
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..routes.base import Job, Link, Pending, Speed
+from . import cost
+from .buckets import Bucket, Member, assign_buckets
+from .plan import DENSE, Plan, plan_bucket
+from .state import BucketState
+
+_MASK64 = (1 << 64) - 1
+
+
+def splitmix64(x: int) -> int:
+    """SplitMix64's finalizer (Steele, Lea, Flood 2014): a bijection of 64-bit integers."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The Philox key of ``rank``: independent streams per rank, reproducible per (seed, world)."""
+    return splitmix64((seed + (rank + 1) * 0x9E3779B97F4A7C15) & _MASK64)
+
+
+@dataclass
+class Stats:
+    """Bytes and collectives since creation, counted from the buffers that went on the wire."""
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    bytes_dense: int = 0
+    collectives: int = 0
+    steps: int = 0
+    skipped_steps: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(vars(self))
+
+
+@dataclass
+class _Step:
+    """What one step has gathered so far."""
+    grads: dict[int, torch.Tensor] = field(default_factory=dict)       # member index -> grad
+    arrived: list[int] = field(default_factory=list)                   # per bucket
+    pending: dict[int, Pending | None] = field(default_factory=dict)   # bucket index -> in flight
+    finite: list[bool] = field(default_factory=list)                   # per member
+    errors: list[str] = field(default_factory=list)
+    header: Any = None
+    results: dict[int, torch.Tensor] | None = None                     # bucket index -> fp32 sum
+
+
+class Engine:
+    """Buckets, plan, state and the step lifecycle for one (compressor, optimizer) pair.
+
+    Args:
+        members: the parameters, in registration order (``Member.index`` = position).
+        comm_factory: builds the :class:`~hvd_compress.engine.comm.Comm` (called at each step
+            start, so an elastic reset's new world is seen).
+        average: divide the sum by the number of ranks (Horovod's ``op=Average``).
+        cap_bytes: bucket cap (0: one member per bucket).
+        link: a declared :class:`Link`, or None to measure it at the first flush.
+        name: tag of this engine's collectives (the same on every rank).
+    """
+
+    def __init__(self, members: list[Member], comm_factory: Callable[[], Any], *, average: bool,
+                 cap_bytes: int, link: Link | None, name: str) -> None:
+        self.members = members
+        self.buckets: list[Bucket] = assign_buckets(members, cap_bytes)
+        self.cap_bytes = cap_bytes
+        self._where: dict[int, tuple[Bucket, int]] = {}
+        for bucket in self.buckets:
+            for pos, m in enumerate(bucket.members):
+                self._where[m.index] = (bucket, pos)
+        self.states = [BucketState(b.numel) for b in self.buckets]
+        self._comm_factory = comm_factory
+        self.average = average
+        self.tag = f"hvdc.{name}"
+        self.step = 0
+        self.link: Link | None = link
+        self.link_source = "declared" if link is not None else "assumed until measured"
+        self.speeds: dict[int, Speed] = {}      # id(method) -> measured speed
+        self.comm: Any = None
+        self.plan: Plan | None = None
+        self.stats = Stats()
+        self._inputs: dict[int, torch.Tensor] = {}  # bucket index -> reused flat input buffer
+        self._step: _Step | None = None
+        self._pending_load: dict | None = None
+
+    # -- the step ----------------------------------------------------------------------------
+
+    def add(self, index: int, grad: torch.Tensor) -> None:
+        """Hand over member ``index``'s gradient (called from Horovod's hook: never raises)."""
+        step = self._step if self._step is not None and self._step.results is None else self._begin()
+        try:
+            if index in step.grads:
+                raise RuntimeError(f"{self.members[index].name}: gradient handed over twice in one "
+                                   "step (call synchronize() or step() between backward passes)")
+            step.grads[index] = grad
+            bucket, _ = self._where[index]
+            step.arrived[bucket.index] += 1
+            if step.arrived[bucket.index] == len(bucket.members):
+                self._launch(bucket, step)
+            if len(step.grads) == len(self.members):
+                self._start_header(step)
+        except Exception:  # noqa: BLE001 - recorded, raised in synchronize() on every rank
+            step.errors.append(traceback.format_exc())
+
+    def result(self, index: int) -> torch.Tensor:
+        """Member ``index``'s aggregated gradient (its shape and dtype), a fresh tensor."""
+        if self._step is None:
+            raise RuntimeError("hvd_compress: decompress() before any compress() in this step")
+        if self._step.results is None:
+            self.flush()
+        bucket, pos = self._where[index]
+        member = bucket.members[pos]
+        offset = bucket.offsets[pos]
+        out = self._step.results[bucket.index][offset:offset + member.numel].view(member.shape)
+        return out if member.dtype == torch.float32 else out.to(member.dtype)
+
+    def _begin(self) -> _Step:
+        """A new step: the world may have changed (elastic), the plan with it."""
+        comm = _Counted(self._comm_factory(), self.stats)
+        if self.plan is None or (comm.size, comm.rank) != (self.plan.world, self.plan.rank):
+            if self.plan is not None:  # chunk ownership moved: the server residuals mean nothing now
+                for state in self.states:
+                    state.buffers.pop("server", None)
+            self.comm = comm
+            self._replan()
+        self.comm = comm
+        self._step = _Step(arrived=[0] * len(self.buckets), finite=[True] * len(self.members))
+        return self._step
+
+    def _replan(self) -> None:
+        link = self.link or cost.ASSUMED
+        self.plan = Plan(self.comm.size, self.comm.rank, link, self.link_source, self.cap_bytes,
+                         [plan_bucket(b, self.comm.size, link, self.speeds.get(id(b.method), Speed()),
+                                      self.step) for b in self.buckets])
+
+    def _launch(self, bucket: Bucket, step: _Step) -> None:
+        """Fill the bucket's input, check it, and start its route (in the hook)."""
+        bplan = self.plan.buckets[bucket.index]
+        method, state = bucket.method, self.states[bucket.index]
+        grads = [step.grads.get(m.index) for m in bucket.members]
+        device = next((g.device for g in grads if g is not None), torch.device("cpu"))
+        x = self._inputs.get(bucket.index)
+        if x is None or x.device != device:
+            x = self._inputs[bucket.index] = torch.empty(bucket.numel, dtype=torch.float32, device=device)
+        self.stats.bytes_dense += 4 * bucket.numel
+        try:
+            x = method.prepare(bucket, grads, x, state, self.comm)
+            self._check_finite(bucket, x, step)
+            compressed = bplan.route is not DENSE
+            residual = None
+            if "residual" in state.buffers or (compressed and method.error_feedback):
+                residual = state.buffer("residual", device).begin()
+            job = Job(x, bucket.tensor_id, method.codec_at(self.step), bucket.segments(method.scope),
+                      residual, self.comm, f"{self.tag}.b{bucket.index}", self.step,
+                      lambda r: rank_seed(method.seed, r), self._server_buffer(bucket, device))
+            try:
+                pending = bplan.route.start(job)
+            except FloatingPointError:  # a codec overflowed on finite input (QSGD's norm)
+                for m in bucket.members:
+                    step.finite[m.index] = False
+                x.zero_()
+                pending = bplan.route.start(job)
+            if compressed:
+                method.after_encode(bucket, pending, state)
+            step.pending[bucket.index] = pending
+        except Exception:  # noqa: BLE001
+            step.pending[bucket.index] = None
+            step.errors.append(f"bucket {bucket.index} ({bucket.describe()}):\n{traceback.format_exc()}")
+
+    def _server_buffer(self, bucket: Bucket, device: torch.device) -> Callable[[int], torch.Tensor | None]:
+        state, method = self.states[bucket.index], bucket.method
+
+        def server(numel: int) -> torch.Tensor | None:
+            # Server-side EF only with EF on: fed back into a quantizer that is not a
+            # contraction (QSGD, TernGrad) the residual grows without bound.
+            if not method.error_feedback:
+                return None
+            return state.buffer("server", device, numel).begin()
+        return server
+
+    @staticmethod
+    def _check_finite(bucket: Bucket, x: torch.Tensor, step: _Step) -> None:
+        """One min/max pass over the bucket (NaN propagates into both, +-inf is the max or the
+        min); per member only when something is wrong.  Non-finite members are sent as zeros."""
+        if not x.numel() or bool(torch.isfinite(torch.stack(torch.aminmax(x))).all()):
+            return
+        for m, offset in zip(bucket.members, bucket.offsets):
+            part = x[offset:offset + m.numel]
+            if not bool(torch.isfinite(part).all()):
+                step.finite[m.index] = False
+                part.zero_()
+
+    def _start_header(self, step: _Step) -> None:
+        """This rank's step header: plan digest, error flag, one finite flag per member."""
+        digest = self.plan.digest
+        head = [digest & 0x7FFFFFFF, (digest >> 31) & 0x7FFFFFFF, int(bool(step.errors))]
+        row = torch.tensor([head + [int(f) for f in step.finite]], dtype=torch.int32)
+        step.header = self.comm.allgather(row, f"{self.tag}.header")
+
+    def flush(self) -> None:
+        """Finish the step (see the module docstring); raises on every rank if any rank failed."""
+        step = self._step
+        try:
+            for bucket in self.buckets:
+                if bucket.index not in step.pending:     # members that never came: zeros
+                    self._launch(bucket, step)
+            if step.header is None:
+                self._start_header(step)
+            rows = step.header.wait().tolist()
+            self._check_header(rows, step)
+            live = [(b, step.pending[b.index]) for b in self.buckets]
+            for bucket, pending in live:
+                self.plan.buckets[bucket.index].route.advance(pending)
+            results = {}
+            for bucket, pending in live:
+                out = self.plan.buckets[bucket.index].route.finish(pending)
+                if self.average:
+                    out.div_(self.comm.size)
+                results[bucket.index] = out
+                self.stats.bytes_sent += pending.sent
+                self.stats.bytes_received += pending.received
+            bad = [i for i in range(len(self.members)) if any(row[3 + i] == 0 for row in rows)]
+            for i in bad:
+                bucket, pos = self._where[i]
+                offset = bucket.offsets[pos]
+                results[bucket.index][offset:offset + bucket.members[pos].numel].fill_(float("nan"))
+            step.results = results
+            self.stats.steps += 1
+            if bad:
+                self._rollback()
+                self.stats.skipped_steps += 1
+            else:
+                for state in self.states:
+                    state.commit()
+                self.step += 1
+                if self.link is None:
+                    self._measure()
+        except BaseException:
+            self._rollback()
+            step.results = {}
+            raise
+
+    def _check_header(self, rows: list[list[int]], step: _Step) -> None:
+        digests = [(r[0], r[1]) for r in rows]
+        if len(set(digests)) != 1:
+            groups: dict[tuple, list[int]] = {}
+            for rank, d in enumerate(digests):
+                groups.setdefault(d, []).append(rank)
+            raise RuntimeError(
+                "hvd_compress: ranks use different compressor settings or models (ranks grouped by "
+                f"plan: {sorted(groups.values())}); every rank must pass the same compression= and "
+                f"the same parameters. This rank's plan:\n{self.plan}")
+        failed = [rank for rank, r in enumerate(rows) if r[2]]
+        if failed:
+            mine = "\n".join(step.errors) if step.errors else "(this rank had no error)"
+            raise RuntimeError(f"hvd_compress: compression failed on rank(s) {failed} in this step; "
+                               f"this rank's error:\n{mine}")
+
+    def _rollback(self) -> None:
+        for state in self.states:
+            state.rollback()
+
+    def _measure(self) -> None:
+        """Measure the link and the codecs once, agree across ranks, re-plan (in the flush)."""
+        device = next(iter(self._inputs.values())).device if self._inputs else torch.device("cpu")
+        self.link = cost.measure_link(self.comm, device, f"{self.tag}.link")
+        self.link_source = "measured"
+        for i, method in enumerate({id(b.method): b.method for b in self.buckets if not b.small}.values()):
+            self.speeds[id(method)] = cost.measure_speed(self.comm, method.codec_at(self.step),
+                                                         method.error_feedback, device,
+                                                         f"{self.tag}.speed{i}")
+        self._replan()
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """This rank's state: per member its buffers (views of the committed flat buffers),
+        the committed step, the link and codec speeds the plan used, and server residuals per
+        bucket (valid for the same layout and world only)."""
+        params: dict[str, dict[str, torch.Tensor]] = {}
+        server: dict[str, torch.Tensor] = {}
+        for bucket, state in zip(self.buckets, self.states):
+            for name, buf in state.buffers.items():
+                if name == "server":
+                    server[_bucket_key(bucket)] = buf.committed.clone()
+                    continue
+                for m, offset in zip(bucket.members, bucket.offsets):
+                    params.setdefault(m.name, {})[name] = buf.committed[offset:offset + m.numel].clone().view(m.shape)
+        speeds = {b.method.config(): vars(self.speeds[id(b.method)]).copy()
+                  for b in self.buckets if id(b.method) in self.speeds}
+        return {"step": self.step, "params": params, "server": server,
+                "world": self.plan.world if self.plan else None,
+                "link": None if self.link is None else vars(self.link).copy(),
+                "link_source": self.link_source, "speeds": speeds}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Restore a :meth:`state_dict` (buckets may differ: buffers are rebuilt per member)."""
+        if not {"step", "params"} <= set(sd):
+            raise ValueError("not an hvd_compress engine state (needs 'step' and 'params')")
+        unknown = set(sd["params"]) - {m.name for m in self.members}
+        if unknown:
+            raise ValueError(f"state has parameters this optimizer does not: {sorted(unknown)[:5]}")
+        for bucket, state in zip(self.buckets, self.states):
+            state.buffers.clear()
+            for m, offset in zip(bucket.members, bucket.offsets):
+                for name, tensor in sd["params"].get(m.name, {}).items():
+                    if tensor.numel() != m.numel:
+                        raise ValueError(f"{m.name}: state {name!r} has {tensor.numel()} elements, "
+                                         f"the parameter {m.numel}")
+                    buf = state.buffer(name, tensor.device)
+                    buf.committed[offset:offset + m.numel].copy_(tensor.reshape(-1))
+            saved = sd.get("server", {}).get(_bucket_key(bucket))
+            if saved is not None:
+                state.buffer("server", saved.device, saved.numel()).committed.copy_(saved)
+        self.step = int(sd["step"])
+        if sd.get("link") is not None:
+            self.link = Link(**sd["link"])
+            self.link_source = sd.get("link_source", "declared")
+        by_name = {b.method.config(): b.method for b in self.buckets}
+        self.speeds = {id(by_name[k]): Speed(**v) for k, v in sd.get("speeds", {}).items() if k in by_name}
+        self._step = None
+        self.plan = None      # re-planned at the next step, with the restored link
+
+
+def _bucket_key(bucket: Bucket) -> str:
+    return f"{zlib.crc32(chr(0).join(m.name for m in bucket.members).encode()):08x}:{bucket.numel}"
+
+
+class _Counted:
+    """A comm that counts the collectives it starts into the engine's stats."""
+
+    def __init__(self, comm: Any, stats: Stats) -> None:
+        self._comm, self._stats = comm, stats
+        self.rank, self.size = comm.rank, comm.size
+
+    def allreduce(self, tensor: torch.Tensor, name: str, op: str = "sum"):
+        self._stats.collectives += 1
+        return self._comm.allreduce(tensor, name, op)
+
+    def allgather(self, tensor: torch.Tensor, name: str):
+        self._stats.collectives += 1
+        return self._comm.allgather(tensor, name)
+
+    def alltoall(self, tensor: torch.Tensor, splits: list[int], name: str):
+        self._stats.collectives += 1
+        return self._comm.alltoall(tensor, splits, name)

@@ -1,0 +1,107 @@
+"""The plan: one route per bucket, chosen once from the method's candidates and ``dense`` by
+the cost model of :mod:`hvd_compress.routes`, printable so a user sees what goes where and why.
+
+A method's ``route`` setting decides what may be chosen: ``"auto"`` (default) any candidate or
+dense, whichever is predicted fastest (selective compression: a bucket is left uncompressed
+where compression would not pay); ``"compressed"`` only the compressed candidates; a route name
+forces that route.  Buckets of members below ``min_numel`` are always dense.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from ..routes.base import Link, Route, Speed
+from ..routes.dense import DenseRoute
+from .buckets import Bucket
+
+DENSE = DenseRoute()
+AUTO, COMPRESSED = "auto", "compressed"
+
+
+@dataclass
+class BucketPlan:
+    bucket: Bucket
+    route: Route
+    payload_bytes: float      # this rank's payload per step (predicted for sparse codecs)
+    received_bytes: float     # what the route makes each rank receive per step (predicted)
+    seconds: float            # predicted time of the chosen route
+    dense_seconds: float      # predicted time uncompressed
+    why: str
+
+
+@dataclass
+class Plan:
+    world: int
+    rank: int
+    link: Link
+    link_source: str
+    cap_bytes: int
+    buckets: list[BucketPlan]
+
+    @property
+    def digest(self) -> int:
+        """63-bit digest of everything that decides collectives: compared across ranks."""
+        text = "|".join([str(self.world), str(self.cap_bytes)] + [
+            f"{b.bucket.describe()}:{b.bucket.numel}:{b.route.name}:{b.bucket.method.config()}"
+            for b in self.buckets])
+        return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+
+    def __str__(self) -> str:
+        lines = [f"hvd_compress plan: {self.world} ranks, link {self.link} ({self.link_source}), "
+                 f"bucket cap {self.cap_bytes / 2**20:g} MiB, {len(self.buckets)} buckets",
+                 f"{'bucket':>6}  {'members':<44} {'numel':>11}  {'method':<12} {'route':<16} "
+                 f"{'recv/rank':>10} {'predicted':>10} {'dense':>10}  why"]
+        for b in self.buckets:
+            lines.append(
+                f"{b.bucket.index:>6}  {b.bucket.describe()[:44]:<44} {b.bucket.numel:>11,}  "
+                f"{b.bucket.method.name[:12]:<12} {b.route.name:<16} {_size(b.received_bytes):>10} "
+                f"{b.seconds * 1e3:>8.2f}ms {b.dense_seconds * 1e3:>8.2f}ms  {b.why}")
+        return "\n".join(lines)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.3g} {unit}"
+        n /= 1000
+    return ""
+
+
+def plan_bucket(bucket: Bucket, world: int, link: Link, speed: Speed, step: int) -> BucketPlan:
+    method = bucket.method
+    n = bucket.numel
+    dense_s = DENSE.seconds(n, world, 4 * n, 1, link, speed)
+    if bucket.small or world < 2:
+        why = "below min_numel" if bucket.small else "single rank"
+        return BucketPlan(bucket, DENSE, 4 * n, 2 * (world - 1) / max(world, 1) * 4 * n, dense_s, dense_s, why)
+    codec = method.codec_at(step)
+    payload = method.payload_bytes(bucket, codec)
+    segments = len(bucket.segments(method.scope))
+    candidates = method.candidates()
+    wanted = method.route
+    if wanted not in (AUTO, COMPRESSED):
+        if wanted == DENSE.name:
+            return BucketPlan(bucket, DENSE, 4 * n, 2 * (world - 1) / world * 4 * n, dense_s, dense_s, "forced")
+        if wanted not in candidates:
+            raise ValueError(f"{method.name}: route {wanted!r} is not one of its routes "
+                             f"{sorted(candidates)} (or 'dense', 'auto', 'compressed')")
+        candidates = {wanted: candidates[wanted]}
+    timed = {name: route.seconds(n, world, payload, segments, link, speed)
+             for name, route in candidates.items()}
+    best = min(timed, key=timed.get)
+    route, seconds = candidates[best], timed[best]
+    received = _received(route, payload, n, world)
+    if wanted == AUTO and dense_s <= seconds:
+        return BucketPlan(bucket, DENSE, 4 * n, 2 * (world - 1) / world * 4 * n, dense_s, dense_s,
+                          f"compression would not pay ({best}: {seconds * 1e3:.2f} ms)")
+    why = "forced" if wanted not in (AUTO, COMPRESSED) else "fastest"
+    return BucketPlan(bucket, route, payload, received, seconds, dense_s, why)
+
+
+def _received(route: Route, payload: float, n: int, world: int) -> float:
+    if route.name == "allgather":
+        return (world - 1) * payload
+    if route.name == "allreduce":
+        return 2 * (world - 1) / world * 2 * n
+    return 2 * (world - 1) / world * payload

@@ -1,0 +1,137 @@
+"""What every route shares: the job a bucket hands to its route, the pending collective a route
+returns, the link and codec speeds its cost formula reads, and segment encoding.
+
+A route is a small stateless object chosen once per bucket at plan time:
+
+* ``start(job)`` runs in Horovod's backward hook: encode, start phase 1, never wait;
+* ``advance(pending)`` runs in the flush (``synchronize()``), in bucket order on every rank:
+  wait phase 1 and start phase 2 (multi-phase routes only);
+* ``finish(pending)`` runs in the flush, in bucket order: wait, and decode the sum over ranks
+  into a fresh fp32 tensor of the bucket's size.
+
+``seconds(...)`` predicts the time of one step of the route for the plan (see docs/design.md).
+"""
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..codecs.base import Codec, Payload, RandomKey
+
+#: bytes of an fp32 gradient element
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class Link:
+    """The network as the cost model sees it: per-collective latency and per-rank bandwidth."""
+    latency_s: float = 50e-6
+    bytes_per_s: float = 1e9 / 8
+
+    @classmethod
+    def gbps(cls, gbps: float, latency_us: float = 50.0) -> "Link":
+        if not gbps > 0 or latency_us < 0:
+            raise ValueError(f"link needs gbps > 0 and latency_us >= 0, got {gbps}, {latency_us}")
+        return cls(latency_us * 1e-6, gbps * 1e9 / 8)
+
+    def __str__(self) -> str:
+        return f"{self.bytes_per_s * 8 / 1e9:.3g} Gbit/s, {self.latency_s * 1e6:.0f} us"
+
+
+@dataclass(frozen=True)
+class Speed:
+    """A codec's throughput on this machine: elements per second encoded (error feedback
+    included) and decoded-and-accumulated (per payload), plus the fixed cost of one call."""
+    encode: float = 2.5e8
+    decode: float = 5e8
+    call_s: float = 3e-5
+
+
+@dataclass
+class Job:
+    """One bucket's step, as its route sees it."""
+    x: torch.Tensor                      # flat fp32 input of the bucket (after the method's prepare)
+    tensor_id: int                       # the bucket's Philox tensor id (chunked routes)
+    codec: Codec
+    segments: list                       # engine.buckets.Segment, in order
+    residual: torch.Tensor | None        # working error-feedback residual (flat), or None
+    comm: Any                            # engine.comm.Comm
+    tag: str                             # prefix of this bucket's collective names
+    step: int
+    seed_of: Callable[[int], int]        # Philox seed of a rank (rank of comm)
+    server: Callable[[int], torch.Tensor | None]  # working server residual of n elements, or None
+
+    def key(self, tensor_id: int, rank: int | None = None) -> RandomKey:
+        return RandomKey(self.seed_of(self.comm.rank if rank is None else rank), self.step & 0xFFFFFFFF,
+                         tensor_id)
+
+
+@dataclass
+class Pending:
+    """A bucket's collective(s) in flight."""
+    job: Job
+    handle: Any
+    sent: int                            # bytes this rank put on the wire
+    payloads: list[Payload] = field(default_factory=list)   # this rank's phase-1 payloads
+    extra: dict = field(default_factory=dict)
+    received: int = 0
+
+
+class Route:
+    """Base of the routes; see the module docstring."""
+
+    name = "route"
+    #: payload kinds it can carry: "fixed" (quantizers), "sparse" (top-k), "summable", "any"
+    carries = "any"
+
+    def start(self, job: Job) -> Pending:
+        raise NotImplementedError
+
+    def advance(self, pending: Pending) -> None:
+        """Wait phase 1 and start phase 2 (single-phase routes: nothing)."""
+
+    def finish(self, pending: Pending) -> torch.Tensor:
+        raise NotImplementedError
+
+    def seconds(self, n: int, world: int, payload_bytes: float, segments: int, link: Link,
+                speed: Speed) -> float:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def encode_segments(job: Job, x: torch.Tensor | None = None) -> list[Payload]:
+    """Encode each segment of ``x`` (default: the job's input) with its key and working residual."""
+    x = job.x if x is None else x
+    out = []
+    for seg in job.segments:
+        part = slice(seg.offset, seg.offset + seg.numel)
+        residual = None if job.residual is None else job.residual[part]
+        out.append(job.codec.encode(x[part], job.key(seg.tensor_id), residual=residual,
+                                    check_finite=False))
+    return out
+
+
+def codec_seconds(n: float, payloads_decoded: float, calls: float, speed: Speed) -> float:
+    """Encode n elements, decode ``payloads_decoded`` x n elements, in ``calls`` codec calls."""
+    return n / speed.encode + payloads_decoded * n / speed.decode + calls * speed.call_s
+
+
+def ring_allreduce_bytes(nbytes: float, world: int) -> float:
+    """Bytes each rank receives in a ring allreduce of ``nbytes``."""
+    return 2 * (world - 1) / world * nbytes
+
+
+def chunk_bounds(numel: int, parts: int) -> list[int]:
+    """Boundaries b_0 = 0 < ... < b_P = numel of P chunks whose sizes differ by at most one."""
+    return [c * numel // parts for c in range(parts + 1)]
+
+
+def derived_id(tensor_id: int, phase: int, chunk: int) -> int:
+    """A distinct Philox tensor id per (tensor, phase, chunk), so chunks draw independent bits."""
+    return zlib.crc32(struct.pack("<III", tensor_id, phase, chunk))

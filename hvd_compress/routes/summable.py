@@ -1,0 +1,88 @@
+"""Allreduce routes for payloads an allreduce can sum element-wise.
+
+* :class:`SummableRoute`: the codec's single fp16 part (stochastic fp16, Horovod-style fp16) is
+  summed by Horovod's fp16 allreduce; the sum overflows to inf as Horovod's fp16 does.
+* :class:`SharedScaleRoute`: TernGrad with the paper's shared scale (Wen et al. 2017): phase 1
+  takes the maximum of every worker's scales (one small allreduce per bucket), phase 2 encodes
+  with the shared scales and sums the codes -1/0/+1 as fp16 integers (exact up to 2048 ranks);
+  decode multiplies by the scales.  Phase 2 starts in the flush, never inside a hook.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..codecs.base import Payload
+from .base import Job, Link, Pending, Route, Speed, codec_seconds, encode_segments, ring_allreduce_bytes
+
+_FP16 = 2
+
+
+class SummableRoute(Route):
+    name = "allreduce"
+    carries = "summable"
+
+    def start(self, job: Job) -> Pending:
+        payloads = encode_segments(job)
+        values = torch.cat([next(iter(p.parts.values())).reshape(-1) for p in payloads])
+        nbytes = values.numel() * _FP16
+        return Pending(job, job.comm.allreduce(values, f"{job.tag}.sum"), sent=nbytes, received=nbytes,
+                       payloads=payloads)
+
+    def finish(self, pending: Pending) -> torch.Tensor:
+        return pending.handle.wait().to(torch.float32)
+
+    def seconds(self, n: int, world: int, payload_bytes: float, segments: int, link: Link,
+                speed: Speed) -> float:
+        return (link.latency_s + ring_allreduce_bytes(_FP16 * n, world) / link.bytes_per_s
+                + codec_seconds(n, 1, segments, speed))
+
+
+class SharedScaleRoute(Route):
+    name = "allreduce"
+    carries = "shared_scale"
+
+    def start(self, job: Job) -> Pending:
+        scales = [job.codec.local_scales(job.x[_span(s)], _part(job.residual, s)) for s in job.segments]
+        local = torch.cat(scales)
+        handle = job.comm.allreduce(local, f"{job.tag}.scale", op="max")
+        return Pending(job, handle, sent=local.numel() * 4, received=local.numel() * 4,
+                       extra={"counts": [t.numel() for t in scales]})
+
+    def advance(self, pending: Pending) -> None:
+        job = pending.job
+        shared = pending.handle.wait()
+        codes, per_element, payloads, pos = [], [], [], 0
+        for seg, count in zip(job.segments, pending.extra["counts"]):
+            scales = shared[pos:pos + count]
+            pos += count
+            payload = job.codec.with_scales(scales).encode(job.x[_span(seg)], job.key(seg.tensor_id),
+                                                           residual=_part(job.residual, seg),
+                                                           check_finite=False)
+            payloads.append(payload)
+            unit = dict(payload.parts, scales=torch.ones_like(payload.parts["scales"]))
+            codes.append(job.codec.decode(Payload(seg.numel, unit)).half())
+            bucket = job.codec.bucket_size
+            per_element.append(scales.expand(seg.numel) if bucket is None
+                               else scales.repeat_interleave(bucket)[:seg.numel])
+        ternary = torch.cat(codes)
+        pending.payloads = payloads
+        pending.extra["scale"] = torch.cat(per_element)
+        pending.handle = job.comm.allreduce(ternary, f"{job.tag}.codes")
+        pending.sent += ternary.numel() * _FP16
+        pending.received += ternary.numel() * _FP16
+
+    def finish(self, pending: Pending) -> torch.Tensor:
+        return pending.handle.wait().to(torch.float32) * pending.extra["scale"]
+
+    def seconds(self, n: int, world: int, payload_bytes: float, segments: int, link: Link,
+                speed: Speed) -> float:
+        return (2 * link.latency_s + ring_allreduce_bytes(_FP16 * n, world) / link.bytes_per_s
+                + codec_seconds(n, 2, 3 * segments, speed))
+
+
+def _span(seg) -> slice:
+    return slice(seg.offset, seg.offset + seg.numel)
+
+
+def _part(t: torch.Tensor | None, seg) -> torch.Tensor | None:
+    return None if t is None else t[_span(seg)]
