@@ -26,7 +26,7 @@ from .routes.two_phase import TwoPhaseRoute
 
 _FIXED_ROUTES = {"allgather": GatherRoute(), "two_phase": TwoPhaseRoute()}
 _SPARSE_ROUTES = {"allgather": GatherRoute(), "sparse_two_phase": SparseTwoPhaseRoute()}
-_SUMMABLE_ROUTES = {"allreduce": SummableRoute()}
+_SUMMABLE_ROUTES = {"allreduce": SummableRoute(), "allgather": GatherRoute()}
 _SHARED_SCALE_ROUTES = {"allreduce": SharedScaleRoute()}
 
 

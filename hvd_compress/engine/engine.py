@@ -245,11 +245,12 @@ class Engine:
                 results[bucket.index] = out
                 self.stats.bytes_sent += pending.sent
                 self.stats.bytes_received += pending.received
-            bad = [i for i in range(len(self.members)) if any(row[3 + i] == 0 for row in rows)]
-            for i in bad:
+            flagged = {i for i in range(len(self.members)) if any(row[3 + i] == 0 for row in rows)}
+            for i in flagged:   # zeros went on the wire for them: every rank makes them NaN
                 bucket, pos = self._where[i]
                 offset = bucket.offsets[pos]
                 results[bucket.index][offset:offset + bucket.members[pos].numel].fill_(float("nan"))
+            bad = flagged | self._non_finite_outputs(results)
             step.results = results
             self.stats.steps += 1
             if bad:
@@ -265,6 +266,21 @@ class Engine:
             self._rollback()
             step.results = {}
             raise
+
+    def _non_finite_outputs(self, results: dict[int, torch.Tensor]) -> set[int]:
+        """Members whose aggregate holds inf/NaN although every input was finite (a sum or a
+        codec overflowed, e.g. stochastic fp16): the same on every rank, since the outputs are.
+        One min/max pass per bucket, read on the host in one go."""
+        extremes = torch.stack([torch.stack(torch.aminmax(results[b.index])) if b.numel
+                                else torch.zeros(2) for b in self.buckets])
+        finite = torch.isfinite(extremes).all(1).tolist()
+        bad = set()
+        for bucket, ok in zip(self.buckets, finite):
+            if not ok:
+                for m, offset in zip(bucket.members, bucket.offsets):
+                    if not bool(torch.isfinite(results[bucket.index][offset:offset + m.numel]).all()):
+                        bad.add(m.index)
+        return bad
 
     def _check_header(self, rows: list[list[int]], step: _Step) -> None:
         digests = [(r[0], r[1]) for r in rows]

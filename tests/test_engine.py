@@ -1,0 +1,501 @@
+"""The engine without Horovod: N ranks as threads of one process (LocalWorld), the very routes
+and codecs of a real job.  Bit-exact against hand-written simulations of each route, buckets,
+the wire format, the plan, per-rank keys, non-finite gradients and transactions, state_dict,
+order independence and failures that must not hang."""
+from __future__ import annotations
+
+import math
+import zlib
+
+import pytest
+import torch
+
+import hvd_compress
+from hvd_compress.codecs import RandomKey
+from hvd_compress.engine.buckets import Member, assign_buckets
+from hvd_compress.engine.engine import Engine, rank_seed, splitmix64
+from hvd_compress.engine.local import LocalWorld
+from hvd_compress.engine.plan import DENSE, plan_bucket
+from hvd_compress.routes import wire
+from hvd_compress.routes.base import Link, Speed, chunk_bounds, derived_id
+
+SHAPES = [(3000,), (40, 50), (10,)]           # two compressed members, one below min_numel
+SLOW = Link.gbps(1)
+
+
+def spec_with(spec: str, extra: str) -> str:
+    """``spec`` with more ``key=value`` arguments."""
+    return f"{spec}{',' if ':' in spec else ':'}{extra}"
+
+
+def members_of(method, shapes=SHAPES, dtype=torch.float32) -> list[Member]:
+    return [Member(i, f"p{i}", torch.Size(s), dtype, method) for i, s in enumerate(shapes)]
+
+
+def grad(rank: int, step: int, m: Member) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 * rank + 10 * step + m.index)
+    return torch.randn(m.shape, generator=g) * (1 + rank)
+
+
+def run_engines(spec: str, world: int, steps: int = 2, *, shapes=SHAPES, cap_mb: float = 25,
+                grad_fn=grad, order=None, average: bool = True, link=SLOW, after_step=None):
+    """Every rank runs an engine over ``steps`` steps; returns per rank (per step the members'
+    results, the engine)."""
+    method = hvd_compress.from_spec(spec) if isinstance(spec, str) else spec
+    members = members_of(method, shapes)
+
+    def fn(comm):
+        engine = Engine(members, lambda: comm, average=average, cap_bytes=int(cap_mb * 2 ** 20),
+                        link=link, name="t")
+        outs = []
+        for step in range(steps):
+            sequence = order(comm.rank, step, members) if order else list(reversed(members))
+            for m in sequence:
+                g = grad_fn(comm.rank, step, m)
+                if g is not None:
+                    engine.add(m.index, g)
+            outs.append([engine.result(m.index).clone() for m in members])
+            if after_step:
+                after_step(comm.rank, step, engine)
+        return outs, engine
+    return LocalWorld(world).run(fn)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit patterns (NaN included, which torch.equal never calls equal)."""
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(
+        a.contiguous().view(torch.int32 if a.element_size() == 4 else torch.int16),
+        b.contiguous().view(torch.int32 if b.element_size() == 4 else torch.int16))
+
+
+def assert_ranks_agree(results) -> None:
+    for outs, _ in results[1:]:
+        for step_a, step_b in zip(results[0][0], outs):
+            for a, b in zip(step_a, step_b):
+                assert same_bits(a, b)
+
+
+# -- keys and buckets -----------------------------------------------------------------------------
+
+def test_rank_seed_is_the_documented_splitmix():
+    def reference(seed, rank):   # docs/design.md: splitmix64(seed + (r + 1) * 0x9E3779B97F4A7C15)
+        x = (seed + (rank + 1) * 0x9E3779B97F4A7C15) % 2 ** 64
+        x = (x + 0x9E3779B97F4A7C15) % 2 ** 64
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % 2 ** 64
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % 2 ** 64
+        return x ^ (x >> 31)
+    seeds = {rank_seed(s, r) for s in (0, 1, 2 ** 64 - 1) for r in range(64)}
+    assert len(seeds) == 3 * 64 and all(0 <= s < 2 ** 64 for s in seeds)
+    assert all(rank_seed(s, r) == reference(s, r) for s in (0, 7, 2 ** 63) for r in range(8))
+    assert splitmix64(0) == 0xE220A8397B1DCDAF  # SplitMix64's first output from state 0
+
+
+def test_buckets_reverse_order_cap_methods_and_small_members():
+    a, b = hvd_compress.TernGrad(), hvd_compress.QSGD()
+    members = [Member(i, f"m{i}", torch.Size((n,)), torch.float32, meth)
+               for i, (n, meth) in enumerate([(5000, a), (10, a), (3000, b), (6000, a), (2000, a), (20, a)])]
+    buckets = assign_buckets(members, cap_bytes=4 * 9000)
+    layout = [[m.name for m in bk.members] for bk in buckets]
+    # reverse order; small members apart; QSGD apart; a bucket closes once it reaches the cap
+    assert layout == [["m5", "m1"], ["m4", "m3", "m0"], ["m2"]]
+    assert [bk.numel for bk in buckets] == [30, 13000, 3000]
+    layer_wise = assign_buckets(members, cap_bytes=0)
+    assert [len(bk.members) for bk in layer_wise] == [1] * 6
+    assert [bk.members[0].name for bk in layer_wise] == ["m5", "m4", "m3", "m2", "m1", "m0"]
+    with pytest.raises(ValueError):
+        assign_buckets(members, -1)
+
+
+def test_segments_by_scope():
+    method = hvd_compress.TernGrad()
+    members = [Member(i, n, torch.Size((k,)), torch.float32, method)
+               for i, (n, k) in enumerate([("x", 4000), ("y", 2000)])]
+    (bucket,) = assign_buckets(members, 2 ** 30)
+    per_tensor = bucket.segments("tensor")
+    assert [(s.offset, s.numel, s.tensor_id) for s in per_tensor] == [
+        (0, 2000, zlib.crc32(b"y")), (2000, 4000, zlib.crc32(b"x"))]
+    (whole,) = bucket.segments("bucket")
+    assert (whole.offset, whole.numel, whole.tensor_id) == (0, 6000, zlib.crc32(b"y\0x"))
+
+
+# -- wire format ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec", ["terngrad", "qsgd:bits=2", "topk:ratio=0.1", "fp16"])
+def test_wire_round_trip_with_empty_and_uneven_segments(spec):
+    codec = hvd_compress.from_spec(spec).codec
+    sizes = [[7, 0, 1001], [7, 0, 1001]]
+    payloads = [[codec.encode(torch.randn(n) * (r + 1), RandomKey(r, 0, s)) for s, n in enumerate(row)]
+                for r, row in enumerate(sizes)]
+    blocks = [wire.pack(p, torch.device("cpu")) for p in payloads]
+    assert all(b.numel() == wire.block_nbytes(p) and b.numel() % 8 == 0 for b, p in zip(blocks, payloads))
+    back = wire.unpack(torch.cat(blocks), codec, sizes)
+    for rank in range(2):
+        for s in range(3):
+            for name, t in payloads[rank][s].parts.items():
+                assert torch.equal(back[rank][s].parts[name], t)
+    with pytest.raises(ValueError, match="does not match"):
+        wire.unpack(torch.cat(blocks), codec, [[7, 1001]] * 2)
+    with pytest.raises(ValueError):
+        wire.unpack(torch.cat(blocks)[:-8], codec, sizes)
+
+
+# -- the plan -------------------------------------------------------------------------------------
+
+def test_plan_leaves_buckets_dense_where_compression_would_not_pay():
+    method = hvd_compress.TernGrad()
+    (bucket,) = assign_buckets(members_of(method, [(25_000_000,)]), 2 ** 30)
+    slow, fast = Link.gbps(1), Link.gbps(100, latency_us=20)
+    speed = Speed(encode=3e8, decode=6e8)
+    assert plan_bucket(bucket, 2, slow, speed, 0).route.name == "allgather"   # same bytes, less work
+    assert plan_bucket(bucket, 16, slow, speed, 0).route.name == "two_phase"
+    fast_plan = plan_bucket(bucket, 4, fast, speed, 0)
+    assert fast_plan.route is DENSE and "would not pay" in fast_plan.why
+    forced = hvd_compress.TernGrad(route="compressed")
+    (bucket,) = assign_buckets(members_of(forced, [(25_000_000,)]), 2 ** 30)
+    assert plan_bucket(bucket, 4, fast, speed, 0).route.name in ("allgather", "two_phase")
+    topk = hvd_compress.TopK()
+    (bucket,) = assign_buckets(members_of(topk, [(25_000_000,)]), 2 ** 30)
+    assert plan_bucket(bucket, 2, slow, speed, 0).route.name == "allgather"
+    assert plan_bucket(bucket, 64, slow, speed, 0).route.name == "sparse_two_phase"
+    with pytest.raises(ValueError, match="route must be"):
+        hvd_compress.TopK(route="two_phase")
+
+
+def test_plan_is_printable_and_its_digest_covers_routes():
+    results = run_engines("terngrad:route='compressed'", 2, steps=1)
+    engine = results[0][1]
+    text = str(engine.plan)
+    assert "p1 .. p0 (2)" in text and "allgather" in text and "below min_numel" in text
+    other = run_engines("terngrad:route='two_phase'", 2, steps=1)[0][1]
+    assert other.plan.digest != engine.plan.digest
+
+
+# -- routes, bit for bit against hand simulations ---------------------------------------------------
+
+def simulate_gather(spec: str, world: int, steps: int = 2) -> list[list[torch.Tensor]]:
+    """Members p1, p0 in one bucket (p2 dense): tensor scope encodes each with id crc32(name),
+    bucket scope the concatenation with id crc32("p1\\0p0"); rank r keys with rank_seed(seed, r);
+    rank order sums; / world."""
+    method = hvd_compress.from_spec(spec)
+    members = members_of(method)
+    big = [members[1], members[0]]
+    residual = [{m.name: torch.zeros(m.numel) for m in big} for _ in range(world)]
+    out = []
+    for step in range(steps):
+        results = {}
+        if method.scope == "tensor":
+            for m in big:
+                payloads = [method.codec.encode(grad(r, step, m), RandomKey(rank_seed(method.seed, r), step,
+                                                                            zlib.crc32(m.name.encode())),
+                                                residual=residual[r][m.name] if method.error_feedback else None)
+                            for r in range(world)]
+                results[m.name] = method.codec.decode_accumulate(payloads, torch.zeros(m.numel)) / world
+        else:
+            tid = zlib.crc32(b"p1\0p0")
+            flat = [torch.cat([grad(r, step, m).reshape(-1) for m in big]) for r in range(world)]
+            payloads = [method.codec.encode(flat[r], RandomKey(rank_seed(method.seed, r), step, tid))
+                        for r in range(world)]
+            total = method.codec.decode_accumulate(payloads, torch.zeros(5000)) / world
+            results["p1"], results["p0"] = total[:2000], total[2000:]
+        dense = sum(grad(r, step, members[2]) for r in range(world)) / world
+        out.append([results["p0"].view(3000), results["p1"].view(40, 50), dense])
+    return out
+
+
+@pytest.mark.parametrize("spec", ["terngrad", "terngrad:clip=None,error_feedback=True", "qsgd:bits=4",
+                                  "qsgd:bits=8,bucket_size=128", "topk:ratio=0.05",
+                                  "topk:ratio=0.05,mode='exact'"])
+@pytest.mark.parametrize("world", [2, 3])
+def test_allgather_route_matches_simulation(spec, world):
+    results = run_engines(spec_with(spec, "route='allgather'"), world)
+    expected = simulate_gather(spec, world)
+    assert_ranks_agree(results)
+    for step, (got, want) in enumerate(zip(results[0][0], expected)):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), step
+        torch.testing.assert_close(got[2], want[2])
+
+
+def simulate_two_phase(spec: str, world: int, steps: int = 2, sparse: bool = False):
+    """The two-phase routes by hand over the bucket [p1, p0] (5000 elements)."""
+    method = hvd_compress.from_spec(spec)
+    codec, seed = method.codec, method.seed
+    members = members_of(method)
+    big = [members[1], members[0]]
+    n, tid = 5000, zlib.crc32(b"p1\0p0")
+    bounds = chunk_bounds(n, world)
+    ef = method.error_feedback
+    worker_r = [torch.zeros(n) for _ in range(world)]
+    server_r = [torch.zeros(bounds[c + 1] - bounds[c]) for c in range(world)]
+    out = []
+    for step in range(steps):
+        flat = [torch.cat([grad(r, step, m).reshape(-1) for m in big]) for r in range(world)]
+        chunk_payloads = [[None] * world for _ in range(world)]   # [owner][sender]
+        for r in range(world):
+            if sparse:
+                segs = [(0, 2000, zlib.crc32(b"p1")), (2000, 3000, zlib.crc32(b"p0"))]
+                idx, val = [], []
+                for off, k, sid in segs:
+                    p = codec.encode(flat[r][off:off + k], RandomKey(rank_seed(seed, r), step, sid),
+                                     residual=worker_r[r][off:off + k])
+                    idx.append(p.parts["indices"].long() + off)
+                    val.append(p.parts["values"])
+                idx, val = torch.cat(idx), torch.cat(val)
+                for c in range(world):
+                    keep = (idx >= bounds[c]) & (idx < bounds[c + 1])
+                    chunk_payloads[c][r] = hvd_compress.codecs.Payload(
+                        bounds[c + 1] - bounds[c], {"indices": (idx[keep] - bounds[c]).int(), "values": val[keep]})
+            else:
+                for c in range(world):
+                    part = slice(bounds[c], bounds[c + 1])
+                    chunk_payloads[c][r] = codec.encode(flat[r][part], RandomKey(rank_seed(seed, r), step,
+                                                                                 derived_id(tid, 1, c)),
+                                                        residual=worker_r[r][part] if ef else None)
+        total = torch.zeros(n)
+        for c in range(world):
+            chunk = codec.decode_accumulate(chunk_payloads[c], torch.zeros(bounds[c + 1] - bounds[c]))
+            again = codec.encode(chunk, RandomKey(rank_seed(seed, c), step, derived_id(tid, 2, c)),
+                                 residual=server_r[c] if ef else None)
+            codec.decode_accumulate([again], total[bounds[c]:bounds[c + 1]])
+        total /= world
+        out.append([total[2000:].view(3000), total[:2000].view(40, 50)])
+    return out
+
+
+@pytest.mark.parametrize("spec", ["terngrad", "qsgd:bits=4", "qsgd:bits=2,error_feedback=True"])
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_two_phase_route_matches_simulation(spec, world):
+    results = run_engines(spec_with(spec, "route='two_phase'"), world)
+    assert_ranks_agree(results)
+    for got, want in zip(results[0][0], simulate_two_phase(spec, world)):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_sparse_two_phase_route_matches_simulation(world):
+    spec = "topk:ratio=0.05"
+    results = run_engines(spec + ",route='sparse_two_phase'", world, steps=3)
+    assert_ranks_agree(results)
+    for got, want in zip(results[0][0], simulate_two_phase(spec, world, steps=3, sparse=True)):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_sparse_two_phase_bytes_stay_flat_as_the_world_grows():
+    received = {}
+    for route in ("allgather", "sparse_two_phase"):
+        for world in (2, 4, 8):
+            results = run_engines(f"topk:ratio=0.01,route='{route}'", world, steps=1,
+                                  shapes=[(100_000,)])
+            received[route, world] = max(e.stats.bytes_received for _, e in results)
+    # allgather: (P - 1) k entries; two-phase: (P - 1)/P k in each phase, so at most ~2 k
+    assert received["allgather", 8] > 6 * received["allgather", 2]
+    assert received["sparse_two_phase", 8] < 2.1 * received["sparse_two_phase", 2]
+    assert received["sparse_two_phase", 8] < received["allgather", 8] / 3
+
+
+@pytest.mark.parametrize("spec", ["fp16", "fp16:stochastic=False", "terngrad:shared_scale=True"])
+def test_allreduce_routes(spec):
+    results = run_engines(spec_with(spec, "route='allreduce'"), 3)
+    assert_ranks_agree(results)
+    method = hvd_compress.from_spec(spec)
+    exact = [sum(grad(r, 0, m) for r in range(3)) / 3 for m in members_of(method)]
+    got = results[0][0][0]
+    for g, e in zip(got[:2], exact[:2]):   # unbiased quantizers: close to the mean, not equal
+        assert 0 < (g - e).norm() < (0.5 if method.name == "fp16" else 2.0) * e.norm()
+    if spec == "terngrad:shared_scale=True":
+        codec = method.codec
+        m = members_of(method)[0]
+        scale = torch.stack([codec.local_scales(grad(r, 0, m)) for r in range(3)]).amax(0)
+        assert set((got[0] * 3 / scale).round().unique().tolist()) <= {-3, -2, -1, 0, 1, 2, 3}
+
+
+# -- per-rank noise ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec", ["terngrad:clip=None", "qsgd:bits=4", "fp16"])
+def test_noise_is_independent_per_rank(spec):
+    """Identical gradients on every rank: with independent noise the MSE of the average falls
+    as 1/N (with one shared stream it would not fall at all).  Through the allgather route,
+    whose sums are fp32: the two-phase routes quantize the sum once more, and an fp16 allreduce
+    rounds the sum to fp16, errors that do not average out."""
+    g = torch.randn(20_000, generator=torch.Generator().manual_seed(5)) * 1e-3
+
+    def mse(world):
+        results = run_engines(spec_with(spec, "route='allgather'"), world, steps=4, shapes=[(20_000,)],
+                              grad_fn=lambda rank, step, m: g)
+        return sum(float(((out[0] - g) ** 2).mean()) for out in results[0][0]) / 4
+    m2, m4, m8 = mse(2), mse(4), mse(8)
+    assert m4 / m2 < 0.6 and m8 / m4 < 0.6, (m2, m4, m8)
+
+
+# -- non-finite gradients and transactions -----------------------------------------------------------
+
+@pytest.mark.parametrize("spec", ["terngrad:error_feedback=True", "qsgd:error_feedback=True,route='two_phase'",
+                                  "topk:ratio=0.05", "topk:ratio=0.05,route='sparse_two_phase'",
+                                  "dgc:ratio=0.05", "fp16:error_feedback=True", "terngrad:shared_scale=True"])
+def test_non_finite_gradient_skips_the_step_on_every_rank(spec):
+    spec = spec if "route=" in spec else spec_with(spec, "route='compressed'")
+
+    def poisoned(rank, step, m):
+        g = grad(rank, step, m)
+        if step == 1 and rank == 1 and m.index == 0:
+            g[17] = float("inf")
+        return g
+    snapshots = {}
+
+    def snap(rank, step, engine):
+        snapshots[rank, step] = engine.state_dict()
+    results = run_engines(spec, 2, steps=3, grad_fn=poisoned, after_step=snap)
+    assert_ranks_agree(results)
+    for outs, engine in results:
+        assert bool(outs[1][0].isnan().all())                        # the poisoned member: NaN
+        assert bool(torch.isfinite(outs[1][1]).all())                # the others: finite
+        assert engine.stats.skipped_steps == 1 and engine.step == 2  # step 1 not counted
+    for rank in range(2):  # step 1 left no trace in the state
+        a, b = snapshots[rank, 0], snapshots[rank, 1]
+        assert a["step"] == b["step"] == 1
+        for name in a["params"]:
+            for key in a["params"][name]:
+                assert torch.equal(a["params"][name][key], b["params"][name][key])
+    # ... so the poisoned run's step 2 is step 1 of a run that never saw step 1's gradients
+    clean = run_engines(spec, 2, steps=2, grad_fn=lambda rank, step, m: grad(rank, 2 * step, m))
+    for rank in range(2):
+        assert all(same_bits(a, b) for a, b in zip(results[rank][0][2], clean[rank][0][1]))
+
+
+def test_codec_overflow_on_finite_input_is_a_skipped_step():
+    """Stochastic fp16 overflows to inf on finite input: the sum is inf, the step is rolled back
+    (the working residual held -inf) and later steps are clean."""
+    def big(rank, step, m):
+        g = grad(rank, step, m)
+        if step == 0 and m.index == 0:
+            g[3] = 1e6
+        return g
+    results = run_engines("fp16:error_feedback=True,route='allreduce'", 2, steps=2, grad_fn=big)
+    for outs, engine in results:
+        assert math.isinf(outs[0][0][3]) and engine.stats.skipped_steps == 1
+        assert bool(torch.isfinite(outs[1][0]).all())
+        sd = engine.state_dict()
+        assert all(bool(torch.isfinite(t).all()) for p in sd["params"].values() for t in p.values())
+
+
+# -- state ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec,resume_cap_mb", [
+    ("topk:ratio=0.05", 0), ("dgc:ratio=0.05,warmup_steps=4", 0), ("terngrad:error_feedback=True", 0),
+    ("qsgd:error_feedback=True", 25)])
+def test_state_dict_resume_is_bit_exact(spec, resume_cap_mb):
+    """Steps 2-3 after loading step 2's state_dict equal steps 2-3 of a run that never stopped.
+    Per-tensor methods (top-k, DGC, TernGrad) even with another bucket cap (layer-wise here):
+    their state and keys are per parameter.  QSGD encodes whole buckets (bucket-scope keys and
+    norm buckets), so its bits need the same layout."""
+    spec = spec_with(spec, "route='allgather'")
+    full = run_engines(spec, 2, steps=4)
+    saved = {}
+    run_engines(spec, 2, steps=2, after_step=lambda r, s, e: saved.__setitem__(r, e.state_dict()))
+    members = members_of(hvd_compress.from_spec(spec))
+
+    def resume(comm):
+        engine = Engine(members, lambda: comm, average=True, cap_bytes=int(resume_cap_mb * 2 ** 20),
+                        link=SLOW, name="t")
+        engine.load_state_dict(saved[comm.rank])
+        outs = []
+        for step in (2, 3):
+            for m in reversed(members):
+                engine.add(m.index, grad(comm.rank, step, m))
+            outs.append([engine.result(m.index).clone() for m in members])
+        return outs
+    resumed = LocalWorld(2).run(resume)
+    assert saved[0]["step"] == 2
+    for rank in range(2):
+        for step in (2, 3):
+            for a, b in zip(resumed[rank][step - 2], full[rank][0][step]):
+                assert torch.equal(a, b), (rank, step)
+
+
+def test_state_dict_resume_two_phase_keeps_server_residuals():
+    spec = "terngrad:error_feedback=True,route='two_phase'"
+    full = run_engines(spec, 3, steps=3)
+    saved = {}
+    run_engines(spec, 3, steps=2, after_step=lambda r, s, e: saved.__setitem__(r, e.state_dict()))
+    assert saved[0]["server"]
+    members = members_of(hvd_compress.from_spec(spec))
+
+    def resume(comm):
+        engine = Engine(members, lambda: comm, average=True, cap_bytes=25 * 2 ** 20, link=SLOW, name="t")
+        engine.load_state_dict(saved[comm.rank])
+        for m in reversed(members):
+            engine.add(m.index, grad(comm.rank, 2, m))
+        return [engine.result(m.index).clone() for m in members]
+    resumed = LocalWorld(3).run(resume)
+    for rank in range(3):
+        assert all(torch.equal(a, b) for a, b in zip(resumed[rank], full[rank][0][2]))
+
+
+def test_load_state_dict_rejects_foreign_state():
+    members = members_of(hvd_compress.TopK())
+    engine = Engine(members, lambda: None, average=True, cap_bytes=0, link=SLOW, name="t")
+    with pytest.raises(ValueError, match="needs 'step'"):
+        engine.load_state_dict({})
+    with pytest.raises(ValueError, match="does not"):
+        engine.load_state_dict({"step": 0, "params": {"nope": {}}})
+    with pytest.raises(ValueError, match="elements"):
+        engine.load_state_dict({"step": 0, "params": {"p0": {"residual": torch.zeros(5)}}})
+
+
+# -- order, absence, failures -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec", ["qsgd:route='two_phase'", "terngrad:shared_scale=True",
+                                  "topk:ratio=0.05,route='sparse_two_phase'"])
+def test_hook_order_and_absent_members_do_not_matter(spec):
+    """Ranks hand members over in different orders, and rank 1 never hands over p1 in step 0
+    (it is then zeros): the multi-phase routes finish and the ranks agree."""
+    def order(rank, step, members):
+        return list(members) if rank % 2 else list(reversed(members))
+
+    def absent(rank, step, m):
+        return None if (rank, step, m.index) == (1, 0, 1) else grad(rank, step, m)
+    results = run_engines(spec, 3, steps=2, order=order, grad_fn=absent, cap_mb=0)
+    assert_ranks_agree(results)
+
+
+def test_failure_on_one_rank_raises_on_every_rank_without_hanging():
+    class Boom(hvd_compress.TopK):
+        def prepare(self, bucket, grads, x, state, comm):
+            if comm.rank == 1:
+                raise RuntimeError("boom on rank 1")
+            return super().prepare(bucket, grads, x, state, comm)
+    with pytest.raises(RuntimeError, match=r"failed on rank\(s\) \[1\]"):
+        run_engines(Boom(ratio=0.05, route="compressed"), 2, steps=1)
+
+
+def test_different_plans_fail_clearly():
+    methods = [hvd_compress.TopK(ratio=0.05, route="compressed"), hvd_compress.TopK(ratio=0.01, route="compressed")]
+
+    def fn(comm):
+        members = members_of(methods[comm.rank])
+        engine = Engine(members, lambda: comm, average=True, cap_bytes=2 ** 20, link=SLOW, name="t")
+        for m in members:
+            engine.add(m.index, grad(comm.rank, 0, m))
+        engine.result(0)
+    with pytest.raises(RuntimeError, match="ranks use different compressor settings"):
+        LocalWorld(2).run(fn)
+
+
+def test_bf16_gradients_round_trip_in_their_dtype():
+    method = hvd_compress.TopK(ratio=0.05, route="compressed")
+    members = members_of(method, dtype=torch.bfloat16)
+
+    def fn(comm):
+        engine = Engine(members, lambda: comm, average=True, cap_bytes=2 ** 20, link=SLOW, name="t")
+        for m in members:
+            engine.add(m.index, grad(comm.rank, 0, m).to(torch.bfloat16))
+        return [engine.result(m.index) for m in members]
+    out = LocalWorld(2).run(fn)[0]
+    assert [t.dtype for t in out] == [torch.bfloat16] * 3 and [t.shape for t in out] == [torch.Size(s) for s in SHAPES]
+
+
+def test_link_is_measured_once_and_kept_in_the_state():
+    results = run_engines("terngrad", 2, steps=2, link=None)
+    engine = results[0][1]
+    assert engine.link_source == "measured" and engine.link.bytes_per_s > 0
+    assert results[1][1].link == engine.link                      # the ranks agreed
+    assert Link(**engine.state_dict()["link"]) == engine.link
