@@ -70,6 +70,7 @@ class _Step:
     errors: list[str] = field(default_factory=list)
     header: Any = None
     results: dict[int, torch.Tensor] | None = None                     # bucket index -> fp32 sum
+    broken: bool = False                                               # no comm: cannot take part
 
 
 class Engine:
@@ -113,8 +114,10 @@ class Engine:
 
     def add(self, index: int, grad: torch.Tensor) -> None:
         """Hand over member ``index``'s gradient (called from Horovod's hook: never raises)."""
-        step = self._step if self._step is not None and self._step.results is None else self._begin()
+        step = self._step if self._step is not None and self._step.results is None else None
         try:
+            if step is None:
+                step = self._begin()
             if index in step.grads:
                 raise RuntimeError(f"{self.members[index].name}: gradient handed over twice in one "
                                    "step (call synchronize() or step() between backward passes)")
@@ -126,6 +129,9 @@ class Engine:
             if len(step.grads) == len(self.members):
                 self._start_header(step)
         except Exception:  # noqa: BLE001 - recorded, raised in synchronize() on every rank
+            if step is None:   # no world to talk to (Horovod shut down?): fail in synchronize()
+                step = self._step = _Step(arrived=[0] * len(self.buckets), finite=[True] * len(self.members),
+                                          broken=True)
             step.errors.append(traceback.format_exc())
 
     def result(self, index: int) -> torch.Tensor:
@@ -226,6 +232,9 @@ class Engine:
     def flush(self) -> None:
         """Finish the step (see the module docstring); raises on every rank if any rank failed."""
         step = self._step
+        if step.broken:
+            step.results = {}
+            raise RuntimeError("hvd_compress: this rank could not start the step:\n" + "\n".join(step.errors))
         try:
             for bucket in self.buckets:
                 if bucket.index not in step.pending:     # members that never came: zeros
