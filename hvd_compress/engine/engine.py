@@ -108,7 +108,7 @@ class Engine:
         self.stats = Stats()
         self._inputs: dict[int, torch.Tensor] = {}  # bucket index -> reused flat input buffer
         self._step: _Step | None = None
-        self._pending_load: dict | None = None
+        self._loaded_owner: tuple[int, int] | None = None   # (world, rank) of a loaded state
 
     # -- the step ----------------------------------------------------------------------------
 
@@ -150,7 +150,9 @@ class Engine:
         """A new step: the world may have changed (elastic), the plan with it."""
         comm = _Counted(self._comm_factory(), self.stats)
         if self.plan is None or (comm.size, comm.rank) != (self.plan.world, self.plan.rank):
-            if self.plan is not None:  # chunk ownership moved: the server residuals mean nothing now
+            owner = (self.plan.world, self.plan.rank) if self.plan is not None else self._loaded_owner
+            if owner not in (None, (comm.size, comm.rank)):
+                # chunk ownership moved: the server residuals mean nothing now
                 for state in self.states:
                     state.buffers.pop("server", None)
             self.comm = comm
@@ -341,6 +343,7 @@ class Engine:
                   for b in self.buckets if id(b.method) in self.speeds}
         return {"step": self.step, "params": params, "server": server,
                 "world": self.plan.world if self.plan else None,
+                "rank": self.plan.rank if self.plan else None,
                 "link": None if self.link is None else vars(self.link).copy(),
                 "link_source": self.link_source, "speeds": speeds}
 
@@ -364,6 +367,7 @@ class Engine:
             if saved is not None:
                 state.buffer("server", saved.device, saved.numel()).committed.copy_(saved)
         self.step = int(sd["step"])
+        self._loaded_owner = (sd["world"], sd["rank"]) if sd.get("world") is not None else None
         if sd.get("link") is not None:
             self.link = Link(**sd["link"])
             self.link_source = sd.get("link_source", "declared")
