@@ -200,6 +200,18 @@ class Compressor:
             if not isinstance(engine, _FailedEngine):
                 engine.load_state_dict(saved)
 
+    def elastic_sync(self) -> None:
+        """After an elastic reset: take rank 0's committed step per optimizer and re-plan at
+        the next step (see :mod:`hvd_compress.elastic`).  A collective."""
+        import horovod.torch as hvd
+        state = self.state_dict()
+        steps = hvd.broadcast_object([e["step"] for e in state["optimizers"]], root_rank=0,
+                                     name="hvdc.elastic.steps")
+        for engine_state, step in zip(state["optimizers"], steps):
+            engine_state["step"] = step
+        state["optimizers"] += [{"step": step, "params": {}} for step in steps[len(state["optimizers"]):]]
+        self.load_state_dict(state)
+
     def config(self) -> str:
         """Deterministic description of the settings (compared across ranks via the plan)."""
         return repr(self)

@@ -178,6 +178,7 @@ class Engine:
             x = self._inputs[bucket.index] = torch.empty(bucket.numel, dtype=torch.float32, device=device)
         self.stats.bytes_dense += 4 * bucket.numel
         try:
+            state.to(device)
             x = method.prepare(bucket, grads, x, state, self.comm)
             self._check_finite(bucket, x, step)
             compressed = bplan.route is not DENSE

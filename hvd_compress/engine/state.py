@@ -55,6 +55,14 @@ class BucketState:
             buf = self.buffers[name] = TxBuffer(n, device)
         return buf
 
+    def to(self, device: torch.device) -> None:
+        """Move every committed buffer to ``device`` (a state loaded from a checkpoint on
+        another device)."""
+        for buf in self.buffers.values():
+            if buf.committed.device != device:
+                buf.committed = buf.committed.to(device)
+                buf._spare = None
+
     def commit(self) -> None:
         for buf in self.buffers.values():
             buf.commit()
