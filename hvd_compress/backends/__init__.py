@@ -33,18 +33,29 @@ def kernel_backend(device: torch.device | str) -> Any | None:
 
 
 @contextmanager
-def emulate(backend: Any = None, **options: Any) -> Iterator[Any]:
+def emulate(backend: Any = None, *, fill_uninitialized: bool = True, **options: Any) -> Iterator[Any]:
     """Run the codecs' CUDA code path on CPU tensors through the SIMT emulator within the block
     (this thread / async context only).  ``backend`` is an
     :class:`~hvd_compress.backends.emulator.EmulatedBackend`, else one is made from ``options``
-    (``seed=...``, ``sm_count=...``).  Yields the backend."""
+    (``seed=...``, ``schedule=...``, ``sm_count=...``).  Yields the backend.
+
+    With ``fill_uninitialized`` (default), ``torch.empty`` returns NaN / the largest integer
+    inside the block instead of stale memory (``torch.use_deterministic_algorithms(True,
+    warn_only=True)``, restored on exit), so an output element a kernel fails to write shows up,
+    and an index read from one points far outside every buffer (a reported fault)."""
     if backend is None:
         from .emulator import EmulatedBackend
         backend = EmulatedBackend(**options)
     elif options:
         raise TypeError("pass either a backend or options, not both")
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
+    if fill_uninitialized:
+        torch.use_deterministic_algorithms(True, warn_only=True)
     token = _emulated.set(backend)
     try:
         yield backend
     finally:
         _emulated.reset(token)
+        if fill_uninitialized:
+            torch.use_deterministic_algorithms(before[0], warn_only=before[1])
