@@ -51,25 +51,12 @@ class KernelTarget:
     def __enter__(self) -> "KernelTarget":
         stack = contextlib.ExitStack()
         if self.emulated:
-            stack.enter_context(emulate(self.backend))
-            stack.enter_context(_fill_uninitialized_memory())
+            stack.enter_context(emulate(self.backend))     # also fills torch.empty with NaN / max
         self._stack.append(stack)
         return self
 
     def __exit__(self, *exc) -> None:
         self._stack.pop().close()
-
-
-@contextlib.contextmanager
-def _fill_uninitialized_memory():
-    """torch.empty returns NaN / the largest integer instead of whatever was in memory."""
-    before = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before, warn_only=warn_only)
 
 
 @pytest.fixture

@@ -6,14 +6,19 @@ const writes, uninitialised shared memory, faults.  The codec kernels themselves
 emulator in the ``[emu]`` variants of the GPU tests (conftest.py)."""
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import hvd_compress
 from hvd_compress.backends import cuda, emulate, kernel_backend
 from hvd_compress.backends.emulator import SCHEDULES, EmulatedBackend, EmulatorError, kernel_names, load
 from hvd_compress.codecs import QSGDCodec, RandomKey, StochasticFP16Codec, TernGradCodec, TopKCodec
@@ -67,12 +72,19 @@ def expected_warp_op(v: np.ndarray, op: int, arg: int, width: int) -> np.ndarray
     return out
 
 
+#: (op, arg, width) of probe_warp_ops: shfl, shfl_xor, shfl_up, shfl_down, ballot, any, all, syncwarp
+WARP_CASES = [(0, 5, 32), (0, 35, 8), (1, 1, 32), (1, 16, 32), (1, 4, 8), (1, 19, 16), (2, 1, 32),
+              (2, 3, 16), (3, 2, 32), (3, 7, 8), (4, 0, 32), (5, 5, 32), (6, 5, 32), (7, 0, 32)]
+
+
+def warp_input(op: int) -> torch.Tensor:
+    return torch.randint(0, 40, (512,), generator=torch.Generator().manual_seed(op), dtype=torch.int32)
+
+
 @pytest.mark.parametrize("schedule", POLICIES)
-@pytest.mark.parametrize("op, arg, width", [(0, 5, 32), (0, 35, 8), (1, 1, 32), (1, 16, 32), (1, 4, 8),
-                                            (1, 19, 16), (2, 1, 32), (2, 3, 16), (3, 2, 32),
-                                            (3, 7, 8), (4, 0, 32), (5, 5, 32), (6, 5, 32), (7, 0, 32)])
+@pytest.mark.parametrize("op, arg, width", WARP_CASES)
 def test_warp_collectives(op, arg, width, schedule):
-    v = torch.randint(0, 40, (512,), generator=torch.Generator().manual_seed(op), dtype=torch.int32)
+    v = warp_input(op)
     out = torch.empty_like(v)
     probe("probe_warp_ops", 2, 256, (v, out, np.int32(op), np.int32(arg), np.int32(width)),
           seed=op, schedule=schedule)
@@ -297,31 +309,56 @@ def kernels_without_barrier(tmp_path: Path, source: str, which: int) -> Path:
 TOPK_BARRIERS = len(re.findall(r"__syncthreads\(\);", (cuda.kernel_dir() / "topk.cu").read_text()))
 
 
+#: Runs the top-k encoder under the emulator with the kernels of argv[1] for seeds 0..argv[2]-1;
+#: prints, per seed, "match", "differs" or the emulator's error.  In a child process: a kernel
+#: with a race may write anywhere.
+TOPK_RUN = """
+import json, sys, torch
+from hvd_compress.backends import emulate
+from hvd_compress.backends.emulator import EmulatedBackend, EmulatorError
+from hvd_compress.codecs import RandomKey, TopKCodec
+kernel_dir, seeds = sys.argv[1] if sys.argv[1] != "-" else None, int(sys.argv[2])
+key, codec = RandomKey(1, 2, 3), TopKCodec(ratio=0.02)
+g = torch.randn(100_000, generator=torch.Generator().manual_seed(1))
+r0 = torch.randn(100_000, generator=torch.Generator().manual_seed(99)) * 0.1
+r_ref = r0.clone()
+ref = codec.encode(g, key, residual=r_ref)
+outcomes = []
+for seed in range(seeds):
+    r = r0.clone()
+    try:
+        with emulate(EmulatedBackend(seed, kernel_dir=kernel_dir)):
+            p = codec.encode(g, key, residual=r)
+        same = all(torch.equal(ref.parts[k], p.parts[k]) for k in ref.parts) and torch.equal(r, r_ref)
+        outcomes.append("match" if same else "differs")
+    except EmulatorError as e:
+        outcomes.append("error: " + str(e).split(" [")[0][:300])
+print(json.dumps(outcomes))
+"""
+
+
+def run_topk(kernel_dir: Path | None, seeds: int, cwd: Path) -> list[str]:
+    """TOPK_RUN in a child process that imports the hvd_compress this session tests."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [str(Path(hvd_compress.__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])))
+    result = subprocess.run([sys.executable, "-c", TOPK_RUN, str(kernel_dir or "-"), str(seeds)],
+                            capture_output=True, text=True, timeout=240, cwd=cwd, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_topk_intact_matches_for_every_seed(tmp_path):
+    assert run_topk(None, 8, tmp_path) == ["match"] * 8
+
+
 @pytest.mark.parametrize("which", range(TOPK_BARRIERS))
 def test_topk_without_a_barrier_fails(tmp_path, which):
     """Each __syncthreads() of kernels/topk.cu matters: without it the emulated top-k differs from
     the C reference (or the emulator reports an out-of-bounds write or a fault) for some of 8
-    seeds, while the intact kernels match it for all of them."""
-    broken = kernels_without_barrier(tmp_path, "topk.cu", which)
-    key = RandomKey(1, 2, 3)
-    g = torch.randn(300_000, generator=torch.Generator().manual_seed(which))
-    r0 = torch.randn(300_000, generator=torch.Generator().manual_seed(99)) * 0.1
-    codec = TopKCodec(ratio=0.02)
-    r_ref = r0.clone()
-    ref = codec.encode(g, key, residual=r_ref)
-
-    def matches(kernel_dir, seed):
-        r = r0.clone()
-        try:
-            with emulate(EmulatedBackend(seed, kernel_dir=kernel_dir)):
-                p = codec.encode(g, key, residual=r)
-        except EmulatorError:
-            return False
-        return all(torch.equal(ref.parts[k], p.parts[k]) for k in ref.parts) and torch.equal(r, r_ref)
-
-    assert all(matches(None, seed) for seed in range(8))
-    failures = sum(not matches(broken, seed) for seed in range(8))
-    assert failures >= 1, f"removing barrier {which} of topk.cu went unnoticed"
+    seeds, while the intact kernels match it for all of them (test above)."""
+    outcomes = run_topk(kernels_without_barrier(tmp_path, "topk.cu", which), 8, tmp_path)
+    print(f"topk.cu without __syncthreads() #{which}:", *outcomes, sep="\n  ")
+    assert outcomes.count("match") < 8, f"removing barrier {which} of topk.cu went unnoticed"
 
 
 # ---- coverage: every kernel runs on the emulator ---------------------------------------------------
