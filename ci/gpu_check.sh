@@ -59,7 +59,8 @@ step() {
         echo "not run: time budget spent" >"$out"
         return 124
     fi
-    echo "== $name (limit ${limit}s): $*" | tee -a "$LOG"
+    local cmd="$*"
+    echo "== $name (limit ${limit}s): ${cmd:0:160}" | tee -a "$LOG"
     t0=$SECONDS
     timeout -k 10 "$limit" "$@" >"$out" 2>&1
     rc=$?
@@ -170,7 +171,8 @@ total=$((SECONDS - START))
     echo "# GPU check $(date -u +%Y-%m-%dT%H:%MZ): ${gpu_name:-no GPU}"
     echo
     commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-    git diff --quiet HEAD -- . ":(exclude)$REPORT_DIR" 2>/dev/null || commit="$commit (+ uncommitted changes)"
+    [ -z "$(git status --porcelain --untracked-files=no 2>/dev/null | grep -v " $REPORT_DIR/")" ] \
+        || commit="$commit (+ uncommitted changes)"
     echo "Commit \`$commit\`; command \`bash ci/gpu_check.sh\`; ${total} s in all (budget ${BUDGET} s)."
     echo
     cat "$LOGS/env.md"
