@@ -145,6 +145,16 @@ def test_atomics():
     assert count.item() == 300 and bits.item() == -1
 
 
+def test_shared_memory_in_templates_runs_one_block_at_a_time():
+    backend = EmulatedBackend(5, kernel_dir=PROBE_DIR)
+    kernel = backend.kernel("probe.cu", "probe_template_shared")
+    assert any("probe_tile_sum" in name for name in kernel.module.private_statics)
+    assert kernel.module.shared_bytes >= 4 * 256           # the other kernels' arrays
+    x, out = torch.randn(6 * 128), torch.empty(6)
+    backend.launch(kernel, 6, 128, (x, out))
+    assert np.array_equal(out.numpy(), sequential_sums(x, 128))
+
+
 def test_every_schedule_is_drawn():
     backend = EmulatedBackend(7, kernel_dir=PROBE_DIR)
     v, out = torch.zeros(64, dtype=torch.int32), torch.empty(64, dtype=torch.int32)

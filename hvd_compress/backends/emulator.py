@@ -230,7 +230,13 @@ def _load(path: Path) -> Module:
 
 
 def load(source: Path) -> Module:
-    """The emulated module of a ``.cu`` file (built or taken from the cache, loaded once)."""
+    """The emulated module of a ``.cu`` file (built or taken from the disk cache, loaded once per
+    process: like the CUDA loader, a process does not see later edits of the source)."""
+    return _load_source(Path(source).resolve(), _defines(), str(_cache_dir()))
+
+
+@lru_cache(maxsize=None)
+def _load_source(source: Path, defines: tuple, cache: str) -> Module:
     return _load(build(source))
 
 

@@ -88,6 +88,26 @@ extern "C" __global__ void probe_atomics(int *count, unsigned *bits)
     atomicOr(bits, 1u << (threadIdx.x & 31));
 }
 
+/* A __shared__ array inside a template: gcc keeps it out of the shared section (COMDAT), so the
+ * emulator runs this module one block at a time (where a static is still block-private). */
+template <int N>
+__device__ float probe_tile_sum(const float *in)
+{
+    __shared__ float tile[N];
+    tile[threadIdx.x] = in[blockIdx.x * N + threadIdx.x];
+    __syncthreads();
+    float s = 0.0f;
+    if (threadIdx.x == 0)
+        for (int i = 0; i < N; ++i) s += tile[i];
+    return s;
+}
+
+extern "C" __global__ void probe_template_shared(const float *in, float *out)
+{
+    float s = probe_tile_sum<128>(in);
+    if (threadIdx.x == 0) out[blockIdx.x] = s;
+}
+
 /* ---- mistakes the emulator must report -------------------------------------------------------- */
 
 /* Threads >= live return before a __syncthreads() the others reach. */
