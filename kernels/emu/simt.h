@@ -1,6 +1,7 @@
 /*
  * kernels/emu/simt.h: a small SIMT emulator, so that the CUDA kernels (kernels/NAME.cu) run on the
- * CPU, compiled by the host C++ compiler (hvd_compress/backends/emulator.py force-includes this header; docs/emulator.md).
+ * CPU, compiled by the host C++ compiler (hvd_compress/backends/emulator.py force-includes this
+ * header; docs/emulator.md).
  *
  * It provides the subset of CUDA our kernels use, with CUDA's semantics where it matters:
  *   - every thread of a block is a fiber (its own stack, cooperatively scheduled on one OS thread);
