@@ -3,6 +3,7 @@ subclass :class:`CodecContract` with their codec configurations.  Also the helpe
 statistical tests and the golden files."""
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -146,35 +147,36 @@ class CodecContract:
             codec.decode_accumulate([], torch.zeros(100))
 
     def test_golden(self, codec: Codec, case: str) -> None:
-        check_golden(codec, self.golden_file, case, "cpu")
+        check_golden(codec, self.golden_file, case)
 
-    @pytest.mark.gpu
-    def test_gpu_golden(self, codec: Codec, case: str) -> None:
-        check_golden(codec, self.golden_file, case, "cuda")
+    def test_gpu_golden(self, codec: Codec, case: str, kernels) -> None:
+        check_golden(codec, self.golden_file, case, kernels)
 
-    @pytest.mark.gpu
     @pytest.mark.parametrize("n", [1, 7, 4099, 3 * 8192 + 5, 1 << 21])
-    def test_gpu_matches_cpu(self, codec: Codec, n: int) -> None:
+    def test_gpu_matches_cpu(self, codec: Codec, n: int, kernels) -> None:
         """CUDA == CPU bit for bit on fresh inputs: payload, residual, decoded sum of 3 workers."""
-        gpu_matches_cpu(codec, n)
+        gpu_matches_cpu(codec, n, kernels)
 
 
-
-def gpu_matches_cpu(codec: Codec, n: int, scale: float = 1.0) -> None:
+def gpu_matches_cpu(codec: Codec, n: int, kernels, scale: float = 1.0) -> None:
+    """The CUDA path on ``kernels`` (a conftest.KernelTarget: a GPU or the emulator) gives the C
+    reference's payloads, residual and decoded sum, bit for bit."""
     gen = torch.Generator().manual_seed(n)
     xs = [torch.randn(n, generator=gen) * scale for _ in range(3)]
     r_cpu = torch.randn(n, generator=gen) * 0.1
-    r_gpu = r_cpu.cuda()
+    r_gpu = kernels.put(r_cpu)
+    out = torch.randn(n, generator=gen)
     cpu_p = [codec.encode(x, RandomKey(w, 9, 4), residual=r_cpu if w == 0 else None)
              for w, x in enumerate(xs)]
-    gpu_p = [codec.encode(x.cuda(), RandomKey(w, 9, 4), residual=r_gpu if w == 0 else None)
-             for w, x in enumerate(xs)]
+    cpu_out = codec.decode_accumulate(cpu_p, out.clone())
+    with kernels:
+        gpu_p = [codec.encode(kernels.put(x), RandomKey(w, 9, 4), residual=r_gpu if w == 0 else None)
+                 for w, x in enumerate(xs)]
+        gpu_out = codec.decode_accumulate(gpu_p, kernels.put(out))
     for a, b in zip(cpu_p, gpu_p):
         assert payload_equal(a, b)
     assert torch.equal(r_cpu, r_gpu.cpu())
-    out = torch.randn(n, generator=gen)
-    assert torch.equal(codec.decode_accumulate(cpu_p, out.clone()),
-                       codec.decode_accumulate(gpu_p, out.cuda()).cpu())
+    assert torch.equal(cpu_out, gpu_out.cpu())
 
 
 def golden_inputs(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,18 +192,22 @@ def golden_inputs(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.randn(n, generator=gen) * 0.01
 
 
-def check_golden(codec: Codec, filename: str, case: str, device: str) -> None:
-    """The recorded payload bytes, residual and decoded values (tests/gen_golden.py) are reproduced."""
+def check_golden(codec: Codec, filename: str, case: str, kernels=None) -> None:
+    """The recorded payload bytes, residual and decoded values (tests/gen_golden.py) are
+    reproduced by the C reference (``kernels`` None) or the CUDA path on ``kernels`` (a
+    conftest.KernelTarget)."""
     data = np.load(DATA / filename)
     for n in data["sizes"]:
         x, r = (torch.from_numpy(data[f"{k}_{n}"]) for k in ("x", "r"))
-        x, r = x.to(device), r.to(device)
+        if kernels is not None:
+            x, r = kernels.put(x), kernels.put(r)
         v = x + r
-        p = codec.encode(x, KEY, residual=r)
+        with kernels or contextlib.nullcontext():
+            p = codec.encode(x, KEY, residual=r)
+            decoded = codec.decode(p)
         for part, t in p.parts.items():
             recorded = data[f"{case}_{n}_{part}"]
             assert np.array_equal(t.cpu().view(torch.uint8).numpy(), recorded), (case, n, part)
-        decoded = codec.decode(p)
         recorded = data[f"{case}_{n}_decoded"]
         assert np.array_equal(decoded.cpu().numpy().view(np.uint32), recorded.view(np.uint32))
         assert torch.equal(r, v - decoded)

@@ -96,33 +96,36 @@ def test_random_u32_rejects_bad_arguments():
         philox4x32_10((0, 0, 0, 2 ** 32), (0, 0))
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("key", [RandomKey(0, 0, 0), RandomKey(2 ** 64 - 1, 2 ** 32 - 1, 2 ** 32 - 1),
                                  RandomKey(0x0123456789ABCDEF, 17, 4)])
 @pytest.mark.parametrize("n", [0, 1, 3, 4, 5, 255, 1023, 4097, 1_000_003, 10_000_000])
-def test_cuda_stream_matches_cpu(key, n):
-    got = random_u32(n, key, device="cuda")
-    assert got.device.type == "cuda" and got.dtype == torch.int32
+def test_cuda_stream_matches_cpu(key, n, kernels):
+    with kernels:
+        got = random_u32(n, key, device=kernels.device)
+    assert got.device.type == kernels.device.type and got.dtype == torch.int32
     assert torch.equal(got.cpu(), random_u32(n, key))
 
 
-@pytest.mark.gpu
-def test_cuda_stream_independent_of_launch_shape_stream_and_alignment():
-    """A tiny grid (the grid-stride loop does the rest), on a side stream, into a view 4 bytes
-    past a 16-byte boundary (the scalar-store path): same words, nothing written outside."""
+@pytest.mark.parametrize("aligned", [True, False])
+def test_cuda_stream_independent_of_launch_shape_stream_and_alignment(kernels, aligned):
+    """A tiny grid (the grid-stride loop does the rest), on a side stream (CUDA), into a view at
+    a 16-byte boundary (the vector-store path) or 4 bytes past one (the scalar-store path): same
+    words, nothing written outside."""
     import numpy as np
 
-    from hvd_compress.backends import cuda
-
     key, n = RandomKey(seed=5, step=6, tensor_id=7), 100_003
-    buf = torch.full((n + 2,), -1, dtype=torch.int32, device="cuda")
-    out = buf[1:n + 1]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn = cuda.kernel("rng.cu", "hvdc_stream_u32", out.device)
-        cuda.launch(fn, 3, 32, (out, np.int64(n), np.uint64(key.seed), np.uint32(key.step),
-                                np.uint32(key.tensor_id)))
-    torch.cuda.current_stream().wait_stream(side)
+    buf = torch.full((n + 8,), -1, dtype=torch.int32, device=kernels.device)
+    lead = (-buf.data_ptr() // 4) % 4 + (0 if aligned else 1)
+    out = buf[lead:lead + n]
+    assert (out.data_ptr() % 16 == 0) == aligned
+    side = torch.cuda.Stream() if not kernels.emulated else None
+    if side is not None:
+        side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side) if side is not None else kernels:
+        fn = kernels.backend.kernel("rng.cu", "hvdc_stream_u32", out.device)
+        kernels.backend.launch(fn, 3, 32, (out, np.int64(n), np.uint64(key.seed),
+                                           np.uint32(key.step), np.uint32(key.tensor_id)))
+    if side is not None:
+        torch.cuda.current_stream().wait_stream(side)
     assert torch.equal(out.cpu(), random_u32(n, key))
-    assert buf[0].item() == -1 and buf[-1].item() == -1
+    assert bool((buf[:lead] == -1).all()) and bool((buf[lead + n:] == -1).all())

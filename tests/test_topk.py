@@ -3,6 +3,7 @@ NumPy reference of the documented algorithm, error feedback, wire format, decode
 cases, golden vectors; and, on a GPU, CUDA == CPU bit for bit."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -338,60 +339,61 @@ def golden_arrays():
         return {k: torch.from_numpy(data[k]) for k in data.files}
 
 
-def check_golden(arrays, device):
-    for name in golden.CASES:
-        g = arrays[f"{name}/g"].to(device)
-        r = arrays[f"{name}/r"].clone().to(device) if f"{name}/r" in arrays else None
-        p = golden.run_case(name, g, r)
-        assert torch.equal(p.parts["indices"].cpu(), arrays[f"{name}/indices"]), name
-        assert np.array_equal(golden.values_array(p.parts["values"]),
-                              arrays[f"{name}/values"].numpy()), name
-        if r is not None:
-            assert torch.equal(r.cpu(), arrays[f"{name}/residual"]), name
-    out = golden.run_decode(arrays["sampled_fp16_ef/g"].to(device),
-                            arrays["sampled_fp16_ef/r"].to(device))
+def check_golden(arrays, kernels=None):
+    """The golden file reproduced by the C reference (``kernels`` None) or by the CUDA path on
+    ``kernels`` (a conftest.KernelTarget)."""
+    put = kernels.put if kernels is not None else (lambda t: t.clone())
+    with kernels or contextlib.nullcontext():
+        for name in golden.CASES:
+            g = put(arrays[f"{name}/g"])
+            r = put(arrays[f"{name}/r"]) if f"{name}/r" in arrays else None
+            p = golden.run_case(name, g, r)
+            assert torch.equal(p.parts["indices"].cpu(), arrays[f"{name}/indices"]), name
+            assert np.array_equal(golden.values_array(p.parts["values"]),
+                                  arrays[f"{name}/values"].numpy()), name
+            if r is not None:
+                assert torch.equal(r.cpu(), arrays[f"{name}/residual"]), name
+        out = golden.run_decode(put(arrays["sampled_fp16_ef/g"]), put(arrays["sampled_fp16_ef/r"]))
     assert torch.equal(out.cpu(), arrays["decode/out"])
 
 
 def test_golden_cpu(golden_arrays):
-    check_golden(golden_arrays, "cpu")
+    check_golden(golden_arrays)
 
 
-# ---- CUDA == CPU -------------------------------------------------------------------------------
+# ---- CUDA == CPU (on a GPU, and on the emulator) ----------------------------------------------
 
-@pytest.mark.gpu
-def test_golden_cuda(golden_arrays):
-    check_golden(golden_arrays, "cuda")
+def test_golden_cuda(golden_arrays, kernels):
+    check_golden(golden_arrays, kernels)
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["normal", "heavy", "ties", "equal", "mostly_zeros"])
 @pytest.mark.parametrize("kwargs", [dict(), dict(exact_k=True), dict(value_dtype=torch.float32),
                                     dict(mode="threshold", threshold=1.0), dict(ratio=0.001)])
 @pytest.mark.parametrize("n", [1, 4099, N, 3_000_001])
-def test_cuda_matches_cpu(kind, kwargs, n):
+def test_cuda_matches_cpu(kind, kwargs, n, kernels):
     codec = TopKCodec(**kwargs)
     g = make(kind, n=n, seed=n)
     r_cpu = make("normal", n=n, seed=n + 1) * 0.1
-    r_gpu = r_cpu.cuda()
+    r_gpu = kernels.put(r_cpu)
     key = RandomKey(seed=n, step=2, tensor_id=1)
+    out_cpu = make("heavy", n=n, seed=3)
+    out_gpu = kernels.put(out_cpu)
     p_cpu = codec.encode(g, key, residual=r_cpu)
-    p_gpu = codec.encode(g.cuda(), key, residual=r_gpu)
+    codec.decode_accumulate([p_cpu, p_cpu], out_cpu)
+    with kernels:
+        p_gpu = codec.encode(kernels.put(g), key, residual=r_gpu)
+        codec.decode_accumulate([p_gpu, p_gpu], out_gpu)
     for part in p_cpu.parts:
         assert torch.equal(p_cpu.parts[part], p_gpu.parts[part].cpu()), part
     assert torch.equal(r_cpu, r_gpu.cpu())
-    out_cpu = make("heavy", n=n, seed=3)
-    out_gpu = out_cpu.cuda()
-    codec.decode_accumulate([p_cpu, p_cpu], out_cpu)
-    codec.decode_accumulate([p_gpu, p_gpu], out_gpu)
     assert torch.equal(out_cpu, out_gpu.cpu())
 
 
-@pytest.mark.gpu
-def test_cuda_decode_rejects_bad_indices():
+def test_cuda_decode_rejects_bad_indices(kernels):
     p = payload(3, [0, 3], [1.0, 1.0])
-    p.parts = {k: v.cuda() for k, v in p.parts.items()}
-    out = torch.zeros(3, device="cuda")
-    with pytest.raises(IndexError, match="worker 0"):
+    p.parts = {k: kernels.put(v) for k, v in p.parts.items()}
+    out = kernels.put(torch.zeros(3))
+    with kernels, pytest.raises(IndexError, match="worker 0"):
         TopKCodec().decode_accumulate([p], out)
     assert out.tolist() == [0.0, 0.0, 0.0]

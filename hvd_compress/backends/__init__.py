@@ -1,4 +1,61 @@
 """Execution backends of the codecs: the CPU reference library and the CUDA kernels.
 
 Both implement the numeric contract of ``kernels/hvdc_common.h``; neither needs Horovod.
+
+:func:`kernel_backend` is the one place where a codec decides how to run: it returns the object
+that launches the CUDA kernels for tensors on a device (``kernel``, ``launch``, ``grid_size``,
+``ptr_array``), or None when the C reference library does the work.  CUDA devices get the
+CuPy/NVRTC loader (:mod:`.cuda`); CPU tensors get the C library, except inside :func:`emulate`,
+where they get the SIMT emulator (:mod:`.emulator`) and so take the codecs' CUDA code path.
 """
+from __future__ import annotations
+
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, Iterator
+
+import torch
+
+from . import cuda
+
+_emulated: ContextVar[Any] = ContextVar("hvd_compress_emulated_kernels", default=None)
+
+
+def kernel_backend(device: torch.device | str) -> Any | None:
+    """The kernel launcher for tensors on ``device``: the CUDA loader module for a CUDA device,
+    the active emulator for a CPU device inside :func:`emulate`, else None (C reference)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return cuda
+    if device.type == "cpu":
+        return _emulated.get()
+    return None
+
+
+@contextmanager
+def emulate(backend: Any = None, *, fill_uninitialized: bool = True, **options: Any) -> Iterator[Any]:
+    """Run the codecs' CUDA code path on CPU tensors through the SIMT emulator within the block
+    (this thread / async context only).  ``backend`` is an
+    :class:`~hvd_compress.backends.emulator.EmulatedBackend`, else one is made from ``options``
+    (``seed=...``, ``schedule=...``, ``sm_count=...``).  Yields the backend.
+
+    With ``fill_uninitialized`` (default), ``torch.empty`` returns NaN / the largest integer
+    inside the block instead of stale memory (``torch.use_deterministic_algorithms(True,
+    warn_only=True)``, restored on exit), so an output element a kernel fails to write shows up,
+    and an index read from one points far outside every buffer (a reported fault)."""
+    if backend is None:
+        from .emulator import EmulatedBackend
+        backend = EmulatedBackend(**options)
+    elif options:
+        raise TypeError("pass either a backend or options, not both")
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
+    if fill_uninitialized:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    token = _emulated.set(backend)
+    try:
+        yield backend
+    finally:
+        _emulated.reset(token)
+        if fill_uninitialized:
+            torch.use_deterministic_algorithms(before[0], warn_only=before[1])

@@ -236,6 +236,12 @@ def launch(fn: Any, grid: int | Sequence[int], block: int | Sequence[int], args:
         fn(grid, block, cargs, shared_mem=shared_mem)
 
 
+def ptr_array(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """int64 tensor on the buffers' device holding their addresses (a kernel argument of type
+    ``const unsigned long long *``, e.g. the per-worker payloads of a decode kernel)."""
+    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=tensors[0].device)
+
+
 @lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count

@@ -46,12 +46,12 @@ def ptr(t: torch.Tensor | None) -> ctypes.c_void_p | None:
     return None if t is None else cpu.ptr(t)
 
 
-def ptr_array(tensors: Sequence[torch.Tensor]):
-    """Addresses of per-worker buffers: a ctypes array (CPU) or an int64 tensor on the device."""
-    device = tensors[0].device
-    if device.type == "cpu":
+def ptr_array(tensors: Sequence[torch.Tensor], kernels=None):
+    """Addresses of per-worker buffers: a ctypes array for the C library (``kernels`` None), else
+    the kernel backend's pointer array (an int64 tensor of device addresses)."""
+    if kernels is None:
         return (ctypes.c_void_p * len(tensors))(*(cpu.ptr(t).value for t in tensors))
-    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=device)
+    return kernels.ptr_array(tensors)
 
 
 def dptr(t: torch.Tensor | None):

@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..backends import cpu, cuda
+from ..backends import cpu, kernel_backend
 from . import _quant as q
 from .base import Codec, Payload, RandomKey
 
@@ -37,9 +37,10 @@ class StochasticFP16Codec(Codec):
     def _encode(self, x: torch.Tensor, key: RandomKey, residual: torch.Tensor | None) -> Payload:
         n = x.numel()
         values = torch.empty(n, dtype=torch.float16, device=x.device)
-        if x.is_cuda and n:
-            fn = cuda.kernel(q.SOURCE, "hvdc_fp16sr_encode", x.device)
-            cuda.launch(fn, q.grid(-(-n // 4), q.BLOCK), q.BLOCK,
+        kernels = kernel_backend(x.device)
+        if kernels is not None and n:
+            fn = kernels.kernel(q.SOURCE, "hvdc_fp16sr_encode", x.device)
+            kernels.launch(fn, q.grid(-(-n // 4), q.BLOCK), q.BLOCK,
                         (x, q.dptr(residual), np.int64(n),
                          *q.cuda_key(key), values))
         elif n:
@@ -52,10 +53,11 @@ class StochasticFP16Codec(Codec):
         flat = q.accumulate_target(payloads, out, {"values": (torch.float16, n)})
         if n == 0:
             return out
-        values = q.ptr_array([p.parts["values"] for p in payloads])
-        if flat.is_cuda:
-            fn = cuda.kernel(q.SOURCE, "hvdc_fp16_decode_acc", flat.device)
-            cuda.launch(fn, q.grid(-(-n // 4), q.BLOCK), q.BLOCK,
+        kernels = kernel_backend(flat.device)
+        values = q.ptr_array([p.parts["values"] for p in payloads], kernels)
+        if kernels is not None:
+            fn = kernels.kernel(q.SOURCE, "hvdc_fp16_decode_acc", flat.device)
+            kernels.launch(fn, q.grid(-(-n // 4), q.BLOCK), q.BLOCK,
                         (values, np.int32(len(payloads)), np.int64(n), flat))
         else:
             cpu.call("hvdc_fp16_decode_acc", values, len(payloads), n, q.ptr(flat), cpu.threads())

@@ -29,7 +29,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..backends import cpu, cuda
+from ..backends import cpu, kernel_backend
 from . import _quant as q
 from .base import Codec, Payload, RandomKey
 
@@ -62,9 +62,10 @@ class QSGDCodec(Codec):
         n_codes, n_norms = self._sizes(n)
         codes = torch.empty(n_codes, dtype=torch.uint8, device=x.device)
         norms = torch.empty(n_norms, dtype=torch.float32, device=x.device)
-        if x.is_cuda and n:
-            fn = cuda.kernel(q.SOURCE, "hvdc_qsgd_encode", x.device)
-            cuda.launch(fn, q.grid(32 * n_norms, q.BLOCK), q.BLOCK,
+        kernels = kernel_backend(x.device)
+        if kernels is not None and n:
+            fn = kernels.kernel(q.SOURCE, "hvdc_qsgd_encode", x.device)
+            kernels.launch(fn, q.grid(32 * n_norms, q.BLOCK), q.BLOCK,
                         (x, q.dptr(residual), np.int64(n), np.int64(self.bucket_size),
                          np.int32(self.bits), *q.cuda_key(key), codes, norms))
         elif n:
@@ -83,11 +84,12 @@ class QSGDCodec(Codec):
                                                    "norms": (torch.float32, n_norms)})
         if n == 0:
             return out
-        codes = q.ptr_array([p.parts["codes"] for p in payloads])
-        norms = q.ptr_array([p.parts["norms"] for p in payloads])
-        if flat.is_cuda:
-            fn = cuda.kernel(q.SOURCE, "hvdc_qsgd_decode_acc", flat.device)
-            cuda.launch(fn, q.grid(-(-n // 4), q.BLOCK), q.BLOCK,
+        kernels = kernel_backend(flat.device)
+        codes = q.ptr_array([p.parts["codes"] for p in payloads], kernels)
+        norms = q.ptr_array([p.parts["norms"] for p in payloads], kernels)
+        if kernels is not None:
+            fn = kernels.kernel(q.SOURCE, "hvdc_qsgd_decode_acc", flat.device)
+            kernels.launch(fn, q.grid(-(-n // 4), q.BLOCK), q.BLOCK,
                         (codes, norms, np.int32(len(payloads)), np.int64(n), np.int64(self.bucket_size),
                          np.int32(self.bits), flat))
         else:

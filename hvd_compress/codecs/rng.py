@@ -21,7 +21,7 @@ import ctypes
 import numpy as np
 import torch
 
-from ..backends import cpu, cuda
+from ..backends import cpu, kernel_backend
 from .base import RandomKey
 
 #: Threads per CUDA block of ``hvdc_stream_u32`` (each thread makes 4 words per Philox call).
@@ -46,22 +46,24 @@ def random_u32(n: int, key: RandomKey = RandomKey(), device: torch.device | str 
     """The first ``n`` words of the stream of ``key``, as an int32 tensor holding the raw 32-bit
     patterns (``.view(torch.uint32)`` or ``& 0xFFFFFFFF`` recovers the unsigned values).
 
-    On the CPU the C reference fills it (``hvdc_stream_u32``, OpenMP); on a CUDA device the
-    kernel of ``kernels/rng.cu`` on torch's current stream.  Both give identical bits.  Word i
+    On the CPU the C reference fills it (``hvdc_stream_u32``, OpenMP); on a CUDA device (or the
+    CPU inside ``backends.emulate()``) the kernel of ``kernels/rng.cu``, on torch's current
+    stream.  Both give identical bits.  Word i
     does not depend on ``n`` (a longer stream extends a shorter one).
     """
     if n < 0:
         raise ValueError(f"random_u32: n={n} must be >= 0")
     device = torch.device(device)
     out = torch.empty(n, dtype=torch.int32, device=device)
-    if device.type == "cpu":
+    kernels = kernel_backend(device)
+    if kernels is not None:
+        fn = kernels.kernel("rng.cu", "hvdc_stream_u32", device)
+        grid = kernels.grid_size((n + 3) // 4, _BLOCK, device)
+        kernels.launch(fn, grid, _BLOCK, (out, np.int64(n), np.uint64(key.seed),
+                                          np.uint32(key.step), np.uint32(key.tensor_id)))
+    elif device.type == "cpu":
         cpu.call("hvdc_stream_u32", cpu.ptr(out, torch.int32), n, key.seed, key.step,
                  key.tensor_id, cpu.threads())
-    elif device.type == "cuda":
-        fn = cuda.kernel("rng.cu", "hvdc_stream_u32", device)
-        grid = cuda.grid_size((n + 3) // 4, _BLOCK, device)
-        cuda.launch(fn, grid, _BLOCK, (out, np.int64(n), np.uint64(key.seed), np.uint32(key.step),
-                                       np.uint32(key.tensor_id)))
     else:
         raise ValueError(f"random_u32: unsupported device {device}")
     return out

@@ -33,7 +33,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..backends import cpu, cuda
+from ..backends import cpu, kernel_backend
 from . import _quant as q
 from .base import Codec, Payload, RandomKey, as_fp32_flat
 
@@ -82,8 +82,9 @@ class TernGradCodec(Codec):
         if n == 0:
             return scales
         bucket, clip = self._bucket(n), float(self.clip or 0.0)
-        if g.is_cuda:
-            _cuda_scales(g, r, n, bucket, clip, scales)
+        kernels = kernel_backend(g.device)
+        if kernels is not None:
+            _cuda_scales(kernels, g, r, n, bucket, clip, scales)
         else:
             scratch = torch.empty(2 * -(-n // _SUM_CHUNK), dtype=torch.float32)
             cpu.call("hvdc_tern_scales", q.ptr(g), q.ptr(r), n, bucket, clip, q.ptr(scales),
@@ -101,9 +102,10 @@ class TernGradCodec(Codec):
         codes = torch.empty(-(-n // 4), dtype=torch.uint8, device=x.device)
         if n:
             bucket = self._bucket(n)
-            if x.is_cuda:
-                fn = cuda.kernel(q.SOURCE, "hvdc_tern_encode", x.device)
-                cuda.launch(fn, q.grid(-(-n // 4), q.BLOCK), q.BLOCK,
+            kernels = kernel_backend(x.device)
+            if kernels is not None:
+                fn = kernels.kernel(q.SOURCE, "hvdc_tern_encode", x.device)
+                kernels.launch(fn, q.grid(-(-n // 4), q.BLOCK), q.BLOCK,
                             (x, q.dptr(residual), np.int64(n), np.int64(bucket), scales,
                              *q.cuda_key(key), codes))
             else:
@@ -117,11 +119,12 @@ class TernGradCodec(Codec):
                                                    "scales": (torch.float32, self.n_scales(n))})
         if n == 0:
             return out
-        codes = q.ptr_array([p.parts["codes"] for p in payloads])
-        scales = q.ptr_array([p.parts["scales"] for p in payloads])
-        if flat.is_cuda:
-            fn = cuda.kernel(q.SOURCE, "hvdc_tern_decode_acc", flat.device)
-            cuda.launch(fn, q.grid(-(-n // 4), q.BLOCK), q.BLOCK,
+        kernels = kernel_backend(flat.device)
+        codes = q.ptr_array([p.parts["codes"] for p in payloads], kernels)
+        scales = q.ptr_array([p.parts["scales"] for p in payloads], kernels)
+        if kernels is not None:
+            fn = kernels.kernel(q.SOURCE, "hvdc_tern_decode_acc", flat.device)
+            kernels.launch(fn, q.grid(-(-n // 4), q.BLOCK), q.BLOCK,
                         (codes, scales, np.int32(len(payloads)), np.int64(n),
                          np.int64(self._bucket(n)), flat))
         else:
@@ -130,7 +133,7 @@ class TernGradCodec(Codec):
         return out
 
 
-def _cuda_long_sum(g: torch.Tensor, r: torch.Tensor | None, n: int, total: torch.Tensor | None,
+def _cuda_long_sum(kernels, g: torch.Tensor, r: torch.Tensor | None, n: int, total: torch.Tensor | None,
                    with_max: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sum of g (+ r) (``total`` None; also max |g + r| when ``with_max``) or of
     (g + r - total / n)^2, in the contract's order: one warp per chunk of HVDC_SUM_CHUNK, then
@@ -139,32 +142,32 @@ def _cuda_long_sum(g: torch.Tensor, r: torch.Tensor | None, n: int, total: torch
     m = -(-n // chunk)
     partial = torch.empty(m, dtype=torch.float32, device=dev)
     cmax = torch.empty(m, dtype=torch.float32, device=dev) if with_max else None
-    cuda.launch(cuda.kernel(q.SOURCE, "hvdc_chunk_sums", dev), q.grid(32 * m, q.BLOCK), q.BLOCK,
+    kernels.launch(kernels.kernel(q.SOURCE, "hvdc_chunk_sums", dev), q.grid(32 * m, q.BLOCK), q.BLOCK,
                 (g, q.dptr(r), np.int64(n), q.dptr(total), partial, q.dptr(cmax)))
-    reduce = cuda.kernel(q.SOURCE, "hvdc_reduce_chunks", dev)
+    reduce = kernels.kernel(q.SOURCE, "hvdc_reduce_chunks", dev)
     while m > 1:
         m_next = -(-m // chunk)
         p_next = torch.empty(m_next, dtype=torch.float32, device=dev)
         c_next = torch.empty(m_next, dtype=torch.float32, device=dev) if with_max else None
-        cuda.launch(reduce, q.grid(32 * m_next, q.BLOCK), q.BLOCK,
+        kernels.launch(reduce, q.grid(32 * m_next, q.BLOCK), q.BLOCK,
                     (partial, np.int64(m), p_next, q.dptr(cmax), q.dptr(c_next)))
         partial, cmax, m = p_next, c_next, m_next
     return partial, cmax
 
 
-def _cuda_scales(g: torch.Tensor, r: torch.Tensor | None, n: int, bucket: int, clip: float,
+def _cuda_scales(kernels, g: torch.Tensor, r: torch.Tensor | None, n: int, bucket: int, clip: float,
                  scales: torch.Tensor) -> None:
     dev = g.device
     total, maxabs, sq_dev = None, None, None
     if clip > 0 or bucket >= n:
-        total, maxabs = _cuda_long_sum(g, r, n, None, with_max=bucket >= n)
+        total, maxabs = _cuda_long_sum(kernels, g, r, n, None, with_max=bucket >= n)
     if clip > 0:
-        sq_dev = _cuda_long_sum(g, r, n, total, with_max=False)[0]
+        sq_dev = _cuda_long_sum(kernels, g, r, n, total, with_max=False)[0]
     if bucket < n:
         maxabs = torch.empty(scales.numel(), dtype=torch.float32, device=dev)
-        cuda.launch(cuda.kernel(q.SOURCE, "hvdc_bucket_absmax", dev),
+        kernels.launch(kernels.kernel(q.SOURCE, "hvdc_bucket_absmax", dev),
                     q.grid(32 * scales.numel(), q.BLOCK), q.BLOCK,
                     (g, q.dptr(r), np.int64(n), np.int64(bucket), maxabs))
-    cuda.launch(cuda.kernel(q.SOURCE, "hvdc_tern_finalize", dev), q.grid(scales.numel(), q.BLOCK),
+    kernels.launch(kernels.kernel(q.SOURCE, "hvdc_tern_finalize", dev), q.grid(scales.numel(), q.BLOCK),
                 q.BLOCK, (q.dptr(sq_dev), np.int64(n), np.float32(clip), maxabs,
                           np.int64(scales.numel()), scales))

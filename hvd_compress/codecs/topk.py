@@ -62,7 +62,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..backends import cpu, cuda
+from ..backends import cpu, cuda, kernel_backend
 from .base import Codec, Payload, RandomKey
 
 _P, _I64, _U64, _U32, _INT = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32,
@@ -172,7 +172,7 @@ class TopKCodec(Codec):
             ops.finalize(idx, val, values, residual)
         return Payload(n, {"indices": idx, "values": values})
 
-    def _select(self, ops: "type[_CpuOps] | type[_CudaOps]", x: torch.Tensor, key: RandomKey,
+    def _select(self, ops: "type[_CpuOps] | _CudaOps", x: torch.Tensor, key: RandomKey,
                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Selected (indices, fp32 g' values), ascending; updates residual to g + r."""
         n, k = x.numel(), self.k(x.numel())
@@ -296,69 +296,65 @@ def _opt(t: torch.Tensor | None):
 
 
 class _CudaOps:
-    """The same steps as CUDA kernels (``kernels/topk.cu``); parts are tiles of
-    ``_TILE`` elements, one block each."""
+    """The same steps as CUDA kernels (``kernels/topk.cu``), launched by ``kernels`` (the CUDA
+    loader, or the emulator: ``backends.kernel_backend``); parts are tiles of ``_TILE``
+    elements, one block each."""
 
     _TILE = 256 * 16        # TOPK_THREADS * TOPK_ITEMS of kernels/topk.cu
     _THREADS = 256
 
-    @classmethod
-    def _run(cls, name, device, grid, args):
-        cuda.launch(cuda.kernel("topk.cu", name, device), grid, cls._THREADS, args)
+    def __init__(self, kernels) -> None:
+        self.kernels = kernels
 
-    @classmethod
-    def _grid(cls, count, device):
-        return cuda.grid_size(count, cls._THREADS, device)
+    def _run(self, name, device, grid, args):
+        self.kernels.launch(self.kernels.kernel("topk.cu", name, device), grid, self._THREADS, args)
 
-    @classmethod
-    def sample(cls, x, r, stride, m, key):
+    def _grid(self, count, device):
+        return self.kernels.grid_size(count, self._THREADS, device)
+
+    def sample(self, x, r, stride, m, key):
         out = torch.empty(m, dtype=torch.float32, device=x.device)
-        cls._run("hvdc_topk_sample", x.device, cls._grid(m, x.device),
-                 (x, x if r is None else r, np.int32(r is not None), out, np.int64(stride),
-                  np.int64(m), np.uint64(key.seed), np.uint32(key.step), np.uint32(key.tensor_id)))
+        self._run("hvdc_topk_sample", x.device, self._grid(m, x.device),
+                  (x, x if r is None else r, np.int32(r is not None), out, np.int64(stride),
+                   np.int64(m), np.uint64(key.seed), np.uint32(key.step), np.uint32(key.tensor_id)))
         return out
 
-    @classmethod
-    def count(cls, x, r, levels, buffer_k):
-        parts = -(-x.numel() // cls._TILE)
+    def count(self, x, r, levels, buffer_k):
+        parts = -(-x.numel() // self._TILE)
         counts = torch.empty(levels.numel(), parts, dtype=torch.int32, device=x.device)
-        cls._run("hvdc_topk_count", x.device, parts,
-                 (x, x if r is None else r, np.int32(r is not None), np.int64(x.numel()), levels,
-                  np.int32(levels.numel()), counts))
+        self._run("hvdc_topk_count", x.device, parts,
+                  (x, x if r is None else r, np.int32(r is not None), np.int64(x.numel()), levels,
+                   np.int32(levels.numel()), counts))
         return counts, None
 
-    @classmethod
-    def compact(cls, src, thr, offsets, c, scratch):
+    def compact(self, src, thr, offsets, c, scratch):
         idx = torch.empty(c, dtype=torch.int32, device=src.device)
         val = torch.empty(c, dtype=torch.float32, device=src.device)
         if c:
-            cls._run("hvdc_topk_compact", src.device, offsets.numel(),
-                     (src, np.int64(src.numel()), thr, offsets, idx, val))
+            self._run("hvdc_topk_compact", src.device, offsets.numel(),
+                      (src, np.int64(src.numel()), thr, offsets, idx, val))
         return idx, val
 
-    @classmethod
-    def finalize(cls, idx, val, values, r):
-        cls._run("hvdc_topk_finalize", idx.device, cls._grid(idx.numel(), idx.device),
-                 (idx, val, np.int64(idx.numel()), values, np.int32(values.dtype == torch.float16),
-                  val if r is None else r, np.int32(r is not None)))
+    def finalize(self, idx, val, values, r):
+        self._run("hvdc_topk_finalize", idx.device, self._grid(idx.numel(), idx.device),
+                  (idx, val, np.int64(idx.numel()), values, np.int32(values.dtype == torch.float16),
+                   val if r is None else r, np.int32(r is not None)))
 
-    @classmethod
-    def check(cls, indices, n):
+    def check(self, indices, n):
         if not indices:
             return
         bad = torch.zeros(len(indices), dtype=torch.int32, device=indices[0].device)
         for w, idx in enumerate(indices):
             if idx.numel():
-                cls._run("hvdc_topk_check", idx.device, cls._grid(idx.numel(), idx.device),
-                         (idx, np.int64(idx.numel()), np.int64(n), bad[w:w + 1]))
+                self._run("hvdc_topk_check", idx.device, self._grid(idx.numel(), idx.device),
+                          (idx, np.int64(idx.numel()), np.int64(n), bad[w:w + 1]))
         for w, flag in enumerate(bad.tolist()):              # one host sync per decode
             if flag:
                 raise _bad_index_error(w, indices[w], n)
 
-    @classmethod
-    def scatter_add(cls, idx, values, out):
-        cls._run("hvdc_topk_scatter_add", idx.device, cls._grid(idx.numel(), idx.device),
-                 (idx, values, np.int32(values.dtype == torch.float16), np.int64(idx.numel()), out))
+    def scatter_add(self, idx, values, out):
+        self._run("hvdc_topk_scatter_add", idx.device, self._grid(idx.numel(), idx.device),
+                  (idx, values, np.int32(values.dtype == torch.float16), np.int64(idx.numel()), out))
 
 
 @lru_cache(maxsize=None)
@@ -367,9 +363,10 @@ def _constant(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=device)
 
 
-def _ops(device: torch.device) -> type[_CpuOps] | type[_CudaOps]:
-    if device.type == "cpu":
+def _ops(device: torch.device) -> type[_CpuOps] | _CudaOps:
+    kernels = kernel_backend(device)
+    if kernels is None and device.type == "cpu":
         return _CpuOps
-    if device.type == "cuda" and cuda.available():
-        return _CudaOps
+    if kernels is not None and (device.type != "cuda" or cuda.available()):
+        return _CudaOps(kernels)
     raise RuntimeError(f"top-k codec: no backend for {device} (CUDA needs CuPy)")
