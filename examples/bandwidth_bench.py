@@ -59,6 +59,53 @@ class MLP(nn.Module):
         return self.head(x)
 
 
+def resnet50_shapes() -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of torchvision's ResNet-50 parameters, in its registration order: 161
+    tensors, 25,557,032 parameters (conv weights, batch-norm weights and biases, the classifier)."""
+    shapes = [("conv1.weight", (64, 3, 7, 7)), ("bn1.weight", (64,)), ("bn1.bias", (64,))]
+    inplanes = 64
+    for layer, (planes, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3)), start=1):
+        for block in range(blocks):
+            prefix = f"layer{layer}.{block}"
+            for i, (out, inp, k) in enumerate([(planes, inplanes, 1), (planes, planes, 3),
+                                               (planes * 4, planes, 1)], start=1):
+                shapes += [(f"{prefix}.conv{i}.weight", (out, inp, k, k)),
+                           (f"{prefix}.bn{i}.weight", (out,)), (f"{prefix}.bn{i}.bias", (out,))]
+            if block == 0:
+                shapes += [(f"{prefix}.downsample.0.weight", (planes * 4, inplanes, 1, 1)),
+                           (f"{prefix}.downsample.1.weight", (planes * 4,)),
+                           (f"{prefix}.downsample.1.bias", (planes * 4,))]
+            inplanes = planes * 4
+    return shapes + [("fc.weight", (1000, 2048)), ("fc.bias", (1000,))]
+
+
+class ResNet50Shapes(nn.Module):
+    """ResNet-50's 161 parameter tensors with a deliberately cheap forward, so that the gradient
+    exchange, not the compute, dominates a step (the many-tensor case where per-tensor overheads
+    show).  logits = x[:, :10] * 1e-6 * sum_i <p_i, p_i>: every gradient is dense (2e-6 c p_i for
+    a per-step scalar c), forward + backward cost a few passes over the parameters."""
+
+    def __init__(self, in_features: int = 16) -> None:
+        super().__init__()
+        self.names = []
+        for name, shape in resnet50_shapes():
+            attr = name.replace(".", "_")
+            self.names.append(attr)
+            # (torchvision's default init is not needed: magnitudes only shape the gradients)
+            self.register_parameter(attr, nn.Parameter(torch.randn(shape) * (2.0 / shape[-1]) ** 0.5))
+        self.in_features = in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = sum((p * p).sum() for p in self.parameters())
+        return x[:, :10] * (1e-6 * total)
+
+
+def make_model(args: argparse.Namespace) -> nn.Module:
+    if args.model == "resnet50":
+        return ResNet50Shapes(args.in_features)
+    return MLP(args.in_features, args.width, args.depth)
+
+
 def compression_from_spec(spec: str):
     """Same convention as examples/train_digits.py: Horovod's ``none``/``hvd-fp16``, or any
     hvd_compress spec."""
@@ -127,7 +174,7 @@ def benchmark(args: argparse.Namespace) -> dict:
     hvd.init()
     torch.set_num_threads(1)
     torch.manual_seed(args.seed + hvd.rank())
-    model = MLP(args.in_features, args.width, args.depth)
+    model = make_model(args)
     x = torch.randn(args.batch_size, args.in_features)
     y = torch.randint(0, 10, (args.batch_size,))
     params = sum(p.numel() for p in model.parameters())
@@ -163,18 +210,23 @@ def benchmark(args: argparse.Namespace) -> dict:
     link1 = link_bytes(args.link_dev) if hvd.rank() == 0 else None
     n = len(steps)
 
+    collectives = None
     if stats0 is not None:
         stats1 = compression.stats()
         sent = (stats1["bytes_sent"] - stats0["bytes_sent"]) / n
         received = (stats1["bytes_received"] - stats0["bytes_received"]) / n
+        collectives = (stats1["collectives"] - stats0["collectives"]) / n
     else:
         width = 2 if compression is hvd.Compression.fp16 else 4
-        sent = received = float(params * width)  # ring allreduce, 2 ranks: n out, n in per rank
+        # ring allreduce: each rank sends and receives 2 (P - 1)/P of the tensor
+        sent = received = 2 * (hvd.size() - 1) / hvd.size() * params * width
     per_rank = hvd.allgather(torch.tensor([[sent, received]], dtype=torch.float64),
                              name="bench.bytes").tolist()
     return {
         "bench": "bandwidth", "compression": args.compression, "rate": args.rate_label,
-        "workers": hvd.size(), "params": params, "dense_bytes": params * 4,
+        "workers": hvd.size(), "model": args.model, "tensors": len(list(model.parameters())),
+        "params": params, "dense_bytes": params * 4, "collectives_per_step": collectives,
+        "plan": compression.plan() if hasattr(compression, "plan") else None,
         "batch_size": args.batch_size, "warmup": args.warmup, "steps": n,
         "step_s": statistics.median(steps), "step_s_all": steps,
         "compute_s": statistics.median(compute), "compute_s_all": compute,
@@ -442,6 +494,8 @@ def main() -> None:
                         help="go on past --steps until the timed steps add up to this many seconds")
     parser.add_argument("--max-steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--model", choices=("mlp", "resnet50"), default="mlp",
+                        help="mlp: --depth x --width; resnet50: ResNet-50's 161 parameter shapes, cheap compute")
     parser.add_argument("--batch-size", type=int, default=32, help="per rank")
     parser.add_argument("--in-features", type=int, default=1024)
     parser.add_argument("--width", type=int, default=2048)

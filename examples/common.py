@@ -26,12 +26,18 @@ def add_common_args(parser: argparse.ArgumentParser, *, lr: float, epochs: int, 
 
 
 def compression_from_spec(spec: str):
-    """Horovod's built-in ``none`` / ``hvd-fp16``, or any :func:`hvd_compress.from_spec` spec."""
+    """Horovod's built-in ``none`` / ``hvd-fp16``, or any :func:`hvd_compress.from_spec` spec.
+
+    These examples study what compression does to training, on whatever link the ranks share
+    (often one machine's loopback, where the default plan would rightly send everything dense):
+    so compression is forced (``route='compressed'``) unless the spec names a route."""
     if spec == "none":
         return hvd.Compression.none
     if spec == "hvd-fp16":
         return hvd.Compression.fp16
     import hvd_compress
+    if "route=" not in spec:
+        spec += ("," if ":" in spec else ":") + "route='compressed'"
     return hvd_compress.from_spec(spec)
 
 

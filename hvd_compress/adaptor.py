@@ -5,7 +5,9 @@ compression=X)`` of Horovod 0.28.1 calls.
   came) finds the parameter and its optimizer in the calling frame, gets or builds the
   :class:`~hvd_compress.engine.engine.Engine` of that optimizer, hands the gradient over and
   returns a one-element probe for Horovod to allreduce (Horovod needs a tensor; its value is
-  unused).  It never raises and never waits: see the engine.
+  unused).  Parameters the plan sends uncompressed are returned as they are, for Horovod's own
+  (fused) allreduce: on a link where compression does not pay this is exactly uncompressed
+  Horovod.  It never raises and never waits: see the engine.
 * ``decompress(probe, ctx)`` returns the parameter's aggregated gradient, a fresh tensor (never
   one of the engine's buffers).  ``decompress(x, None)`` is Horovod's own sparse path
   (``nn.Embedding(sparse=True)``): the gradient passes through uncompressed.
@@ -34,6 +36,13 @@ STATE_FORMAT = "hvd_compress/1"
 
 @dataclass
 class _Ticket:
+    engine: Any
+    index: int
+
+
+@dataclass
+class _External:
+    """A member Horovod's own allreduce carries (uncompressed), reported back to the engine."""
     engine: Any
     index: int
 
@@ -96,7 +105,8 @@ class Compressor:
             other = self.method_for(optimizer._parameter_names[param])
             compressed, ctx = other.compress(tensor)
             return compressed, _Passthrough(other, ctx)
-        engine.add(index, tensor)
+        if not engine.add(index, tensor):   # uncompressed this step: Horovod's allreduce, as is
+            return tensor, _External(engine, index)
         return probe, _Ticket(engine, index)
 
     def decompress(self, tensor: torch.Tensor, ctx):
@@ -104,6 +114,8 @@ class Compressor:
             return tensor
         if isinstance(ctx, _Passthrough):
             return ctx.compressor.decompress(tensor, ctx.ctx)
+        if isinstance(ctx, _External):
+            return ctx.engine.external_result(ctx.index, tensor)
         return ctx.engine.result(ctx.index)
 
     # -- engines ---------------------------------------------------------------------------------
@@ -154,7 +166,7 @@ class Compressor:
 
         engine = Engine(members, comm, average=optimizer.op == hvd.Average,
                         cap_bytes=int(self.bucket_cap_mb * 2 ** 20), link=cost.declared_link(self.link),
-                        name=tag)
+                        name=tag, external_dense=True)
         self._members[id(engine)] = ids
         return engine
 

@@ -46,6 +46,9 @@ class Method(Compressor):
     name = "method"
     #: "tensor": one segment per parameter (per-tensor semantics); "bucket": one per bucket
     scope = "tensor"
+    #: prepare() sends something else than the gradient (DGC's momentum): dense buckets must
+    #: then go through the engine, not straight to Horovod's allreduce
+    transforms_gradients = False
 
     def __init__(self, codec: Codec | None, *, error_feedback: bool, min_numel: int = 1024,
                  seed: int = 0, route: str = AUTO, bucket_cap_mb: float = 25.0,
@@ -210,6 +213,7 @@ class DGC(TopK):
     name = "dgc"
     #: the wrapped optimizer must not apply momentum again (examples/ read this)
     owns_momentum = True
+    transforms_gradients = True
     _STAGES = 4
 
     def __init__(self, ratio: float = 0.001, momentum: float = 0.9, *, clip_norm: float | None = None,

@@ -22,7 +22,7 @@ class Comm(Protocol):
     size: int
 
     def allreduce(self, tensor: torch.Tensor, name: str, op: str = "sum") -> Handle:
-        """Out-of-place sum (``op="sum"``) or maximum (``"max"``) over ranks."""
+        """Out-of-place sum (``op="sum"``), mean (``"average"``) or maximum (``"max"``) over ranks."""
 
     def allgather(self, tensor: torch.Tensor, name: str) -> Handle:
         """Concatenation of every rank's 1-D tensor along dim 0, in rank order (lengths may differ)."""
@@ -54,7 +54,7 @@ class HorovodComm:
         self.size = self.process_set.size()
 
     def allreduce(self, tensor: torch.Tensor, name: str, op: str = "sum") -> Handle:
-        hvd_op = {"sum": self._hvd.Sum, "max": self._hvd.Max}[op]
+        hvd_op = {"sum": self._hvd.Sum, "average": self._hvd.Average, "max": self._hvd.Max}[op]
         return _HorovodHandle(self._hvd.allreduce_async(tensor, name=name, op=hvd_op,
                                                         process_set=self.process_set))
 

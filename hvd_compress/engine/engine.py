@@ -31,6 +31,13 @@ from .plan import DENSE, Plan, plan_bucket
 from .state import BucketState
 
 _MASK64 = (1 << 64) - 1
+#: what Horovod 0.28.1's allreduce takes (bf16 members stay in the engine, which casts to fp32)
+_HOROVOD_DTYPES = (torch.float16, torch.float32, torch.float64)
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """One min/max pass (NaN propagates into both, +-inf is the max or the min), read on the host."""
+    return not t.numel() or bool(torch.isfinite(torch.stack(torch.aminmax(t))).all())
 
 
 def splitmix64(x: int) -> int:
@@ -66,10 +73,12 @@ class _Step:
     grads: dict[int, torch.Tensor] = field(default_factory=dict)       # member index -> grad
     arrived: list[int] = field(default_factory=list)                   # per bucket
     pending: dict[int, Pending | None] = field(default_factory=dict)   # bucket index -> in flight
-    finite: list[bool] = field(default_factory=list)                   # per member
+    finite: list[bool] = field(default_factory=list)                   # per member, this rank's input
     errors: list[str] = field(default_factory=list)
     header: Any = None
     results: dict[int, torch.Tensor] | None = None                     # bucket index -> fp32 sum
+    bad: set[int] = field(default_factory=set)                         # members non-finite anywhere
+    finalized: bool = False
     broken: bool = False                                               # no comm: cannot take part
 
 
@@ -84,10 +93,13 @@ class Engine:
         cap_bytes: bucket cap (0: one member per bucket).
         link: a declared :class:`Link`, or None to measure it at the first flush.
         name: tag of this engine's collectives (the same on every rank).
+        external_dense: dense buckets of methods that do not transform gradients are left to
+            the caller (the Horovod adaptor returns those gradients to Horovod's own allreduce:
+            exactly uncompressed Horovod, fused its way); see :meth:`add`.
     """
 
     def __init__(self, members: list[Member], comm_factory: Callable[[], Any], *, average: bool,
-                 cap_bytes: int, link: Link | None, name: str) -> None:
+                 cap_bytes: int, link: Link | None, name: str, external_dense: bool = False) -> None:
         self.members = members
         self.buckets: list[Bucket] = assign_buckets(members, cap_bytes)
         self.cap_bytes = cap_bytes
@@ -98,6 +110,7 @@ class Engine:
         self.states = [BucketState(b.numel) for b in self.buckets]
         self._comm_factory = comm_factory
         self.average = average
+        self.external_dense = external_dense
         self.tag = f"hvdc.{name}"
         self.step = 0
         self.link: Link | None = link
@@ -107,13 +120,17 @@ class Engine:
         self.plan: Plan | None = None
         self.stats = Stats()
         self._inputs: dict[int, torch.Tensor] = {}  # bucket index -> reused flat input buffer
+        self._outputs: dict[int, torch.Tensor] = {}  # bucket index -> reused flat output buffer
         self._step: _Step | None = None
         self._loaded_owner: tuple[int, int] | None = None   # (world, rank) of a loaded state
 
     # -- the step ----------------------------------------------------------------------------
 
-    def add(self, index: int, grad: torch.Tensor) -> None:
-        """Hand over member ``index``'s gradient (called from Horovod's hook: never raises)."""
+    def add(self, index: int, grad: torch.Tensor) -> bool:
+        """Hand over member ``index``'s gradient (called from Horovod's hook: never raises).
+
+        Returns False when the member's bucket is *external* this step: the caller sends the
+        gradient itself, uncompressed, and reports the aggregate with :meth:`external_result`."""
         step = self._step if self._step is not None and self._step.results is None else None
         try:
             if step is None:
@@ -123,31 +140,76 @@ class Engine:
                                    "step (call synchronize() or step() between backward passes)")
             step.grads[index] = grad
             bucket, _ = self._where[index]
+            external = self.plan.buckets[bucket.index].external
+            if external:
+                nbytes = grad.numel() * grad.element_size()
+                self.stats.bytes_dense += 4 * grad.numel()
+                self.stats.bytes_sent += nbytes
+                self.stats.bytes_received += nbytes
             step.arrived[bucket.index] += 1
-            if step.arrived[bucket.index] == len(bucket.members):
+            if step.arrived[bucket.index] == len(bucket.members) and not external:
                 self._launch(bucket, step)
-            if len(step.grads) == len(self.members):
+            if len(step.grads) == len(self.members) and self.plan.engine_buckets:
                 self._start_header(step)
+            return not external
         except Exception:  # noqa: BLE001 - recorded, raised in synchronize() on every rank
             if step is None:   # no world to talk to (Horovod shut down?): fail in synchronize()
                 step = self._step = _Step(arrived=[0] * len(self.buckets), finite=[True] * len(self.members),
                                           broken=True)
             step.errors.append(traceback.format_exc())
+            return True
 
     def result(self, index: int) -> torch.Tensor:
-        """Member ``index``'s aggregated gradient (its shape and dtype), a fresh tensor."""
+        """Member ``index``'s aggregated gradient, written into the very tensor handed to
+        :meth:`add` (as Horovod's in-place allreduce writes into ``p.grad``): never one of the
+        engine's buffers, so clipping or unscaling it cannot touch the engine's state."""
         if self._step is None:
             raise RuntimeError("hvd_compress: decompress() before any compress() in this step")
         if self._step.results is None:
             self.flush()
-        bucket, pos = self._where[index]
-        member = bucket.members[pos]
-        offset = bucket.offsets[pos]
-        out = self._step.results[bucket.index][offset:offset + member.numel].view(member.shape)
-        return out if member.dtype == torch.float32 else out.to(member.dtype)
+        grad = self._step.grads.get(index)
+        if grad is None:   # a member that never came (only a direct caller can ask for it)
+            bucket, pos = self._where[index]
+            member, offset = bucket.members[pos], bucket.offsets[pos]
+            grad = torch.empty(member.shape, dtype=member.dtype, device=self._step.results[bucket.index].device)
+            self._step.grads[index] = grad
+            self._write_back(bucket, self._step.results[bucket.index], self._step,
+                             self._step.pending[bucket.index].averaged, only=member.index)
+        return grad
+
+    def external_result(self, index: int, output: torch.Tensor) -> torch.Tensor:
+        """The aggregate of an external member (Horovod's allreduce output), returned as it is;
+        checked for inf/NaN when the step has state to protect (one min/max pass)."""
+        step = self._step
+        if step is not None and self.plan.stateful and not _finite(output):
+            step.bad.add(index)
+        return output
+
+    def finalize(self) -> None:
+        """Commit the last step's state if every member was finite everywhere, else roll it
+        back.  Runs at the next step's start, or at once in the flush when no member is
+        external; :meth:`state_dict` runs it too."""
+        step = self._step
+        if step is None or step.finalized or step.broken:
+            return
+        step.finalized = True
+        self.stats.steps += 1
+        if step.bad:
+            self._rollback()
+            self.stats.skipped_steps += 1
+        else:
+            for state in self.states:
+                state.commit()
+            self.step += 1
 
     def _begin(self) -> _Step:
-        """A new step: the world may have changed (elastic), the plan with it."""
+        """A new step: the last one is finalized; the world may have changed (elastic), the
+        plan with it."""
+        if self._step is not None and not self._step.finalized and self._step.grads:
+            if self._step.results is None and self.plan.engine_buckets:
+                # compressed buckets were never flushed (no synchronize()?): drop that step
+                self._step.bad.add(-1)
+            self.finalize()
         comm = _Counted(self._comm_factory(), self.stats)
         if self.plan is None or (comm.size, comm.rank) != (self.plan.world, self.plan.rank):
             owner = (self.plan.world, self.plan.rank) if self.plan is not None else self._loaded_owner
@@ -163,9 +225,14 @@ class Engine:
 
     def _replan(self) -> None:
         link = self.link or cost.ASSUMED
-        self.plan = Plan(self.comm.size, self.comm.rank, link, self.link_source, self.cap_bytes,
-                         [plan_bucket(b, self.comm.size, link, self.speeds.get(id(b.method), Speed()),
-                                      self.step) for b in self.buckets])
+        plans = []
+        for b in self.buckets:
+            bplan = plan_bucket(b, self.comm.size, link, self.speeds.get(id(b.method), Speed()), self.step)
+            bplan.external = (self.external_dense and bplan.route is DENSE and not b.method.transforms_gradients
+                              and all(m.dtype in _HOROVOD_DTYPES for m in b.members))
+            plans.append(bplan)
+        self.plan = Plan(self.comm.size, self.comm.rank, link, self.link_source, self.cap_bytes, plans)
+        self.plan.stateful = any(not p.external for p in plans) or any(s.buffers for s in self.states)
 
     def _launch(self, bucket: Bucket, step: _Step) -> None:
         """Fill the bucket's input, check it, and start its route (in the hook)."""
@@ -176,18 +243,21 @@ class Engine:
         x = self._inputs.get(bucket.index)
         if x is None or x.device != device:
             x = self._inputs[bucket.index] = torch.empty(bucket.numel, dtype=torch.float32, device=device)
+            self._outputs[bucket.index] = torch.empty_like(x)
         self.stats.bytes_dense += 4 * bucket.numel
         try:
             state.to(device)
             x = method.prepare(bucket, grads, x, state, self.comm)
-            self._check_finite(bucket, x, step)
             compressed = bplan.route is not DENSE
+            if compressed:  # (dense sums carry inf/NaN by themselves)
+                self._check_finite(bucket, x, step)
             residual = None
             if "residual" in state.buffers or (compressed and method.error_feedback):
                 residual = state.buffer("residual", device).begin()
             job = Job(x, bucket.tensor_id, method.codec_at(self.step), bucket.segments(method.scope),
                       residual, self.comm, f"{self.tag}.b{bucket.index}", self.step,
-                      lambda r: rank_seed(method.seed, r), self._server_buffer(bucket, device))
+                      lambda r: rank_seed(method.seed, r), self._server_buffer(bucket, device),
+                      average=self.average, out=self._outputs[bucket.index])
             try:
                 pending = bplan.route.start(job)
             except FloatingPointError:  # a codec overflowed on finite input (QSGD's norm)
@@ -215,9 +285,9 @@ class Engine:
 
     @staticmethod
     def _check_finite(bucket: Bucket, x: torch.Tensor, step: _Step) -> None:
-        """One min/max pass over the bucket (NaN propagates into both, +-inf is the max or the
-        min); per member only when something is wrong.  Non-finite members are sent as zeros."""
-        if not x.numel() or bool(torch.isfinite(torch.stack(torch.aminmax(x))).all()):
+        """One min/max pass over the bucket; per member only when something is wrong.
+        Non-finite members are sent as zeros (and flagged in the header)."""
+        if _finite(x):
             return
         for m, offset in zip(bucket.members, bucket.offsets):
             part = x[offset:offset + m.numel]
@@ -233,28 +303,27 @@ class Engine:
         step.header = self.comm.allgather(row, f"{self.tag}.header")
 
     def flush(self) -> None:
-        """Finish the step (see the module docstring); raises on every rank if any rank failed."""
+        """Finish the step's engine buckets (see the module docstring); raises on every rank if
+        any rank failed."""
         step = self._step
         if step.broken:
             step.results = {}
             raise RuntimeError("hvd_compress: this rank could not start the step:\n" + "\n".join(step.errors))
         try:
-            for bucket in self.buckets:
+            live = [b for b in self.buckets if not self.plan.buckets[b.index].external]
+            for bucket in live:
                 if bucket.index not in step.pending:     # members that never came: zeros
                     self._launch(bucket, step)
             if step.header is None:
                 self._start_header(step)
             rows = step.header.wait().tolist()
             self._check_header(rows, step)
-            live = [(b, step.pending[b.index]) for b in self.buckets]
-            for bucket, pending in live:
-                self.plan.buckets[bucket.index].route.advance(pending)
+            for bucket in live:
+                self.plan.buckets[bucket.index].route.advance(step.pending[bucket.index])
             results = {}
-            for bucket, pending in live:
-                out = self.plan.buckets[bucket.index].route.finish(pending)
-                if self.average:
-                    out.div_(self.comm.size)
-                results[bucket.index] = out
+            for bucket in live:
+                pending = step.pending[bucket.index]
+                results[bucket.index] = self.plan.buckets[bucket.index].route.finish(pending)
                 self.stats.bytes_sent += pending.sent
                 self.stats.bytes_received += pending.received
             flagged = {i for i in range(len(self.members)) if any(row[3 + i] == 0 for row in rows)}
@@ -262,32 +331,46 @@ class Engine:
                 bucket, pos = self._where[i]
                 offset = bucket.offsets[pos]
                 results[bucket.index][offset:offset + bucket.members[pos].numel].fill_(float("nan"))
-            bad = flagged | self._non_finite_outputs(results)
+            step.bad |= flagged | self._non_finite_outputs(results, live)
+            for bucket in live:
+                self._write_back(bucket, results[bucket.index], step, step.pending[bucket.index].averaged)
             step.results = results
-            self.stats.steps += 1
-            if bad:
-                self._rollback()
-                self.stats.skipped_steps += 1
-            else:
-                for state in self.states:
-                    state.commit()
-                self.step += 1
-                if self.link is None:
-                    self._measure()
+            if self.link is None:
+                self._measure()
+            if all(not self.plan.buckets[b.index].external for b in self.buckets):
+                self.finalize()     # nothing else can change the verdict
         except BaseException:
             self._rollback()
             step.results = {}
+            step.finalized = True
             raise
 
-    def _non_finite_outputs(self, results: dict[int, torch.Tensor]) -> set[int]:
+    def _write_back(self, bucket: Bucket, out: torch.Tensor, step: _Step, averaged: bool,
+                    only: int | None = None) -> None:
+        """Each member's slice of the bucket's sum into the gradient tensor it came in (divided
+        by the world size for Average: sum / size exactly, fused with the copy)."""
+        divide = self.average and not averaged
+        for m, offset in zip(bucket.members, bucket.offsets):
+            grad = step.grads.get(m.index)
+            if grad is None or only not in (None, m.index):
+                continue
+            src = out[offset:offset + m.numel].view(grad.shape)
+            if divide and grad.dtype == torch.float32:
+                torch.div(src, self.comm.size, out=grad)
+            else:
+                grad.copy_(src / self.comm.size if divide else src)
+
+    def _non_finite_outputs(self, results: dict[int, torch.Tensor], live: list[Bucket]) -> set[int]:
         """Members whose aggregate holds inf/NaN although every input was finite (a sum or a
         codec overflowed, e.g. stochastic fp16): the same on every rank, since the outputs are.
         One min/max pass per bucket, read on the host in one go."""
+        if not live:
+            return set()
         extremes = torch.stack([torch.stack(torch.aminmax(results[b.index])) if b.numel
-                                else torch.zeros(2) for b in self.buckets])
+                                else torch.zeros(2, device=results[b.index].device) for b in live])
         finite = torch.isfinite(extremes).all(1).tolist()
         bad = set()
-        for bucket, ok in zip(self.buckets, finite):
+        for bucket, ok in zip(live, finite):
             if not ok:
                 for m, offset in zip(bucket.members, bucket.offsets):
                     if not bool(torch.isfinite(results[bucket.index][offset:offset + m.numel]).all()):
@@ -315,11 +398,13 @@ class Engine:
             state.rollback()
 
     def _measure(self) -> None:
-        """Measure the link and the codecs once, agree across ranks, re-plan (in the flush)."""
+        """Measure the link and the codecs once, agree across ranks, re-plan (in the flush; the
+        new plan applies from the next step)."""
         device = next(iter(self._inputs.values())).device if self._inputs else torch.device("cpu")
         self.link = cost.measure_link(self.comm, device, f"{self.tag}.link")
         self.link_source = "measured"
-        for i, method in enumerate({id(b.method): b.method for b in self.buckets if not b.small}.values()):
+        methods = {id(b.method): b.method for b in self.buckets if not b.small and b.method.codec is not None}
+        for i, method in enumerate(methods.values()):
             self.speeds[id(method)] = cost.measure_speed(self.comm, method.codec_at(self.step),
                                                          method.error_feedback, device,
                                                          f"{self.tag}.speed{i}")
@@ -328,9 +413,10 @@ class Engine:
     # -- state ---------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """This rank's state: per member its buffers (views of the committed flat buffers),
+        """(Finalizes the last step first.)  This rank's state: per member its buffers (views of the committed flat buffers),
         the committed step, the link and codec speeds the plan used, and server residuals per
         bucket (valid for the same layout and world only)."""
+        self.finalize()
         params: dict[str, dict[str, torch.Tensor]] = {}
         server: dict[str, torch.Tensor] = {}
         for bucket, state in zip(self.buckets, self.states):

@@ -73,8 +73,8 @@ class LocalComm:
         def combine(ts: list[torch.Tensor]) -> torch.Tensor:
             out = ts[0].clone()
             for t in ts[1:]:
-                out = out + t if op == "sum" else torch.maximum(out, t)
-            return out
+                out = torch.maximum(out, t) if op == "max" else out + t
+            return out / len(ts) if op == "average" else out
         return self._rv.run(name, self.rank, tensor.detach().clone(), combine)
 
     def allgather(self, tensor: torch.Tensor, name: str):

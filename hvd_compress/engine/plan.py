@@ -28,6 +28,8 @@ class BucketPlan:
     seconds: float            # predicted time of the chosen route
     dense_seconds: float      # predicted time uncompressed
     why: str
+    #: sent by the caller itself (Horovod's own allreduce), not by the engine
+    external: bool = False
 
 
 @dataclass
@@ -38,12 +40,19 @@ class Plan:
     link_source: str
     cap_bytes: int
     buckets: list[BucketPlan]
+    #: the step has state to protect (compressed buckets, or buffers): check dense outputs too
+    stateful: bool = True
+
+    @property
+    def engine_buckets(self) -> bool:
+        """Whether the engine sends any bucket itself (else it needs no header nor flush)."""
+        return any(not b.external for b in self.buckets)
 
     @property
     def digest(self) -> int:
         """63-bit digest of everything that decides collectives: compared across ranks."""
         text = "|".join([str(self.world), str(self.cap_bytes)] + [
-            f"{b.bucket.describe()}:{b.bucket.numel}:{b.route.name}:{b.bucket.method.config()}"
+            f"{b.bucket.describe()}:{b.bucket.numel}:{b.route.name}:{b.external}:{b.bucket.method.config()}"
             for b in self.buckets])
         return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
 
@@ -55,7 +64,8 @@ class Plan:
         for b in self.buckets:
             lines.append(
                 f"{b.bucket.index:>6}  {b.bucket.describe()[:44]:<44} {b.bucket.numel:>11,}  "
-                f"{b.bucket.method.name[:12]:<12} {b.route.name:<16} {_size(b.received_bytes):>10} "
+                f"{b.bucket.method.name[:12]:<12} {'horovod' if b.external else b.route.name:<16} "
+                f"{_size(b.received_bytes):>10} "
                 f"{b.seconds * 1e3:>8.2f}ms {b.dense_seconds * 1e3:>8.2f}ms  {b.why}")
         return "\n".join(lines)
 

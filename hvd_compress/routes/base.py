@@ -7,7 +7,8 @@ A route is a small stateless object chosen once per bucket at plan time:
 * ``advance(pending)`` runs in the flush (``synchronize()``), in bucket order on every rank:
   wait phase 1 and start phase 2 (multi-phase routes only);
 * ``finish(pending)`` runs in the flush, in bucket order: wait, and decode the sum over ranks
-  into a fresh fp32 tensor of the bucket's size.
+  into the job's ``out`` buffer (fp32, the bucket's size, reused from step to step: no fresh
+  memory to fault in), or return a tensor the collective produced.
 
 ``seconds(...)`` predicts the time of one step of the route for the plan (see docs/design.md).
 """
@@ -64,6 +65,8 @@ class Job:
     step: int
     seed_of: Callable[[int], int]        # Philox seed of a rank (rank of comm)
     server: Callable[[int], torch.Tensor | None]  # working server residual of n elements, or None
+    average: bool = False                # the engine wants the mean; a route may deliver it (dense)
+    out: torch.Tensor | None = None      # the bucket's reused fp32 output buffer (see Route.finish)
 
     def key(self, tensor_id: int, rank: int | None = None) -> RandomKey:
         return RandomKey(self.seed_of(self.comm.rank if rank is None else rank), self.step & 0xFFFFFFFF,
@@ -79,6 +82,7 @@ class Pending:
     payloads: list[Payload] = field(default_factory=list)   # this rank's phase-1 payloads
     extra: dict = field(default_factory=dict)
     received: int = 0
+    averaged: bool = False               # finish() returns the mean over ranks, not the sum
 
 
 class Route:
@@ -95,6 +99,7 @@ class Route:
         """Wait phase 1 and start phase 2 (single-phase routes: nothing)."""
 
     def finish(self, pending: Pending) -> torch.Tensor:
+        """The sum (or, with ``pending.averaged``, the mean) over ranks as flat fp32."""
         raise NotImplementedError
 
     def seconds(self, n: int, world: int, payload_bytes: float, segments: int, link: Link,

@@ -19,7 +19,9 @@ class DenseRoute(Route):
             x = x + job.residual
             job.residual.zero_()
         nbytes = x.numel() * FP32
-        return Pending(job, job.comm.allreduce(x, f"{job.tag}.dense"), sent=nbytes, received=nbytes)
+        op = "average" if job.average else "sum"   # uncompressed: Horovod's own averaging
+        return Pending(job, job.comm.allreduce(x, f"{job.tag}.dense", op=op), sent=nbytes,
+                       received=nbytes, averaged=job.average)
 
     def finish(self, pending: Pending) -> torch.Tensor:
         return pending.handle.wait()

@@ -25,7 +25,7 @@ class GatherRoute(Route):
         pending.received = data.numel() - pending.sent
         numels = [seg.numel for seg in job.segments]
         blocks = wire.unpack(data, job.codec, [numels] * job.comm.size)
-        out = torch.zeros(job.x.numel(), dtype=torch.float32, device=job.x.device)
+        out = job.out.zero_()
         for s, seg in enumerate(job.segments):
             job.codec.decode_accumulate([rank_blocks[s] for rank_blocks in blocks],
                                         out[seg.offset:seg.offset + seg.numel])

@@ -62,7 +62,7 @@ class TwoPhaseRoute(Route):
         pending.received += data.numel() - pending.extra["own_phase2"]
         size = job.comm.size
         chunks = wire.unpack(data, job.codec, [[bounds[c + 1] - bounds[c]] for c in range(size)])
-        out = torch.zeros(job.x.numel(), dtype=torch.float32, device=job.x.device)
+        out = job.out.zero_()
         for c in range(size):
             job.codec.decode_accumulate(chunks[c], out[bounds[c]:bounds[c + 1]])
         return out
