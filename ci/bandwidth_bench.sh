@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
-# Bandwidth-limited benchmark: 2 Horovod ranks (Gloo) inside a private network namespace whose
-# loopback is rate-limited with tc (tbf), every compressor at every rate over the same link, plus
-# one run without a limit; writes out/bandwidth/results.jsonl and docs/bandwidth.md.
+# Bandwidth-limited benchmark: 2 and 4 Horovod ranks (Gloo) inside a private network namespace
+# whose loopback is rate-limited with tc (tbf), every compressor at every rate over the same link,
+# plus runs without a limit; writes out/bandwidth/results.jsonl and docs/bandwidth.md.
 #
-#   sudo bash ci/bandwidth_bench.sh                      # full run (6-9 minutes on 2 busy cores)
+#   sudo bash ci/bandwidth_bench.sh                      # full run (about an hour on 2 cores)
 #   BW_RATES="100mbit" BW_SPECS="none topk:ratio=0.01" BW_MODEL="--width 64 --depth 2" \
 #   BW_STEPS_100MBIT=2 BW_MINTIME_100MBIT=0 BW_MARKDOWN=/tmp/bw.md bash ci/bandwidth_bench.sh   # what the smoke test runs
 #
 # Needs root (ip netns, tc) and an installed environment (.venv with horovodrun; ci/install.sh).
 # The tree's own hvd_compress is used (C library built in place, PYTHONPATH=.), not the venv's copy.
 # Settings (environment):
+#   BW_NP        world sizes (default "2 4")
 #   BW_RATES     rates as tc spells them, and/or "unlimited"   (default "100mbit 1gbit unlimited")
-#   BW_SPECS     compressions (default "none hvd-fp16 fp16 qsgd:bits=4 terngrad topk:ratio=0.01";
+#   BW_SPECS     compressions (default "none hvd-fp16 terngrad qsgd:bits=4 topk:ratio=0.01";
 #                specs this tree's hvd_compress does not know are skipped and listed as not run)
+#   BW_SPECS_<RATE>, BW_SPECS_<RATE>_NP<N>: more specs at that rate (and world size); by default
+#                the layer-wise variants (bucket_cap_mb=0) at 1gbit with 2 ranks
 #   BW_STEPS_<RATE>, BW_MINTIME_<RATE>, BW_WARMUP_<RATE>: at least this many timed steps, and
 #                on until they take this many seconds (BW_MAX_STEPS at most, 30), after this many
 #                warm-up steps; e.g. BW_STEPS_100MBIT=3 BW_MINTIME_100MBIT=10 BW_WARMUP_100MBIT=1
-#   BW_MODEL     extra arguments for the model (default: the script's 10.5M-parameter MLP)
-#   BW_TIMEOUT   seconds per horovodrun (default 240); BW_CALIBRATE seconds per goodput test (2)
+#   BW_MODEL     model arguments (default "--model resnet50": ResNet-50's 161 parameter shapes)
+#   BW_TIMEOUT   seconds per horovodrun (default 600); BW_CALIBRATE seconds per goodput test (2)
 #   BW_OUT       results directory (out/bandwidth); BW_MARKDOWN report (docs/bandwidth.md, "" = none)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,10 +37,12 @@ PY=${PYTHON:-$ROOT/.venv/bin/python}
 [ -x "$(dirname "$PY")/horovodrun" ] || bash ci/install.sh
 HOROVODRUN=$(dirname "$PY")/horovodrun
 
+NPS=${BW_NP:-2 4}
 RATES=${BW_RATES:-100mbit 1gbit unlimited}
-SPECS=${BW_SPECS:-none hvd-fp16 fp16 qsgd:bits=4 terngrad topk:ratio=0.01}
-MODEL=${BW_MODEL:-}
-TIMEOUT=${BW_TIMEOUT:-240}
+SPECS=${BW_SPECS:-none hvd-fp16 terngrad qsgd:bits=4 topk:ratio=0.01}
+BW_SPECS_1GBIT_NP2=${BW_SPECS_1GBIT_NP2-terngrad:bucket_cap_mb=0 topk:ratio=0.01,bucket_cap_mb=0}
+MODEL=${BW_MODEL:---model resnet50}
+TIMEOUT=${BW_TIMEOUT:-600}
 CALIBRATE=${BW_CALIBRATE:-2}
 OUT=${BW_OUT:-out/bandwidth}
 MARKDOWN=${BW_MARKDOWN-docs/bandwidth.md}
@@ -109,20 +114,25 @@ steps_for() {
 }
 MAX_STEPS=${BW_MAX_STEPS:-30}
 
-# Which specs this tree can build (terngrad/qsgd/fp16 land separately).
-RUN_SPECS=()
-for spec in $SPECS; do
-    case $spec in
-        none|hvd-fp16) RUN_SPECS+=("$spec"); continue ;;
-    esac
-    if reason=$("$PY" -c 'import sys, hvd_compress; hvd_compress.from_spec(sys.argv[1])' "$spec" 2>&1); then
-        RUN_SPECS+=("$spec")
-    else
-        reason=$(echo "$reason" | tail -n 1 | tr -d '"\\')
-        echo "skipping $spec: $reason"
-        printf '{"bench": "skipped", "compression": "%s", "reason": "%s"}\n' "$spec" "$reason" >> "$RESULTS"
-    fi
-done
+# The specs of one (rate, world size) that this tree can build; the others are listed as not run.
+specs_for() {  # specs_for RATE NP
+    local key var extra spec reason
+    key=$(echo "$1" | tr '[:lower:]' '[:upper:]')
+    var="BW_SPECS_$key"; extra="${!var:-}"
+    var="BW_SPECS_${key}_NP$2"; extra="$extra ${!var:-}"
+    for spec in $SPECS $extra; do
+        case $spec in
+            none|hvd-fp16) echo "$spec"; continue ;;
+        esac
+        if reason=$("$PY" -c 'import sys, hvd_compress; hvd_compress.from_spec(sys.argv[1])' "$spec" 2>&1); then
+            echo "$spec"
+        else
+            reason=$(echo "$reason" | tail -n 1 | tr -d '"\\')
+            echo "skipping $spec: $reason" >&2
+            printf '{"bench": "skipped", "compression": "%s", "reason": "%s"}\n' "$spec" "$reason" >> "$RESULTS"
+        fi
+    done
+}
 
 for rate in $RATES; do
     tbf=$(tbf_args "$rate")
@@ -139,20 +149,22 @@ for rate in $RATES; do
     bounded timeout -k 5 60 ip netns exec "$NS" "$PY" examples/bandwidth_bench.py --calibrate "$CALIBRATE" \
         --rate-label "$label" "${linkdev[@]}" --tc "${tbf:+tbf $tbf}" --out "$RESULTS"
     read -r steps warmup mintime <<< "$(steps_for "$rate")"
-    for spec in "${RUN_SPECS[@]}"; do
-        echo "-- $label $spec ($warmup warm-up, then >= $steps steps and >= $mintime s)"
+    for np in $NPS; do
+    mapfile -t run_specs < <(specs_for "$rate" "$np")
+    for spec in "${run_specs[@]}"; do
+        echo "-- $label np=$np $spec ($warmup warm-up, then >= $steps steps and >= $mintime s)"
         start=$SECONDS
-        log=$OUT/log-$label-$(echo "$spec" | tr -c 'A-Za-z0-9.=\n' '_').txt
+        log=$OUT/log-$label-np$np-$(echo "$spec" | tr -c 'A-Za-z0-9.=\n' '_').txt
         rc=0
         # shellcheck disable=SC2086
-        bounded timeout -k 10 "$TIMEOUT" ip netns exec "$NS" "$HOROVODRUN" -np 2 -H localhost:2 --gloo \
+        bounded timeout -k 10 "$TIMEOUT" ip netns exec "$NS" "$HOROVODRUN" -np "$np" -H "localhost:$np" --gloo \
             "$PY" examples/bandwidth_bench.py --compression "$spec" --steps "$steps" --warmup "$warmup" \
             --min-time "$mintime" --max-steps "$MAX_STEPS" \
             --rate-label "$label" "${linkdev[@]}" --out "$RESULTS" $MODEL > "$log" 2>&1 || rc=$?
         if [ "$rc" != 0 ]; then
             tail -n 20 "$log" >&2
-            printf '{"bench": "failed", "compression": "%s", "rate": "%s", "reason": "exit %s after %ss"}\n' \
-                "$spec" "$label" "$rc" "$((SECONDS - start))" >> "$RESULTS"
+            printf '{"bench": "failed", "compression": "%s", "rate": "%s", "workers": %s, "reason": "exit %s after %ss"}\n' \
+                "$spec" "$label" "$np" "$rc" "$((SECONDS - start))" >> "$RESULTS"
             # Leave nothing behind in the namespace before the next run.
             pids=$(ip netns pids "$NS" 2>/dev/null || true)
             [ -z "$pids" ] || kill -KILL $pids 2>/dev/null || true
@@ -161,11 +173,12 @@ for rate in $RATES; do
         grep -o '{"bench": "bandwidth".*' "$log" | tail -n 1 | cut -c 1-200
         echo "   ($((SECONDS - start)) s)"
     done
+    done
 done
 
 if [ -n "$MARKDOWN" ]; then
     command="bash ci/bandwidth_bench.sh"
-    for var in BW_RATES BW_SPECS BW_MODEL BW_TIMEOUT BW_CALIBRATE BW_MAX_STEPS $(compgen -v BW_STEPS_) $(compgen -v BW_WARMUP_) $(compgen -v BW_MINTIME_); do
+    for var in BW_NP BW_RATES BW_SPECS BW_MODEL BW_TIMEOUT BW_CALIBRATE BW_MAX_STEPS $(compgen -v BW_STEPS_) $(compgen -v BW_WARMUP_) $(compgen -v BW_MINTIME_); do
         [ -z "${!var+x}" ] || command="$var=\"${!var}\" $command"
     done
     commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)

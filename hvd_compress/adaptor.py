@@ -183,10 +183,17 @@ class Compressor:
         (steps with a non-finite gradient on some rank, rolled back)."""
         total: dict[str, int] = {}
         for engine in self._live_engines():
+            engine.finalize()      # count the last step once it is over
             for key, value in engine.stats.as_dict().items():
                 total[key] = total.get(key, 0) + value
         return total or {"bytes_sent": 0, "bytes_received": 0, "bytes_dense": 0, "collectives": 0,
                          "steps": 0, "skipped_steps": 0}
+
+    @property
+    def settled(self) -> bool:
+        """True once every engine's plan is final: its link measured (or declared) and its
+        trial over.  Benchmarks warm up until then."""
+        return all(e._trial.settled(e) for e in self._live_engines()) and bool(self._live_engines())
 
     def plan(self) -> str:
         """Every engine's plan: buckets, members, routes, predicted bytes and times."""

@@ -19,6 +19,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.horovod]
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "ci" / "bandwidth_bench.sh"
 TIMEOUT = 240
+#: forced: the tiny model's tensors are too small for compression to pay by the default plan
+TOPK = "topk:ratio=0.01,route='compressed'"
 
 
 def _namespaces() -> set[str]:
@@ -45,8 +47,8 @@ def test_bandwidth_bench_smoke(tmp_path):
     reason = _can_make_namespaces()
     if reason:
         pytest.skip(reason)
-    env = dict(os.environ, BW_RATES="100mbit", BW_SPECS="none topk:ratio=0.01",
-               BW_MODEL="--width 64 --depth 2 --in-features 64", BW_STEPS_100MBIT="2",
+    env = dict(os.environ, BW_NP="2", BW_RATES="100mbit", BW_SPECS=f"none {TOPK}",
+               BW_MODEL="--model mlp --width 64 --depth 2 --in-features 64", BW_STEPS_100MBIT="2",
                BW_WARMUP_100MBIT="1", BW_MINTIME_100MBIT="0", BW_CALIBRATE="0.3", BW_TIMEOUT="120",
                BW_OUT=str(tmp_path), BW_MARKDOWN=str(tmp_path / "bandwidth.md"))
     proc = subprocess.Popen(["bash", str(SCRIPT)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -76,13 +78,13 @@ def test_bandwidth_bench_smoke(tmp_path):
     link = next(r for r in records if r["bench"] == "link")
     assert 50e6 < link["goodput_1_stream_bits"] < 110e6, link  # the tbf is in the path
     runs = {r["compression"]: r for r in records if r["bench"] == "bandwidth"}
-    assert set(runs) == {"none", "topk:ratio=0.01"}, log[-4000:]
+    assert set(runs) == {"none", TOPK}, log[-4000:]
     for r in runs.values():
         assert r["rate"] == "100mbit" and r["workers"] == 2 and r["steps"] == 2
         assert r["step_s"] > 0 and r["compute_s"] > 0 and r["link_bytes_per_step"] > 0
-    dense, topk = runs["none"], runs["topk:ratio=0.01"]
+    dense, topk = runs["none"], runs[TOPK]
     assert dense["bytes_sent_per_rank"] == [dense["dense_bytes"]] * 2
     assert max(topk["bytes_sent_per_rank"]) < dense["dense_bytes"] / 4
     assert topk["link_bytes_per_step"] < dense["link_bytes_per_step"]
     report = (tmp_path / "bandwidth.md").read_text()
-    assert "### 100mbit" in report and "`topk:ratio=0.01`" in report
+    assert "### 2 ranks, 100mbit" in report and f"`{TOPK}`" in report

@@ -526,3 +526,61 @@ def test_engine_over_the_cuda_code_path_is_bit_identical(spec):
     for rank in range(2):
         for got, want in zip(emulated[rank], reference[rank][0]):
             assert all(same_bits(a, b) for a, b in zip(got, want))
+
+
+def run_like_the_adaptor(spec: str, world: int, steps: int, *, link=SLOW, grad_fn=grad):
+    """Engines with external dense buckets, driven as the Horovod adaptor drives them: members
+    the engine returns are allreduced by the caller (here LocalWorld's Average) and reported
+    back; all add() calls of a step come before any result."""
+    method = hvd_compress.from_spec(spec)
+    members = members_of(method)
+
+    def fn(comm):
+        engine = Engine(members, lambda: comm, average=True, cap_bytes=25 * 2 ** 20, link=link,
+                        name="t", external_dense=True)
+        outs = []
+        for step in range(steps):
+            external = {}
+            for m in reversed(members):
+                g = grad_fn(comm.rank, step, m)
+                if not engine.add(m.index, g):
+                    external[m.index] = comm.allreduce(g, f"horovod.{m.name}", op="average")
+            outs.append([engine.external_result(i, external[i].wait()) if i in external
+                         else engine.result(i).clone() for i in range(len(members))])
+        return outs, engine
+    return LocalWorld(world).run(fn)
+
+
+def test_non_finite_uncompressed_member_rolls_back_the_compressed_ones():
+    """inf in a member Horovod sends uncompressed (p2, below min_numel) on one rank: the
+    compressed members' state must not move either (GradScaler skips the whole step)."""
+    def poisoned(rank, step, m):
+        g = grad(rank, step, m)
+        if (rank, step, m.index) == (1, 1, 2):
+            g[0] = float("inf")
+        return g
+    results = run_like_the_adaptor("topk:ratio=0.05,route='compressed'", 2, 3, grad_fn=poisoned)
+    reference = run_like_the_adaptor("topk:ratio=0.05,route='compressed'", 2, 2,
+                                     grad_fn=lambda r, s, m: grad(r, 2 * s, m))
+    for rank, (outs, engine) in enumerate(results):
+        assert math.isinf(outs[1][2][0]) and bool(torch.isfinite(outs[1][0]).all())
+        engine.finalize()
+        assert engine.stats.skipped_steps == 1 and engine.step == 2
+        assert engine.plan.buckets[0].external and not engine.plan.buckets[1].external
+        # step 2 after the skipped step 1 is step 1 of a run that never saw it
+        assert all(same_bits(a, b) for a, b in zip(outs[2][:2], reference[rank][0][1][:2]))
+
+
+def test_measured_trial_decides_between_compressed_and_uncompressed(monkeypatch):
+    """With a measured link the engine times 3 compressed and 3 uncompressed steps and keeps the
+    faster; every rank takes the same decision (from the step headers).  (The link measured
+    between threads is memory-fast: a slow one is reported so that the model compresses.)"""
+    from hvd_compress.engine import cost
+    monkeypatch.setattr(cost, "measure_link", lambda comm, device, tag: Link.gbps(0.01))
+    results = run_like_the_adaptor("terngrad", 2, 9, link=None)
+    plans = [str(engine.plan) for _, engine in results]
+    assert plans[0].splitlines()[0] == plans[1].splitlines()[0]
+    assert "s/step compressed vs" in plans[0] and "kept" in plans[0]
+    trial = results[0][1].state_dict()["trial"]
+    assert trial["phase"] == "done" and all(len(v) >= 2 for v in trial["samples"].values())
+    assert_ranks_agree(results)

@@ -17,6 +17,8 @@ See docs/design.md ("The engine") for the reasoning.
 """
 from __future__ import annotations
 
+import statistics
+import time
 import traceback
 import zlib
 from dataclasses import dataclass, field
@@ -31,6 +33,8 @@ from .plan import DENSE, Plan, plan_bucket
 from .state import BucketState
 
 _MASK64 = (1 << 64) - 1
+#: int32 words of the step header before the per-member finite flags
+_HEAD = 5
 #: what Horovod 0.28.1's allreduce takes (bf16 members stay in the engine, which casts to fp32)
 _HOROVOD_DTYPES = (torch.float16, torch.float32, torch.float64)
 
@@ -78,6 +82,7 @@ class _Step:
     header: Any = None
     results: dict[int, torch.Tensor] | None = None                     # bucket index -> fp32 sum
     bad: set[int] = field(default_factory=set)                         # members non-finite anywhere
+    reported: int = 0                                                  # external results seen
     finalized: bool = False
     broken: bool = False                                               # no comm: cannot take part
 
@@ -123,6 +128,7 @@ class Engine:
         self._outputs: dict[int, torch.Tensor] = {}  # bucket index -> reused flat output buffer
         self._step: _Step | None = None
         self._loaded_owner: tuple[int, int] | None = None   # (world, rank) of a loaded state
+        self._trial = Trial()
 
     # -- the step ----------------------------------------------------------------------------
 
@@ -149,7 +155,7 @@ class Engine:
             step.arrived[bucket.index] += 1
             if step.arrived[bucket.index] == len(bucket.members) and not external:
                 self._launch(bucket, step)
-            if len(step.grads) == len(self.members) and self.plan.engine_buckets:
+            if len(step.grads) == len(self.members) and (self.plan.engine_buckets or self._trial.running):
                 self._start_header(step)
             return not external
         except Exception:  # noqa: BLE001 - recorded, raised in synchronize() on every rank
@@ -179,10 +185,20 @@ class Engine:
 
     def external_result(self, index: int, output: torch.Tensor) -> torch.Tensor:
         """The aggregate of an external member (Horovod's allreduce output), returned as it is;
-        checked for inf/NaN when the step has state to protect (one min/max pass)."""
+        checked for inf/NaN when the step has state to protect (one min/max pass).  (The last
+        one of a step without engine buckets waits for the step header when a trial needs it.)"""
         step = self._step
-        if step is not None and self.plan.stateful and not _finite(output):
+        if step is None:
+            return output
+        if self.plan.stateful and not _finite(output):
             step.bad.add(index)
+        step.reported += 1
+        if step.reported == len(step.grads) and step.results is None and not self.plan.engine_buckets:
+            step.results = {}                # the step is over (no flush: nothing of ours in flight)
+            if step.header is not None:      # a trial step: (in synchronize(), waiting is allowed)
+                self._read_header(step.header.wait().tolist(), step)
+            if self.link is None:
+                self._measure()
         return output
 
     def finalize(self) -> None:
@@ -190,8 +206,8 @@ class Engine:
         back.  Runs at the next step's start, or at once in the flush when no member is
         external; :meth:`state_dict` runs it too."""
         step = self._step
-        if step is None or step.finalized or step.broken:
-            return
+        if step is None or step.finalized or step.broken or step.results is None:
+            return          # (a step still in flight is finalized when it is over)
         step.finalized = True
         self.stats.steps += 1
         if step.bad:
@@ -206,17 +222,22 @@ class Engine:
         """A new step: the last one is finalized; the world may have changed (elastic), the
         plan with it."""
         if self._step is not None and not self._step.finalized and self._step.grads:
-            if self._step.results is None and self.plan.engine_buckets:
-                # compressed buckets were never flushed (no synchronize()?): drop that step
-                self._step.bad.add(-1)
+            if self._step.results is None:
+                # never finished (no synchronize(), or an error in it): drop that step
+                self._rollback()
+                self._step.finalized = True
             self.finalize()
         comm = _Counted(self._comm_factory(), self.stats)
-        if self.plan is None or (comm.size, comm.rank) != (self.plan.world, self.plan.rank):
+        replan = self._trial.next_step(self)
+        if replan or self.plan is None or (comm.size, comm.rank) != (self.plan.world, self.plan.rank):
             owner = (self.plan.world, self.plan.rank) if self.plan is not None else self._loaded_owner
             if owner not in (None, (comm.size, comm.rank)):
                 # chunk ownership moved: the server residuals mean nothing now
                 for state in self.states:
                     state.buffers.pop("server", None)
+                if self.link_source == "measured" and owner[0] != comm.size:
+                    # another world (elastic): measure the link and run the trial again
+                    self.link, self.link_source, self._trial = None, "assumed until measured", Trial()
             self.comm = comm
             self._replan()
         self.comm = comm
@@ -226,12 +247,15 @@ class Engine:
     def _replan(self) -> None:
         link = self.link or cost.ASSUMED
         plans = []
+        dense = self._trial.dense_reason()
         for b in self.buckets:
-            bplan = plan_bucket(b, self.comm.size, link, self.speeds.get(id(b.method), Speed()), self.step)
+            bplan = plan_bucket(b, self.comm.size, link, self.speeds.get(id(b.method), Speed()), self.step,
+                                dense_if_auto=dense)
             bplan.external = (self.external_dense and bplan.route is DENSE and not b.method.transforms_gradients
                               and all(m.dtype in _HOROVOD_DTYPES for m in b.members))
             plans.append(bplan)
-        self.plan = Plan(self.comm.size, self.comm.rank, link, self.link_source, self.cap_bytes, plans)
+        self.plan = Plan(self.comm.size, self.comm.rank, link, self.link_source, self.cap_bytes, plans,
+                         decided=self._trial.summary())
         self.plan.stateful = any(not p.external for p in plans) or any(s.buffers for s in self.states)
 
     def _launch(self, bucket: Bucket, step: _Step) -> None:
@@ -296,9 +320,11 @@ class Engine:
                 part.zero_()
 
     def _start_header(self, step: _Step) -> None:
-        """This rank's step header: plan digest, error flag, one finite flag per member."""
+        """This rank's step header: plan digest, error flag, the previous step's trial variant
+        and wall time (microseconds), one finite flag per member."""
         digest = self.plan.digest
-        head = [digest & 0x7FFFFFFF, (digest >> 31) & 0x7FFFFFFF, int(bool(step.errors))]
+        head = [digest & 0x7FFFFFFF, (digest >> 31) & 0x7FFFFFFF, int(bool(step.errors)),
+                *self._trial.last]
         row = torch.tensor([head + [int(f) for f in step.finite]], dtype=torch.int32)
         step.header = self.comm.allgather(row, f"{self.tag}.header")
 
@@ -317,7 +343,7 @@ class Engine:
             if step.header is None:
                 self._start_header(step)
             rows = step.header.wait().tolist()
-            self._check_header(rows, step)
+            self._read_header(rows, step)
             for bucket in live:
                 self.plan.buckets[bucket.index].route.advance(step.pending[bucket.index])
             results = {}
@@ -326,7 +352,7 @@ class Engine:
                 results[bucket.index] = self.plan.buckets[bucket.index].route.finish(pending)
                 self.stats.bytes_sent += pending.sent
                 self.stats.bytes_received += pending.received
-            flagged = {i for i in range(len(self.members)) if any(row[3 + i] == 0 for row in rows)}
+            flagged = {i for i in range(len(self.members)) if any(row[_HEAD + i] == 0 for row in rows)}
             for i in flagged:   # zeros went on the wire for them: every rank makes them NaN
                 bucket, pos = self._where[i]
                 offset = bucket.offsets[pos]
@@ -377,6 +403,10 @@ class Engine:
                         bad.add(m.index)
         return bad
 
+    def _read_header(self, rows: list[list[int]], step: _Step) -> None:
+        self._check_header(rows, step)
+        self._trial.record(rows, self)
+
     def _check_header(self, rows: list[list[int]], step: _Step) -> None:
         digests = [(r[0], r[1]) for r in rows]
         if len(set(digests)) != 1:
@@ -398,8 +428,10 @@ class Engine:
             state.rollback()
 
     def _measure(self) -> None:
-        """Measure the link and the codecs once, agree across ranks, re-plan (in the flush; the
-        new plan applies from the next step)."""
+        """Measure the link and the codecs once, agree across ranks, re-plan, and start the
+        trial if the new plan compresses anything (in the flush, or at the last uncompressed
+        result of a step without flush: in synchronize(), where waiting is allowed; the new
+        plan applies from the next step)."""
         device = next(iter(self._inputs.values())).device if self._inputs else torch.device("cpu")
         self.link = cost.measure_link(self.comm, device, f"{self.tag}.link")
         self.link_source = "measured"
@@ -409,6 +441,7 @@ class Engine:
                                                          method.error_feedback, device,
                                                          f"{self.tag}.speed{i}")
         self._replan()
+        self._trial.start(self)
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -432,7 +465,7 @@ class Engine:
                 "world": self.plan.world if self.plan else None,
                 "rank": self.plan.rank if self.plan else None,
                 "link": None if self.link is None else vars(self.link).copy(),
-                "link_source": self.link_source, "speeds": speeds}
+                "link_source": self.link_source, "speeds": speeds, "trial": self._trial.state()}
 
     def load_state_dict(self, sd: dict) -> None:
         """Restore a :meth:`state_dict` (buckets may differ: buffers are rebuilt per member)."""
@@ -458,6 +491,7 @@ class Engine:
         if sd.get("link") is not None:
             self.link = Link(**sd["link"])
             self.link_source = sd.get("link_source", "declared")
+        self._trial.load(sd.get("trial"))
         by_name = {b.method.config(): b.method for b in self.buckets}
         self.speeds = {id(by_name[k]): Speed(**v) for k, v in sd.get("speeds", {}).items() if k in by_name}
         self._step = None
@@ -486,3 +520,105 @@ class _Counted:
     def alltoall(self, tensor: torch.Tensor, splits: list[int], name: str):
         self._stats.collectives += 1
         return self._comm.alltoall(tensor, splits, name)
+
+
+class Trial:
+    """Selective compression decided by measurement (with a measured link only).
+
+    The cost model decides where compression should pay; on a machine where the "link" is
+    really memory bandwidth or shared cores, it can be wrong.  So once the link is measured and
+    the model compresses something, the engine runs :data:`STEPS` steps with the model's plan and
+    :data:`STEPS` with every ``route="auto"`` bucket uncompressed (Horovod's own allreduce), times
+    every step from start to start on every rank, and keeps the plan whose median step (the
+    slowest rank's) is shorter; uncompressed wins ties.  The step header carries the times, so
+    every rank takes the same decision without another collective.  The verdict is part of the
+    state (a resumed run keeps it)."""
+
+    STEPS = 3
+    #: no trial when the model predicts compression at least this many times faster: it would
+    #: have to be that wrong (a slow link's uncompressed steps are also the costliest to time)
+    DECISIVE = 10.0
+    _MODEL, _DENSE = 1, 2
+
+    def __init__(self) -> None:
+        self.phase = "off"          # off -> running -> done
+        self.schedule: list[int] = []
+        self.samples: dict[int, list[float]] = {self._MODEL: [], self._DENSE: []}
+        self.verdict: int | None = None
+        self.current = 0            # variant of the step in progress (0: not a trial step)
+        self.note = ""              # how the verdict was reached, when not by timing
+        self._started: float | None = None
+        self.last = [0, 0]          # (variant, microseconds) of the previous step, for the header
+
+    @property
+    def running(self) -> bool:
+        return self.phase == "running"
+
+    def settled(self, engine: "Engine") -> bool:
+        """The plan will not change any more (link known, no trial in progress)."""
+        return engine.link is not None and not self.running
+
+    def start(self, engine: "Engine") -> None:
+        """After the link is measured: run the trial if the model compresses something the
+        trial may turn off, unless the model's margin is decisive."""
+        auto = [b for b in engine.plan.buckets if b.route is not DENSE and b.bucket.method.route == "auto"]
+        if self.phase != "off" or not auto:
+            return
+        predicted = sum(b.seconds for b in auto)
+        if sum(b.dense_seconds for b in auto) >= self.DECISIVE * predicted:
+            self.phase, self.verdict = "done", self._MODEL
+            self.note = f"model: compressed {predicted * 1e3:.1f} ms vs uncompressed " \
+                        f"{sum(b.dense_seconds for b in auto) * 1e3:.1f} ms per step, no trial needed"
+            return
+        self.phase = "running"
+        self.schedule = [self._MODEL] * self.STEPS + [self._DENSE] * self.STEPS
+
+    def next_step(self, engine: "Engine") -> bool:
+        """At a step's start: time the previous step; pick this step's variant.  True when the
+        plan must change."""
+        now = time.perf_counter()
+        self.last = [self.current, int(min((now - self._started) * 1e6, 2 ** 31 - 1))] \
+            if self.current and self._started is not None else [0, 0]
+        self._started = now
+        before = self.current
+        self.current = self.schedule.pop(0) if self.running and self.schedule else 0
+        return (before == self._DENSE) != (self.current == self._DENSE) or \
+            (self.phase == "done" and before != 0)
+
+    def record(self, rows: list[list[int]], engine: "Engine") -> None:
+        """Every rank's time of the previous step (from the header); decide when complete."""
+        if not self.running or not rows or not rows[0][3]:
+            return
+        self.samples[rows[0][3]].append(max(r[4] for r in rows) / 1e6)
+        if all(len(v) >= self.STEPS - 1 for v in self.samples.values()) and not self.schedule:
+            model, dense = (statistics.median(self.samples[k]) for k in (self._MODEL, self._DENSE))
+            self.verdict = self._DENSE if dense <= model else self._MODEL
+            self.phase = "done"
+
+    def dense_reason(self) -> str | None:
+        if self.current == self._DENSE:
+            return "trial: timing uncompressed steps"
+        if self.phase == "done" and self.verdict == self._DENSE:
+            return "measured: uncompressed steps were faster"
+        return None
+
+    def summary(self) -> str:
+        if self.phase != "done":
+            return "trial running" if self.running else ""
+        if self.note:
+            return self.note
+        model, dense = (statistics.median(self.samples[k]) if self.samples[k] else float("nan")
+                        for k in (self._MODEL, self._DENSE))
+        kept = "uncompressed" if self.verdict == self._DENSE else "compressed"
+        return f"measured {model:.3f} s/step compressed vs {dense:.3f} s/step uncompressed: {kept} kept"
+
+    def state(self) -> dict:
+        return {"phase": self.phase, "verdict": self.verdict, "note": self.note,
+                "samples": {str(k): v for k, v in self.samples.items()}}
+
+    def load(self, saved: dict | None) -> None:
+        if not saved or saved.get("phase") != "done":
+            return  # an unfinished trial starts again
+        self.phase, self.verdict, self.note = "done", saved["verdict"], saved.get("note", "")
+        self.samples = {int(k): v for k, v in saved["samples"].items()}
+        self.current = 0

@@ -42,6 +42,8 @@ class Plan:
     buckets: list[BucketPlan]
     #: the step has state to protect (compressed buckets, or buffers): check dense outputs too
     stateful: bool = True
+    #: how the choice between compressing and not was made (the engine's trial), if it was
+    decided: str = ""
 
     @property
     def engine_buckets(self) -> bool:
@@ -58,7 +60,8 @@ class Plan:
 
     def __str__(self) -> str:
         lines = [f"hvd_compress plan: {self.world} ranks, link {self.link} ({self.link_source}), "
-                 f"bucket cap {self.cap_bytes / 2**20:g} MiB, {len(self.buckets)} buckets",
+                 f"bucket cap {self.cap_bytes / 2**20:g} MiB, {len(self.buckets)} buckets"
+                 + (f"; {self.decided}" if self.decided else ""),
                  f"{'bucket':>6}  {'members':<44} {'numel':>11}  {'method':<12} {'route':<16} "
                  f"{'recv/rank':>10} {'predicted':>10} {'dense':>10}  why"]
         for b in self.buckets:
@@ -78,12 +81,15 @@ def _size(n: float) -> str:
     return ""
 
 
-def plan_bucket(bucket: Bucket, world: int, link: Link, speed: Speed, step: int) -> BucketPlan:
+def plan_bucket(bucket: Bucket, world: int, link: Link, speed: Speed, step: int,
+                dense_if_auto: str | None = None) -> BucketPlan:
+    """The route of one bucket.  ``dense_if_auto``: send buckets whose method has
+    ``route="auto"`` uncompressed, for this reason (the engine's measured trial)."""
     method = bucket.method
     n = bucket.numel
     dense_s = DENSE.seconds(n, world, 4 * n, 1, link, speed)
-    if bucket.small or world < 2:
-        why = "below min_numel" if bucket.small else "single rank"
+    if bucket.small or world < 2 or (dense_if_auto and method.route == AUTO):
+        why = "below min_numel" if bucket.small else "single rank" if world < 2 else dense_if_auto
         return BucketPlan(bucket, DENSE, 4 * n, 2 * (world - 1) / max(world, 1) * 4 * n, dense_s, dense_s, why)
     codec = method.codec_at(step)
     payload = method.payload_bytes(bucket, codec)
@@ -101,7 +107,7 @@ def plan_bucket(bucket: Bucket, world: int, link: Link, speed: Speed, step: int)
              for name, route in candidates.items()}
     best = min(timed, key=timed.get)
     route, seconds = candidates[best], timed[best]
-    received = _received(route, payload, n, world)
+    received = received_bytes(route, payload, n, world)
     if wanted == AUTO and dense_s <= seconds:
         return BucketPlan(bucket, DENSE, 4 * n, 2 * (world - 1) / world * 4 * n, dense_s, dense_s,
                           f"compression would not pay ({best}: {seconds * 1e3:.2f} ms)")
@@ -109,7 +115,10 @@ def plan_bucket(bucket: Bucket, world: int, link: Link, speed: Speed, step: int)
     return BucketPlan(bucket, route, payload, received, seconds, dense_s, why)
 
 
-def _received(route: Route, payload: float, n: int, world: int) -> float:
+def received_bytes(route: Route, payload: float, n: int, world: int) -> float:
+    """Bytes each rank receives per step on ``route`` (payload: this rank's bytes)."""
+    if route.name == "dense":
+        return 2 * (world - 1) / world * 4 * n
     if route.name == "allgather":
         return (world - 1) * payload
     if route.name == "allreduce":
