@@ -195,7 +195,9 @@ class Engine:
         step.reported += 1
         if step.reported == len(step.grads) and step.results is None and not self.plan.engine_buckets:
             step.results = {}                # the step is over (no flush: nothing of ours in flight)
-            if step.header is not None:      # a trial step: (in synchronize(), waiting is allowed)
+            if self._trial.running:          # a trial step: (in synchronize(), waiting is allowed)
+                if step.header is None:      # (members that never came, e.g. sparse ones)
+                    self._start_header(step)
                 self._read_header(step.header.wait().tolist(), step)
             if self.link is None:
                 self._measure()
@@ -527,14 +529,18 @@ class Trial:
 
     The cost model decides where compression should pay; on a machine where the "link" is
     really memory bandwidth or shared cores, it can be wrong.  So once the link is measured and
-    the model compresses something, the engine runs :data:`STEPS` steps with the model's plan and
-    :data:`STEPS` with every ``route="auto"`` bucket uncompressed (Horovod's own allreduce), times
-    every step from start to start on every rank, and keeps the plan whose median step (the
-    slowest rank's) is shorter; uncompressed wins ties.  The step header carries the times, so
-    every rank takes the same decision without another collective.  The verdict is part of the
-    state (a resumed run keeps it)."""
+    the model compresses something (without a decisive margin), the engine alternates
+    :data:`STEPS` steps with the model's plan and :data:`STEPS` with every ``route="auto"``
+    bucket uncompressed (Horovod's own allreduce) -- alternating, so that a change in the
+    machine's background load hits both alike -- times every step from start to start on every
+    rank, and keeps compression only if its median step (the slowest rank's) is at least
+    :data:`MARGIN` shorter.  The step header carries the times, so every rank takes the same
+    decision without another collective.  The verdict is part of the state (a resumed run
+    keeps it)."""
 
     STEPS = 3
+    #: compression is kept only if its median step is at most this fraction of uncompressed
+    MARGIN = 0.95
     #: no trial when the model predicts compression at least this many times faster: it would
     #: have to be that wrong (a slow link's uncompressed steps are also the costliest to time)
     DECISIVE = 10.0
@@ -571,7 +577,7 @@ class Trial:
                         f"{sum(b.dense_seconds for b in auto) * 1e3:.1f} ms per step, no trial needed"
             return
         self.phase = "running"
-        self.schedule = [self._MODEL] * self.STEPS + [self._DENSE] * self.STEPS
+        self.schedule = [self._MODEL, self._DENSE] * self.STEPS
 
     def next_step(self, engine: "Engine") -> bool:
         """At a step's start: time the previous step; pick this step's variant.  True when the
@@ -592,7 +598,7 @@ class Trial:
         self.samples[rows[0][3]].append(max(r[4] for r in rows) / 1e6)
         if all(len(v) >= self.STEPS - 1 for v in self.samples.values()) and not self.schedule:
             model, dense = (statistics.median(self.samples[k]) for k in (self._MODEL, self._DENSE))
-            self.verdict = self._DENSE if dense <= model else self._MODEL
+            self.verdict = self._MODEL if model <= self.MARGIN * dense else self._DENSE
             self.phase = "done"
 
     def dense_reason(self) -> str | None:
