@@ -86,7 +86,7 @@ class DataParallel:
             self.optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(self.model, batch)
             loss.backward()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             grads.append([p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params])
 
         def exchange(comm) -> list[torch.Tensor]:
