@@ -83,9 +83,9 @@ COMPRESSED = ["terngrad:route='compressed'", "qsgd:bits=4,route='two_phase'",
 
 
 @pytest.mark.parametrize("spec", COMPRESSED)
-@pytest.mark.parametrize("np", [2, 3])
+@pytest.mark.parametrize("np", [2, 3, 4])
 def test_stock_optimizer_matches_local_world_bit_for_bit(spec, np):
-    results = run_job(_train, np=np, args=(spec,), timeout=120, env=LINK)
+    results = run_job(_train, np=np, args=(spec,), timeout=180, env=LINK)
     expected = _local(spec, np)
     for rank, (steps, stats, plan) in enumerate(results):
         for step, grads in enumerate(steps):
