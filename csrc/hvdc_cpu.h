@@ -39,4 +39,12 @@ void hvdc_fp16sr_encode(const float *g, float *r, hvdc_i64 n, hvdc_u64 seed, hvd
                         hvdc_u32 tensor_id, unsigned short *values, int nthreads);
 void hvdc_fp16_decode_acc(const unsigned short *const *values, int nworkers, hvdc_i64 n, float *out,
                           int nthreads);
+
+/* Sign codecs (csrc/signs.c): kind is HVDC_SIGN_ONEBIT, _SCALED or _PLAIN of kernels/signs.h. */
+void hvdc_sign_stats(const float *g, const float *r, hvdc_i64 n, hvdc_i64 bucket, int kind,
+                     float *sums, hvdc_i64 *counts, float *scales, int nthreads);
+void hvdc_sign_encode(const float *g, float *r, hvdc_i64 n, hvdc_i64 bucket, int kind,
+                      const float *scales, hvdc_u8 *bits, int nthreads);
+void hvdc_sign_decode_acc(const hvdc_u8 *const *bits, const float *const *scales, int nworkers,
+                          hvdc_i64 n, hvdc_i64 bucket, int kind, float *out, int nthreads);
 #endif
