@@ -47,4 +47,13 @@ void hvdc_sign_encode(const float *g, float *r, hvdc_i64 n, hvdc_i64 bucket, int
                       const float *scales, hvdc_u8 *bits, int nthreads);
 void hvdc_sign_decode_acc(const hvdc_u8 *const *bits, const float *const *scales, int nworkers,
                           hvdc_i64 n, hvdc_i64 bucket, int kind, float *out, int nthreads);
+
+/* Random-k and the shared permutation (csrc/randk.c). */
+void hvdc_perm_indices(hvdc_i64 *out, hvdc_i64 k, hvdc_i64 n, int bits, hvdc_u64 seed,
+                       hvdc_u32 step, hvdc_u32 tensor_id, int nthreads);
+void hvdc_randk_gather(float *src, int clear, hvdc_i64 k, hvdc_i64 n, int bits, float scale,
+                       hvdc_u64 seed, hvdc_u32 step, hvdc_u32 tensor_id, float *values, int nthreads);
+void hvdc_randk_scatter_acc(const float *const *values, int nworkers, hvdc_i64 k, hvdc_i64 n,
+                            int bits, hvdc_u64 seed, hvdc_u32 step, hvdc_u32 tensor_id, float *out,
+                            int nthreads);
 #endif

@@ -5,10 +5,11 @@ Importable with no GPU, no CuPy and no Horovod.
 from .base import Codec, Payload, RandomKey
 from .fp16 import StochasticFP16Codec
 from .qsgd import QSGDCodec
+from .randk import RandomKCodec
 from .sign import OneBitCodec, ScaledSignCodec, SignCodec, majority_vote
 from .terngrad import TernGradCodec
 from .topk import TopKCodec
 
-__all__ = ["Codec", "OneBitCodec", "Payload", "QSGDCodec", "RandomKey",
+__all__ = ["Codec", "OneBitCodec", "Payload", "QSGDCodec", "RandomKCodec", "RandomKey",
            "ScaledSignCodec", "SignCodec", "StochasticFP16Codec", "TernGradCodec",
            "TopKCodec", "majority_vote"]
