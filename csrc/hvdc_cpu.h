@@ -56,4 +56,14 @@ void hvdc_randk_gather(float *src, int clear, hvdc_i64 k, hvdc_i64 n, int bits, 
 void hvdc_randk_scatter_acc(const float *const *values, int nworkers, hvdc_i64 k, hvdc_i64 n,
                             int bits, hvdc_u64 seed, hvdc_u32 step, hvdc_u32 tensor_id, float *out,
                             int nthreads);
+
+/* Sketched update (csrc/sketch.c). */
+void hvdc_sketch_encode(const float *g, hvdc_i64 n, hvdc_i64 block, hvdc_i64 kept, const hvdc_i64 *sel,
+                        int bits, int rotate, hvdc_u64 shared_seed, hvdc_u32 shared_step,
+                        hvdc_u32 shared_id, hvdc_u64 seed, hvdc_u32 step, hvdc_u32 tensor_id,
+                        hvdc_u8 *codes, float *ranges, int nthreads);
+void hvdc_sketch_decode_acc(const hvdc_u8 *const *codes, const float *const *ranges, int nworkers,
+                            hvdc_i64 n, hvdc_i64 block, hvdc_i64 kept, const hvdc_i64 *sel, int bits,
+                            int rotate, hvdc_u64 shared_seed, hvdc_u32 shared_step, hvdc_u32 shared_id,
+                            float *out, int nthreads);
 #endif

@@ -22,7 +22,7 @@ import hvd_compress
 from hvd_compress.backends import cuda, emulate, kernel_backend
 from hvd_compress.backends.emulator import SCHEDULES, EmulatedBackend, EmulatorError, kernel_names, load
 from hvd_compress.codecs import (OneBitCodec, QSGDCodec, RandomKCodec, RandomKey, ScaledSignCodec,
-                                  SignCodec, StochasticFP16Codec, TernGradCodec, TopKCodec)
+                                  SignCodec, SketchCodec, StochasticFP16Codec, TernGradCodec, TopKCodec)
 from hvd_compress.codecs.base import Payload
 from hvd_compress.codecs.rng import random_u32
 
@@ -387,8 +387,9 @@ def test_every_kernel_runs_on_the_emulator():
         for codec in (TernGradCodec(), TernGradCodec(bucket_size=64, clip=None), QSGDCodec(),
                       StochasticFP16Codec(), TopKCodec(), TopKCodec(mode="exact"), OneBitCodec(),
                       ScaledSignCodec(bucket_size=64), SignCodec(),
-                      RandomKCodec().with_shared_key(RandomKey(7, 5, 6))):
-            ef = not isinstance(codec, SignCodec)
+                      RandomKCodec().with_shared_key(RandomKey(7, 5, 6)),
+                      SketchCodec(ratio=0.5).with_shared_key(RandomKey(7, 5, 6))):
+            ef = not isinstance(codec, (SignCodec, SketchCodec))
             p = codec.encode(g, RandomKey(4, 5, 6), residual=r.clone() if ef else None)
             codec.decode_accumulate([p, p], torch.zeros(20_000))
         bad = Payload(3, {"indices": torch.tensor([2, 1], dtype=torch.int32),

@@ -7,9 +7,10 @@ from .fp16 import StochasticFP16Codec
 from .qsgd import QSGDCodec
 from .randk import RandomKCodec
 from .sign import OneBitCodec, ScaledSignCodec, SignCodec, majority_vote
+from .sketch import SketchCodec
 from .terngrad import TernGradCodec
 from .topk import TopKCodec
 
 __all__ = ["Codec", "OneBitCodec", "Payload", "QSGDCodec", "RandomKCodec", "RandomKey",
-           "ScaledSignCodec", "SignCodec", "StochasticFP16Codec", "TernGradCodec",
+           "ScaledSignCodec", "SignCodec", "SketchCodec", "StochasticFP16Codec", "TernGradCodec",
            "TopKCodec", "majority_vote"]
