@@ -1,5 +1,5 @@
-/* hvdc_par.h: the parallel driver of the CPU reference files written after quant.c (signs.c,
- * randk.c, sketch.c): work items [0, nitems) split into nthreads contiguous parts (OpenMP static
+/* hvdc_par.h: loop helpers of the CPU reference files.  The parallel driver (signs.c, randk.c,
+ * sketch.c): work items [0, nitems) split into nthreads contiguous parts (OpenMP static
  * schedule), each part handed to a worker function with the job description.  Workers carry
  * the x86-64 target clones (AVX-512 / AVX2 / baseline, picked at load time; same IEEE results,
  * contraction is off): OpenMP's outlined region would not inherit them.  Results never depend on
@@ -32,6 +32,21 @@ static inline void hvdc_parallel(hvdc_worker fn, const void *job, hvdc_i64 nitem
     #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int t = 0; t < nthreads; ++t)
         fn(job, nitems * t / nthreads, nitems * (t + 1) / nthreads);
+}
+
+/* Philox words of blocks [first, first + nblocks) of a key's stream into u (4 per block: element
+ * i of the stream takes word i % 4 of block i / 4): a simple loop that gcc vectorizes, so the
+ * draws are computed apart from the loops that use them. */
+HVDC_INLINE void hvdc_draws(hvdc_u32 *u, hvdc_i64 first, hvdc_i64 nblocks, hvdc_u64 seed, hvdc_u32 step,
+                            hvdc_u32 tensor_id)
+{
+    for (hvdc_i64 k = 0; k < nblocks; ++k) {
+        hvdc_u32x4 r = hvdc_stream_block(seed, step, tensor_id, (hvdc_u64)(first + k));
+        u[4 * k] = r.v[0];
+        u[4 * k + 1] = r.v[1];
+        u[4 * k + 2] = r.v[2];
+        u[4 * k + 3] = r.v[3];
+    }
 }
 
 #endif /* HVDC_PAR_H */

@@ -87,14 +87,18 @@ static void reduce_groups(float *sums, hvdc_i64 *counts, hvdc_i64 groups, hvdc_i
     }
 }
 
-/* One batch (lo % 8 == 0, len <= SIGN_BATCH) with the bucket's scales s: bits, error feedback. */
-HVDC_INLINE void encode_batch(int kind, int ef, const sjob *j, hvdc_i64 lo, int len, const float *s)
+/* One batch (lo % 8 == 0, len <= SIGN_BATCH) of bucket bkt: bits, error feedback.  Pointers and
+ * scales in locals, so that no store through r can change them (vectorizable). */
+HVDC_INLINE void encode_batch(int kind, int ef, const sjob *j, hvdc_i64 lo, int len, hvdc_i64 bkt)
 {
+    const float *g = j->g + lo;
+    float *r = j->r ? j->r + lo : NULL;
+    float s0 = hvdc_sign_scale(kind, j->scales, bkt, 0), s1 = hvdc_sign_scale(kind, j->scales, bkt, 1);
     hvdc_u32 bit[SIGN_BATCH];
     for (int q = 0; q < len; ++q) {
-        float v = ef ? j->g[lo + q] + j->r[lo + q] : j->g[lo + q];
+        float v = ef ? g[q] + r[q] : g[q];
         bit[q] = hvdc_sign_bit(v);
-        if (ef) j->r[lo + q] = v - hvdc_sign_value(kind, bit[q], s);
+        if (ef) r[q] = v - hvdc_sign_value(kind, bit[q], s0, s1);
     }
     for (int q = len; q < ((len + 7) & ~7); ++q) bit[q] = 0;
     for (int k = 0; k < (len + 7) / 8; ++k) {
@@ -113,10 +117,9 @@ static inline hvdc_i64 batch_end(const sjob *j, hvdc_i64 lo)
 
 HVDC_INLINE void encode_tiles(int kind, int ef, const sjob *j, hvdc_i64 t0, hvdc_i64 t1)
 {
-    int nsc = hvdc_sign_nscales(kind);
     for (hvdc_i64 lo = t0 * SIGN_TILE, hi, end = hvdc_min64(j->n, t1 * SIGN_TILE); lo < end; lo = hi) {
         hi = batch_end(j, lo);
-        encode_batch(kind, ef, j, lo, (int)(hi - lo), j->scales + nsc * (lo / j->bucket));
+        encode_batch(kind, ef, j, lo, (int)(hi - lo), lo / j->bucket);
     }
 }
 
@@ -128,18 +131,23 @@ HVDC_CLONES static void w_encode(const void *job, hvdc_i64 t0, hvdc_i64 t1)
     else encode_tiles(HVDC_SIGN_PLAIN, 0, j, t0, t1);      /* the bits do not depend on the kind */
 }
 
-/* out_i <- (((out_i + D_0(i)) + D_1(i)) + ...), workers in list order. */
+/* out_i <- (((out_i + D_0(i)) + D_1(i)) + ...), workers in list order; the bits of a worker are
+ * unpacked byte by byte first (lo % 8 == 0), then added in one vectorizable loop. */
 HVDC_INLINE void decode_batch(int kind, const sjob *j, hvdc_i64 lo, int len, hvdc_i64 bkt)
 {
-    int nsc = hvdc_sign_nscales(kind);
     float acc[SIGN_BATCH];
-    for (int q = 0; q < len; ++q) acc[q] = j->out[lo + q];
+    hvdc_u32 bit[SIGN_BATCH];
+    float *out = j->out + lo;
+    for (int q = 0; q < len; ++q) acc[q] = out[q];
     for (int w = 0; w < j->nworkers; ++w) {
-        const float *s = nsc ? j->wscales[w] + nsc * bkt : NULL;
-        const hvdc_u8 *bits = j->wbits[w];
-        for (int q = 0; q < len; ++q) acc[q] += hvdc_sign_value(kind, hvdc_sign_load(bits, lo + q), s);
+        const float *s = j->wscales ? j->wscales[w] : NULL;
+        float s0 = hvdc_sign_scale(kind, s, bkt, 0), s1 = hvdc_sign_scale(kind, s, bkt, 1);
+        const hvdc_u8 *bytes = j->wbits[w] + lo / 8;
+        for (int k = 0; k < (len + 7) / 8; ++k)
+            for (int q = 0; q < 8; ++q) bit[8 * k + q] = ((hvdc_u32)bytes[k] >> q) & 1u;
+        for (int q = 0; q < len; ++q) acc[q] += hvdc_sign_value(kind, bit[q], s0, s1);
     }
-    for (int q = 0; q < len; ++q) j->out[lo + q] = acc[q];
+    for (int q = 0; q < len; ++q) out[q] = acc[q];
 }
 
 HVDC_INLINE void decode_tiles(int kind, const sjob *j, hvdc_i64 t0, hvdc_i64 t1)

@@ -24,94 +24,139 @@ typedef struct {
     float *out;
 } kjob;
 
-/* s[t] <- D_t s[t] for the block at base (base % 4 == 0 or the block has fewer than 4). */
-HVDC_INLINE void flip_signs(const kjob *j, hvdc_i64 base, float *s)
+/* The shared key's words of the block at base (base % 4 == 0 or the block has fewer than 4). */
+HVDC_INLINE void sign_draws(const kjob *j, hvdc_i64 base, hvdc_u32 *u)
 {
-    for (hvdc_i64 t = 0; t < j->block; t += 4) {
-        hvdc_u32x4 u = hvdc_stream_block(j->shared_seed, j->shared_step, j->shared_id,
-                                         (hvdc_u64)((base + t) / 4));
-        for (int q = 0; q < 4 && t + q < j->block; ++q) s[t + q] = hvdc_sketch_flip(s[t + q], u.v[q]);
+    hvdc_draws(u, base / 4, (j->block + 3) / 4, j->shared_seed, j->shared_step, j->shared_id);
+}
+
+HVDC_INLINE void fwht_stage(float *s, hvdc_i64 block, hvdc_i64 h)
+{
+    for (hvdc_i64 lo = 0; lo < block; lo += 2 * h)
+        for (hvdc_i64 t = lo; t < lo + h; ++t) hvdc_fwht_pair(&s[t], &s[t + h]);
+}
+
+/* Stages h = 1, 2, 4, ... in order; the first four with h a constant, so that gcc vectorizes
+ * them too (interleaved pairs) instead of running them one pair at a time. */
+HVDC_INLINE void fwht(float *s, hvdc_i64 block)
+{
+    for (hvdc_i64 h = 1; h < 16 && h < block; h <<= 1) {
+        if (h == 1) fwht_stage(s, block, 1);
+        else if (h == 2) fwht_stage(s, block, 2);
+        else if (h == 4) fwht_stage(s, block, 4);
+        else fwht_stage(s, block, 8);
+    }
+    for (hvdc_i64 h = 16; h < block; h <<= 1) fwht_stage(s, block, h);
+}
+
+/* Codes c[0, kept) packed bits each (8/bits per byte) from o on; bits a constant after inlining. */
+HVDC_INLINE void pack(int bits, const hvdc_u32 *c, hvdc_i64 kept, hvdc_u8 *o)
+{
+    int per = 8 / bits;
+    for (hvdc_i64 k = 0; k < (kept * bits + 7) / 8; ++k) {
+        hvdc_u32 byte = 0;
+        for (int q = 0; q < per; ++q) byte |= c[per * k + q] << (bits * q);
+        o[k] = (hvdc_u8)byte;
     }
 }
 
-HVDC_INLINE void fwht(float *s, hvdc_i64 block)
+HVDC_INLINE void unpack(int bits, const hvdc_u8 *in, hvdc_i64 kept, hvdc_u32 *c)
 {
-    for (hvdc_i64 h = 1; h < block; h <<= 1)
-        for (hvdc_i64 lo = 0; lo < block; lo += 2 * h)
-            for (hvdc_i64 t = lo; t < lo + h; ++t) hvdc_fwht_pair(&s[t], &s[t + h]);
+    int per = 8 / bits;
+    for (hvdc_i64 k = 0; k < (kept * bits + 7) / 8; ++k)
+        for (int q = 0; q < per; ++q) c[per * k + q] = ((hvdc_u32)in[k] >> (bits * q)) & ((1u << bits) - 1u);
 }
 
-HVDC_INLINE void encode_block(const kjob *j, hvdc_i64 blk, float *s, float *z, hvdc_u32 *c)
+HVDC_INLINE void encode_block(int bits, const kjob *j, hvdc_i64 blk, float *s, float *z, hvdc_u32 *c)
 {
     hvdc_i64 base = blk * j->block, valid = hvdc_min64(j->block, j->n - base);
     for (hvdc_i64 t = 0; t < j->block; ++t) s[t] = t < valid ? j->g[base + t] : 0.0f;
     if (j->rotate) {
-        flip_signs(j, base, s);
+        sign_draws(j, base, c);
+        for (hvdc_i64 t = 0; t < j->block; ++t) s[t] = hvdc_sketch_flip(s[t], c[t]);
         fwht(s, j->block);
     }
+    if (j->sel)
+        for (hvdc_i64 q = 0; q < j->kept; ++q) z[q] = hvdc_sketch_canon(s[j->sel[q]]);
+    else
+        for (hvdc_i64 q = 0; q < j->kept; ++q) z[q] = hvdc_sketch_canon(s[q]);
     float lo = hvdc_u2f(0x7F800000u), hi = -lo;
     for (hvdc_i64 q = 0; q < j->kept; ++q) {
-        z[q] = hvdc_sketch_canon(s[j->sel ? j->sel[q] : q]);
         lo = z[q] < lo ? z[q] : lo;      /* no NaN, no -0.0: min and max are order-free */
         hi = z[q] > hi ? z[q] : hi;
     }
     j->ranges[2 * blk] = lo;
     j->ranges[2 * blk + 1] = hi;
-    float st = hvdc_sketch_step(lo, hi, j->bits);
+    float st = hvdc_sketch_step(lo, hi, bits);
     hvdc_i64 e0 = blk * j->kept;                     /* a multiple of 4 (of 8 with several blocks) */
-    for (hvdc_i64 q0 = 0; q0 < j->kept; q0 += 4) {
-        hvdc_u32x4 u = hvdc_stream_block(j->seed, j->step, j->tensor_id, (hvdc_u64)((e0 + q0) / 4));
-        for (int q = 0; q < 4; ++q)
-            c[q0 + q] = q0 + q < j->kept ? hvdc_sketch_code(z[q0 + q], lo, st, j->bits, u.v[q]) : 0u;
-    }
+    hvdc_draws(c, e0 / 4, (j->kept + 3) / 4, j->seed, j->step, j->tensor_id);
+    for (hvdc_i64 q = 0; q < j->kept; ++q) c[q] = hvdc_sketch_code(z[q], lo, st, bits, c[q]);
     for (int q = 0; q < 8; ++q) c[j->kept + q] = 0;  /* the tail of a last, partial byte */
-    int per = 8 / j->bits;
-    hvdc_u8 *o = j->codes + e0 * j->bits / 8;
-    for (hvdc_i64 k = 0; k < (j->kept * j->bits + 7) / 8; ++k) {
-        hvdc_u32 byte = 0;
-        for (int q = 0; q < per; ++q) byte |= c[per * k + q] << (j->bits * q);
-        o[k] = (hvdc_u8)byte;
-    }
+    pack(bits, c, j->kept, j->codes + e0 * bits / 8);
 }
 
-HVDC_CLONES static void w_encode(const void *job, hvdc_i64 b0, hvdc_i64 b1)
+HVDC_INLINE void encode_blocks(int bits, const kjob *j, hvdc_i64 b0, hvdc_i64 b1)
 {
     float s[HVDC_SKETCH_MAX_BLOCK], z[HVDC_SKETCH_MAX_BLOCK];
     hvdc_u32 c[HVDC_SKETCH_MAX_BLOCK + 8];
-    for (hvdc_i64 blk = b0; blk < b1; ++blk) encode_block((const kjob *)job, blk, s, z, c);
+    for (hvdc_i64 blk = b0; blk < b1; ++blk) encode_block(bits, j, blk, s, z, c);
+}
+
+/* The bit width as a compile-time constant in each loop. */
+HVDC_CLONES static void w_encode(const void *job, hvdc_i64 b0, hvdc_i64 b1)
+{
+    const kjob *j = (const kjob *)job;
+    switch (j->bits) {
+    case 1: encode_blocks(1, j, b0, b1); break;
+    case 2: encode_blocks(2, j, b0, b1); break;
+    case 4: encode_blocks(4, j, b0, b1); break;
+    default: encode_blocks(8, j, b0, b1); break;
+    }
 }
 
 /* Workers summed in list order in the rotated domain (0 + D_0 + D_1 + ...), one inverse FWHT,
  * the signs and / kB, added to out. */
-HVDC_INLINE void decode_block(const kjob *j, hvdc_i64 blk, float *s, float *acc)
+HVDC_INLINE void decode_block(int bits, const kjob *j, hvdc_i64 blk, float *s, float *acc, hvdc_u32 *u)
 {
     hvdc_i64 base = blk * j->block, valid = hvdc_min64(j->block, j->n - base);
     for (hvdc_i64 q = 0; q < j->kept; ++q) acc[q] = 0.0f;
     for (int w = 0; w < j->nworkers; ++w) {
         float lo = j->wranges[w][2 * blk], hi = j->wranges[w][2 * blk + 1];
-        float st = hvdc_sketch_step(lo, hi, j->bits);
-        for (hvdc_i64 q = 0; q < j->kept; ++q) {
-            hvdc_u32 l = hvdc_sketch_load(j->wcodes[w], blk * j->kept + q, j->bits);
-            acc[q] += hvdc_sketch_value(l, lo, hi, st, j->bits);
-        }
+        float st = hvdc_sketch_step(lo, hi, bits);
+        unpack(bits, j->wcodes[w] + blk * j->kept * bits / 8, j->kept, u);
+        for (hvdc_i64 q = 0; q < j->kept; ++q) acc[q] += hvdc_sketch_value(u[q], lo, hi, st, bits);
     }
-    for (hvdc_i64 t = 0; t < j->block; ++t) s[t] = 0.0f;
-    for (hvdc_i64 q = 0; q < j->kept; ++q) s[j->sel ? j->sel[q] : q] = acc[q];
-    if (j->rotate) fwht(s, j->block);
-    for (hvdc_i64 t = 0; t < valid; t += 4) {
-        hvdc_u32x4 u = {{0u, 0u, 0u, 0u}};
-        if (j->rotate)
-            u = hvdc_stream_block(j->shared_seed, j->shared_step, j->shared_id, (hvdc_u64)((base + t) / 4));
-        for (int q = 0; q < 4 && t + q < valid; ++q)
-            j->out[base + t + q] = j->out[base + t + q]
-                                   + hvdc_sketch_out(s[t + q], u.v[q], j->rotate, j->block, j->kept);
+    if (j->sel) {
+        for (hvdc_i64 t = 0; t < j->block; ++t) s[t] = 0.0f;
+        for (hvdc_i64 q = 0; q < j->kept; ++q) s[j->sel[q]] = acc[q];
+    } else {
+        for (hvdc_i64 q = 0; q < j->kept; ++q) s[q] = acc[q];
     }
+    if (j->rotate) {
+        fwht(s, j->block);
+        sign_draws(j, base, u);
+    }
+    float *out = j->out + base;
+    for (hvdc_i64 t = 0; t < valid; ++t)
+        out[t] = out[t] + hvdc_sketch_out(s[t], j->rotate ? u[t] : 0u, j->rotate, j->block, j->kept);
+}
+
+HVDC_INLINE void decode_blocks(int bits, const kjob *j, hvdc_i64 b0, hvdc_i64 b1)
+{
+    float s[HVDC_SKETCH_MAX_BLOCK], acc[HVDC_SKETCH_MAX_BLOCK];
+    hvdc_u32 u[HVDC_SKETCH_MAX_BLOCK + 8];
+    for (hvdc_i64 blk = b0; blk < b1; ++blk) decode_block(bits, j, blk, s, acc, u);
 }
 
 HVDC_CLONES static void w_decode(const void *job, hvdc_i64 b0, hvdc_i64 b1)
 {
-    float s[HVDC_SKETCH_MAX_BLOCK], acc[HVDC_SKETCH_MAX_BLOCK];
-    for (hvdc_i64 blk = b0; blk < b1; ++blk) decode_block((const kjob *)job, blk, s, acc);
+    const kjob *j = (const kjob *)job;
+    switch (j->bits) {
+    case 1: decode_blocks(1, j, b0, b1); break;
+    case 2: decode_blocks(2, j, b0, b1); break;
+    case 4: decode_blocks(4, j, b0, b1); break;
+    default: decode_blocks(8, j, b0, b1); break;
+    }
 }
 
 /* ---- exported entry points (n > 0; block a power of two <= HVDC_SKETCH_MAX_BLOCK; kept <= block,

@@ -97,8 +97,11 @@ __global__ void hvdc_sign_encode(const float *g, float *r, long long n, long lon
     float v = i < n ? (r ? g[i] + r[i] : g[i]) : 0.0f;
     hvdc_u32 bit = i < n ? hvdc_sign_bit(v) : 0u;
     hvdc_u32 word = __ballot_sync(HVDC_FULL, bit);
-    if (r && i < n)
-        r[i] = v - hvdc_sign_value(kind, bit, scales + hvdc_sign_nscales(kind) * (i / bucket));
+    if (r && i < n) {
+        long long b = i / bucket;
+        r[i] = v - hvdc_sign_value(kind, bit, hvdc_sign_scale(kind, scales, b, 0),
+                                   hvdc_sign_scale(kind, scales, b, 1));
+    }
     if (lane < 4 && first + 8 * lane < n)
         bits[first / 8 + lane] = (hvdc_u8)(word >> (8 * lane));
 }
@@ -107,13 +110,13 @@ __global__ void hvdc_sign_encode(const float *g, float *r, long long n, long lon
 __global__ void hvdc_sign_decode_acc(const unsigned long long *bits, const unsigned long long *scales,
                                      int nworkers, long long n, long long bucket, int kind, float *out)
 {
-    long long i = hvdc_thread_index();
+    long long i = hvdc_thread_index(), b = i / bucket;
     if (i >= n) return;
-    int nsc = hvdc_sign_nscales(kind);
     float acc = out[i];
     for (int w = 0; w < nworkers; ++w) {
-        const float *s = scales ? (const float *)scales[w] + nsc * (i / bucket) : (const float *)0;
-        acc += hvdc_sign_value(kind, hvdc_sign_load((const hvdc_u8 *)bits[w], i), s);
+        const float *s = scales ? (const float *)scales[w] : (const float *)0;
+        acc += hvdc_sign_value(kind, hvdc_sign_load((const hvdc_u8 *)bits[w], i),
+                               hvdc_sign_scale(kind, s, b, 0), hvdc_sign_scale(kind, s, b, 1));
     }
     out[i] = acc;
 }

@@ -62,12 +62,19 @@ HVDC_FN void hvdc_sign_scales(int kind, float s0, float s1, hvdc_i64 npos, hvdc_
     }
 }
 
-/* D(bit) with the bucket's wire scales s (unused by signSGD). */
-HVDC_FN float hvdc_sign_value(int kind, hvdc_u32 bit, const float *s)
+/* D(bit) with the bucket's wire scales (s0, s1): 1-bit SGD (mean_pos, mean_neg), the scaled
+ * sign (s, unused), signSGD (unused). */
+HVDC_FN float hvdc_sign_value(int kind, hvdc_u32 bit, float s0, float s1)
 {
-    if (kind == HVDC_SIGN_ONEBIT) return bit ? s[1] : s[0];
-    if (kind == HVDC_SIGN_SCALED) return bit ? -s[0] : s[0];
+    if (kind == HVDC_SIGN_ONEBIT) return bit ? s1 : s0;
+    if (kind == HVDC_SIGN_SCALED) return bit ? -s0 : s0;
     return bit ? -1.0f : 1.0f;
+}
+
+/* The scales of bucket b from a worker's wire scales (null for signSGD). */
+HVDC_FN float hvdc_sign_scale(int kind, const float *scales, hvdc_i64 b, int which)
+{
+    return which < hvdc_sign_nscales(kind) ? scales[hvdc_sign_nscales(kind) * b + which] : 0.0f;
 }
 
 /* Bit i of a packed sign payload. */

@@ -24,9 +24,9 @@
 
 /* s[t] = D_t * v_t for the block at base (0 past n); B >= 4 or base == 0, so base + t is a
  * multiple of 4 and one Philox call serves 4 coordinates. */
-__device__ __forceinline__ void hvdc_sketch_load(const float *g, long long n, long long base,
-                                                 long long block, int rotate, hvdc_u64 seed,
-                                                 hvdc_u32 step, hvdc_u32 tensor_id, float *s)
+__device__ __forceinline__ void hvdc_sketch_rotate_in(const float *g, long long n, long long base,
+                                                      long long block, int rotate, hvdc_u64 seed,
+                                                      hvdc_u32 step, hvdc_u32 tensor_id, float *s)
 {
     for (long long t = 4 * threadIdx.x; t < block; t += 4 * blockDim.x) {
         hvdc_u32x4 u = {{0u, 0u, 0u, 0u}};
@@ -61,7 +61,7 @@ hvdc_sketch_encode(const float *g, long long n, long long block, long long kept,
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     long long nblocks = (n + block - 1) / block;
     for (long long blk = blockIdx.x; blk < nblocks; blk += gridDim.x) {
-        hvdc_sketch_load(g, n, blk * block, block, rotate, shared_seed, shared_step, shared_id, s);
+        hvdc_sketch_rotate_in(g, n, blk * block, block, rotate, shared_seed, shared_step, shared_id, s);
         __syncthreads();
         if (rotate) hvdc_sketch_fwht(s, block);
         float lo = hvdc_u2f(0x7F800000u), hi = -lo;
