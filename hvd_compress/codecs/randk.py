@@ -14,9 +14,10 @@ is a k/n-contraction).  Because every rank keeps the same S, payloads are elemen
 an allreduce of the ``values`` parts gives C of the sum, and :meth:`RandomKCodec.decode_accumulate`
 of the summed payload scatters it once.
 
-**Selection** (``kernels/feistel.h``): pi is a 4-round keyed Feistel permutation of [0, 2^bits),
-bits = ceil(log2 n), walked back into [0, n) (cycle walking), the round functions Philox words of
-the shared key.  Chosen over the alternatives because it is exact-k (a permutation: k distinct
+**Selection** (``kernels/feistel.h``): pi is a keyed Feistel permutation of [0, 2^bits), bits =
+ceil(log2 n), walked back into [0, n) (cycle walking), the round functions Philox words of the
+shared key, max(6, 32 - 4 bits) rounds (small domains need many: with 4, the 2-subsets of [0, 5)
+were far from uniform over keys).  Chosen over the alternatives because it is exact-k (a permutation: k distinct
 indices, never more or fewer, unlike Bernoulli(k/n) masks), costs O(k), not O(n) (no pass over
 the tensor, no sort: each index is computed on its own from j), and is integer arithmetic only,
 so CPU and GPU agree by construction.  "The k smallest Philox words' positions" is exact too but
