@@ -39,4 +39,31 @@ void hvdc_fp16sr_encode(const float *g, float *r, hvdc_i64 n, hvdc_u64 seed, hvd
                         hvdc_u32 tensor_id, unsigned short *values, int nthreads);
 void hvdc_fp16_decode_acc(const unsigned short *const *values, int nworkers, hvdc_i64 n, float *out,
                           int nthreads);
+
+/* Sign codecs (csrc/signs.c): kind is HVDC_SIGN_ONEBIT, _SCALED or _PLAIN of kernels/signs.h. */
+void hvdc_sign_stats(const float *g, const float *r, hvdc_i64 n, hvdc_i64 bucket, int kind,
+                     float *sums, hvdc_i64 *counts, float *scales, int nthreads);
+void hvdc_sign_encode(const float *g, float *r, hvdc_i64 n, hvdc_i64 bucket, int kind,
+                      const float *scales, hvdc_u8 *bits, int nthreads);
+void hvdc_sign_decode_acc(const hvdc_u8 *const *bits, const float *const *scales, int nworkers,
+                          hvdc_i64 n, hvdc_i64 bucket, int kind, float *out, int nthreads);
+
+/* Random-k and the shared permutation (csrc/randk.c). */
+void hvdc_perm_indices(hvdc_i64 *out, hvdc_i64 k, hvdc_i64 n, int bits, hvdc_u64 seed,
+                       hvdc_u32 step, hvdc_u32 tensor_id, int nthreads);
+void hvdc_randk_gather(float *src, int clear, hvdc_i64 k, hvdc_i64 n, int bits, float scale,
+                       hvdc_u64 seed, hvdc_u32 step, hvdc_u32 tensor_id, float *values, int nthreads);
+void hvdc_randk_scatter_acc(const float *const *values, int nworkers, hvdc_i64 k, hvdc_i64 n,
+                            int bits, hvdc_u64 seed, hvdc_u32 step, hvdc_u32 tensor_id, float *out,
+                            int nthreads);
+
+/* Sketched update (csrc/sketch.c). */
+void hvdc_sketch_encode(const float *g, hvdc_i64 n, hvdc_i64 block, hvdc_i64 kept, const hvdc_i64 *sel,
+                        int bits, int rotate, hvdc_u64 shared_seed, hvdc_u32 shared_step,
+                        hvdc_u32 shared_id, hvdc_u64 seed, hvdc_u32 step, hvdc_u32 tensor_id,
+                        hvdc_u8 *codes, float *ranges, int nthreads);
+void hvdc_sketch_decode_acc(const hvdc_u8 *const *codes, const float *const *ranges, int nworkers,
+                            hvdc_i64 n, hvdc_i64 block, hvdc_i64 kept, const hvdc_i64 *sel, int bits,
+                            int rotate, hvdc_u64 shared_seed, hvdc_u32 shared_step, hvdc_u32 shared_id,
+                            float *out, int nthreads);
 #endif

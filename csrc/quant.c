@@ -14,29 +14,17 @@
 #include <stddef.h>
 #include "quant.h"
 #include "hvdc_cpu.h"
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define HVDC_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define HVDC_CLONES
-#endif
-#define HVDC_INLINE static inline __attribute__((always_inline))
+#include "hvdc_par.h"
 
 #define HVDC_QB 64         /* elements per batch */
 #define HVDC_TILE 8192     /* elements per OpenMP work item (multiple of HVDC_QB) */
 
 typedef struct { hvdc_u64 seed; hvdc_u32 step, tensor_id; } qkey;
 
-static inline hvdc_i64 min64(hvdc_i64 a, hvdc_i64 b) { return a < b ? a : b; }
-
 /* Philox words of elements [lo, lo + len), lo % 4 == 0: element i takes word i % 4 of block i/4. */
 HVDC_INLINE void draws(hvdc_u32 *u, hvdc_i64 lo, int len, qkey key)
 {
-    int nb = (len + 3) / 4;
-    for (int k = 0; k < nb; ++k) {
-        hvdc_u32x4 r = hvdc_stream_block(key.seed, key.step, key.tensor_id, (hvdc_u64)(lo / 4 + k));
-        u[4 * k] = r.v[0]; u[4 * k + 1] = r.v[1]; u[4 * k + 2] = r.v[2]; u[4 * k + 3] = r.v[3];
-    }
+    hvdc_draws(u, lo / 4, (len + 3) / 4, key.seed, key.step, key.tensor_id);
 }
 
 /* Wire layout: fp16 values are uint16; b-bit codes are packed 8/b per byte, element i at bits
@@ -91,7 +79,7 @@ HVDC_INLINE void encode_range(int kind, int ef, const float *g, float *r, hvdc_i
                               float scale, qkey key, void *out)
 {
     for (hvdc_i64 b = lo; b < hi; b += HVDC_QB)
-        encode_batch(kind, ef, g, r, b, (int)min64(HVDC_QB, hi - b), scale, key, out);
+        encode_batch(kind, ef, g, r, b, (int)hvdc_min64(HVDC_QB, hi - b), scale, key, out);
 }
 
 /* ---- the one summation order (hvdc_warp_sum of hvdc_common.h) over v = g (+ r), transformed ----
@@ -103,7 +91,7 @@ HVDC_INLINE float warp_sum(int mode, int ef, const float *g, const float *r, hvd
     float lane[32] = {0};
     hvdc_u32 mx[32] = {0};
     for (hvdc_i64 i = 0; i < len; i += 32) {
-        int w = (int)min64(32, len - i);
+        int w = (int)hvdc_min64(32, len - i);
         for (int j = 0; j < w; ++j) {
             float v = ef ? g[lo + i + j] + r[lo + i + j] : g[lo + i + j];
             float d = mode == 1 ? v - mean : v;
@@ -154,7 +142,7 @@ static void run_parallel(worker_fn fn, const job *j, hvdc_i64 nitems, int nthrea
 HVDC_CLONES static void w_sums(const job *j, hvdc_i64 k0, hvdc_i64 k1)
 {
     for (hvdc_i64 k = k0; k < k1; ++k) {
-        hvdc_i64 lo = k * HVDC_SUM_CHUNK, len = min64(HVDC_SUM_CHUNK, j->n - lo);
+        hvdc_i64 lo = k * HVDC_SUM_CHUNK, len = hvdc_min64(HVDC_SUM_CHUNK, j->n - lo);
         float *mx = j->chunk_max ? j->chunk_max + k : NULL;
         if (j->ef && j->mode == 0) j->partial[k] = warp_sum(0, 1, j->g, j->r, lo, len, 0.0f, mx);
         else if (j->ef) j->partial[k] = warp_sum(1, 1, j->g, j->r, lo, len, j->mean, mx);
@@ -170,7 +158,7 @@ static float reduce_partials(float *p, hvdc_i64 m)
     while (m > 1) {
         hvdc_i64 k = 0;
         for (hvdc_i64 lo = 0; lo < m; lo += HVDC_SUM_CHUNK, ++k)
-            p[k] = warp_sum(0, 0, p, NULL, lo, min64(HVDC_SUM_CHUNK, m - lo), 0.0f, NULL);
+            p[k] = warp_sum(0, 0, p, NULL, lo, hvdc_min64(HVDC_SUM_CHUNK, m - lo), 0.0f, NULL);
         m = k;
     }
     return m ? p[0] : 0.0f;
@@ -190,7 +178,7 @@ static float long_sum(job *j, int mode, float mean, int nthreads)
 HVDC_CLONES static void w_bucket_max(const job *j, hvdc_i64 b0, hvdc_i64 b1)
 {
     for (hvdc_i64 b = b0; b < b1; ++b) {
-        hvdc_i64 lo = b * j->bucket, len = min64(j->bucket, j->n - lo);
+        hvdc_i64 lo = b * j->bucket, len = hvdc_min64(j->bucket, j->n - lo);
         if (j->ef) warp_sum(2, 1, j->g, j->r, lo, len, 0.0f, j->scales_out + b);
         else warp_sum(2, 0, j->g, NULL, lo, len, 0.0f, j->scales_out + b);
     }
@@ -200,9 +188,9 @@ HVDC_CLONES static void w_bucket_max(const job *j, hvdc_i64 b0, hvdc_i64 b1)
 HVDC_INLINE void encode_tiles(int kind, int ef, const job *j, hvdc_i64 t0, hvdc_i64 t1)
 {
     for (hvdc_i64 t = t0; t < t1; ++t) {
-        hvdc_i64 end = min64(j->n, (t + 1) * HVDC_TILE);
+        hvdc_i64 end = hvdc_min64(j->n, (t + 1) * HVDC_TILE);
         for (hvdc_i64 lo = t * HVDC_TILE, hi; lo < end; lo = hi) {
-            hi = min64(end, (lo / j->bucket + 1) * j->bucket);
+            hi = hvdc_min64(end, (lo / j->bucket + 1) * j->bucket);
             encode_range(kind, ef, j->g, j->r, lo, hi, j->scales ? j->scales[lo / j->bucket] : 0.0f,
                          j->key, j->out);
         }
@@ -221,7 +209,7 @@ HVDC_CLONES static void w_encode_scaled(const job *j, hvdc_i64 t0, hvdc_i64 t1)
 HVDC_INLINE void qsgd_buckets(int kind, int ef, const job *j, hvdc_i64 b0, hvdc_i64 b1)
 {
     for (hvdc_i64 b = b0; b < b1; ++b) {
-        hvdc_i64 lo = b * j->bucket, hi = min64(j->n, lo + j->bucket);
+        hvdc_i64 lo = b * j->bucket, hi = hvdc_min64(j->n, lo + j->bucket);
         float norm = sqrtf(warp_sum(2, ef, j->g, j->r, lo, hi - lo, 0.0f, NULL));
         j->scales_out[b] = norm;
         encode_range(kind, ef, j->g, j->r, lo, hi, norm, j->key, j->out);
@@ -245,9 +233,9 @@ HVDC_INLINE void decode_tiles(int kind, const job *j, hvdc_i64 t0, hvdc_i64 t1)
 {
     float *out = (float *)j->out;
     for (hvdc_i64 t = t0; t < t1; ++t) {
-        hvdc_i64 end = min64(j->n, (t + 1) * HVDC_TILE);
+        hvdc_i64 end = hvdc_min64(j->n, (t + 1) * HVDC_TILE);
         for (hvdc_i64 lo = t * HVDC_TILE, hi; lo < end; lo = hi) {
-            hi = min64(min64(end, lo + HVDC_QB), (lo / j->bucket + 1) * j->bucket);
+            hi = hvdc_min64(hvdc_min64(end, lo + HVDC_QB), (lo / j->bucket + 1) * j->bucket);
             int len = (int)(hi - lo);
             float acc[HVDC_QB];
             hvdc_u32 c[HVDC_QB];

@@ -6,11 +6,13 @@
 
 For each codec it times, on the same tensor in the same run:
 
-* ``encode+EF``: encode with error feedback (``residual`` read and rewritten), and
+* ``encode+EF``: encode with error feedback (``residual`` read and rewritten; plain encode for
+  the methods without error feedback: signSGD, the sketch, noted "no EF"), and
 * ``decode``: decode-and-accumulate one payload into a dense fp32 tensor,
 
 and the plain-torch way (what GRACE and DGC's reference code do: ``torch.bernoulli``,
-``torch.topk``, masks and ``nonzero``) of the same method with the same error feedback.  Throughput
+``torch.topk``, ``torch.randperm``, masks and ``nonzero``) of the same method with the same error
+feedback.  Throughput
 is GB/s of fp32 *input* (4 bytes per element / time).  On the GPU it also measures the device copy
 bandwidth (``clone``) and reports each kernel's effective bandwidth (bytes it must move / time) as
 a fraction of it.
@@ -98,6 +100,62 @@ def torch_fp16(g: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     return h
 
 
+def _pack_signs(negative: torch.Tensor) -> torch.Tensor:
+    """Sign bits, 8 per byte (LSB first), with torch ops."""
+    bits = torch.nn.functional.pad(negative.to(torch.uint8), (0, -negative.numel() % 8)).view(-1, 8)
+    return (bits << torch.arange(8, dtype=torch.uint8, device=bits.device)).sum(1, dtype=torch.uint8)
+
+
+def torch_onebit(g: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """1-bit SGD (Seide et al. 2014): sign bits, the means of each side, error feedback."""
+    v = g + r
+    negative = v < 0
+    mean_pos, mean_neg = v[~negative].mean(), v[negative].mean()
+    r.copy_(v - torch.where(negative, mean_neg, mean_pos))
+    return _pack_signs(negative)
+
+
+def torch_scaled_sign(g: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """EF-signSGD (Karimireddy et al. 2019): (||v||_1 / d) sign(v), error feedback."""
+    v = g + r
+    scale = v.abs().mean()
+    negative = v < 0
+    r.copy_(v - torch.where(negative, -scale, scale))
+    return _pack_signs(negative)
+
+
+def torch_signsgd(g: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """signSGD (Bernstein et al. 2018): the sign bits (no error feedback; r unused)."""
+    return _pack_signs(g < 0)
+
+
+def torch_randomk(g: torch.Tensor, r: torch.Tensor, ratio: float = 0.01) -> torch.Tensor:
+    """Random-k as GRACE writes it: ``torch.randperm(n)[:k]``, error feedback."""
+    v = g + r
+    idx = torch.randperm(v.numel(), device=v.device)[: max(1, math.ceil(ratio * v.numel()))]
+    values = v[idx]
+    r.copy_(v)
+    r[idx] = 0
+    return values
+
+
+def torch_sketch(g: torch.Tensor, r: torch.Tensor, bits: int = 4, block: int = 1024) -> torch.Tensor:
+    """Konečný et al.'s sketch: random signs, FWHT by reshapes (one pass per stage), stochastic
+    levels between each block's min and max, one uint8 per level (no error feedback; r unused)."""
+    n = g.numel()
+    x = torch.nn.functional.pad(g, (0, -n % block)).view(-1, block)
+    x = x * (torch.randint(0, 2, x.shape, device=x.device, dtype=torch.int8) * 2 - 1)
+    h = 1
+    while h < block:
+        pairs = x.view(x.shape[0], -1, 2, h)
+        x = torch.stack((pairs[:, :, 0] + pairs[:, :, 1], pairs[:, :, 0] - pairs[:, :, 1]), dim=2)
+        h *= 2
+    x = x.view(-1, block)
+    lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
+    step = (hi - lo).clamp_min(1e-30) / (2 ** bits - 1)
+    return torch.floor((x - lo) / step + torch.rand_like(x)).to(torch.uint8)
+
+
 # ---- timing ----
 
 @dataclass
@@ -133,19 +191,31 @@ def _timer(device: torch.device, fn: Callable[[], object], repeat: int) -> float
     return times[len(times) // 2]
 
 
-def _codecs() -> dict[str, tuple[Callable[[], Codec], Callable]]:
-    """method -> (our codec factory, plain-torch baseline).  Imported lazily so the benchmark
-    still runs when a codec module is missing from an older install."""
+#: the shared key of the codecs that need one (random-k, the sketch); encode keys differ from it
+_SHARED = RandomKey(2, 0, 0)
+
+
+def _codecs() -> dict[str, tuple[Callable[[], Codec], Callable, bool]]:
+    """method -> (our codec factory, plain-torch baseline, error feedback).  Imported lazily so
+    the benchmark still runs when a codec module is missing from an older install."""
     from .codecs.qsgd import QSGDCodec
     from .codecs.terngrad import TernGradCodec
     from .codecs.topk import TopKCodec
     from .codecs.fp16 import StochasticFP16Codec
+    from .codecs.randk import RandomKCodec
+    from .codecs.sign import OneBitCodec, ScaledSignCodec, SignCodec
+    from .codecs.sketch import SketchCodec
     return {
-        "terngrad": (lambda: TernGradCodec(), torch_terngrad),
-        "qsgd-4bit": (lambda: QSGDCodec(bits=4, bucket_size=512), torch_qsgd),
-        "fp16-stochastic": (lambda: StochasticFP16Codec(), torch_fp16),
-        "topk-1%-sampled": (lambda: TopKCodec(ratio=0.01), torch_dgc),
-        "topk-1%-exact": (lambda: TopKCodec(ratio=0.01, mode="exact"), torch_topk),
+        "terngrad": (lambda: TernGradCodec(), torch_terngrad, True),
+        "qsgd-4bit": (lambda: QSGDCodec(bits=4, bucket_size=512), torch_qsgd, True),
+        "fp16-stochastic": (lambda: StochasticFP16Codec(), torch_fp16, True),
+        "topk-1%-sampled": (lambda: TopKCodec(ratio=0.01), torch_dgc, True),
+        "topk-1%-exact": (lambda: TopKCodec(ratio=0.01, mode="exact"), torch_topk, True),
+        "onebit": (lambda: OneBitCodec(), torch_onebit, True),
+        "ef-signsgd": (lambda: ScaledSignCodec(), torch_scaled_sign, True),
+        "signsgd": (lambda: SignCodec(), torch_signsgd, False),
+        "randomk-1%": (lambda: RandomKCodec(ratio=0.01).with_shared_key(_SHARED), torch_randomk, True),
+        "sketch-4bit": (lambda: SketchCodec(bits=4).with_shared_key(_SHARED), torch_sketch, False),
     }
 
 
@@ -154,23 +224,23 @@ def bench_device(device: torch.device, numel: int, repeat: int, methods: list[st
     g = torch.randn(numel, generator=gen).to(device)
     rows: list[Row] = []
     gb = 4 * numel / 1e9
-    for method, (factory, baseline) in _codecs().items():
+    for method, (factory, baseline, ef) in _codecs().items():
         if methods and method not in methods:
             continue
         codec = factory()
-        r = torch.zeros_like(g)
+        r = torch.zeros_like(g) if ef else None
         step = iter(range(1 << 30))
         encode_ms = _timer(device, lambda: codec.encode(g, RandomKey(1, next(step), 0), residual=r), repeat)
         payload = codec.encode(g, RandomKey(1, 0, 0), residual=r)
         out = torch.zeros_like(g)
         decode_ms = _timer(device, lambda: codec.decode_accumulate([payload], out), repeat)
-        note = ""
+        note = "" if ef else "no EF"
         if device.type == "cuda":
             # Bytes each kernel must move at least: encode+EF reads g and r and writes r and the
             # payload; decode-accumulate reads the payload and out and writes out.
             enc_bw = (12 * numel + payload.nbytes) / encode_ms / 1e6
             dec_bw = (8 * numel + payload.nbytes) / decode_ms / 1e6
-            note = f"moves {enc_bw:.0f} / {dec_bw:.0f} GB/s"
+            note = f"moves {enc_bw:.0f} / {dec_bw:.0f} GB/s {note}".strip()
         rows.append(Row(device.type, method, "hvd_compress", numel, encode_ms, decode_ms,
                         gb / (encode_ms / 1000), payload.nbytes, note))
         r = torch.zeros_like(g)

@@ -38,6 +38,14 @@ HVDC_FN hvdc_u32 hvdc_f2u(float x) { union { float f; hvdc_u32 u; } c; c.f = x; 
 HVDC_FN float hvdc_u2f(hvdc_u32 x) { union { float f; hvdc_u32 u; } c; c.u = x; return c.f; }
 #endif
 
+/* min of two non-negative floats, compared as their bit patterns (which order like the values):
+ * an integer min, which gcc vectorizes and does not turn into branches. */
+HVDC_FN float hvdc_min_nonneg(float a, float b)
+{
+    hvdc_u32 x = hvdc_f2u(a), y = hvdc_f2u(b);
+    return hvdc_u2f(x < y ? x : y);
+}
+
 /* ---- Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC11) ----
  * The counter-based generator of cuRAND and PyTorch.  One call maps a 128-bit counter and a
  * 64-bit key to 128 random bits; 10 rounds of

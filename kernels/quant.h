@@ -15,14 +15,6 @@
 #include <math.h>
 #endif
 
-/* min of two non-negative floats, compared as their bit patterns (which order like the values):
- * an integer min, which gcc vectorizes and does not turn into branches. */
-HVDC_FN float hvdc_min_nonneg(float a, float b)
-{
-    hvdc_u32 x = hvdc_f2u(a), y = hvdc_f2u(b);
-    return hvdc_u2f(x < y ? x : y);
-}
-
 /* ---- TernGrad (Wen et al., NeurIPS 2017) ----
  * ternarize(g)_i = s * sign(g_i) * b_i,  b_i ~ Bernoulli(|g_i| / s).
  * Code 0 = 0, 1 = +s, 2 = -s.  |g_i| >= s saturates at p = 1 (that is clipping at s: used when the

@@ -10,26 +10,7 @@
  * Optional pointers (residual r, chunk maxima, ...) may be null.
  */
 #include "quant.h"
-
-#define HVDC_FULL 0xFFFFFFFFu
-
-/* hvdc_warp_sum's butterfly: v[j] += v[j ^ off] for off = 16 .. 1. */
-__device__ __forceinline__ float hvdc_butterfly_sum(float v)
-{
-    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(HVDC_FULL, v, off);
-    return v;
-}
-
-__device__ __forceinline__ float hvdc_butterfly_max(float v)
-{
-    for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(HVDC_FULL, v, off));
-    return v;
-}
-
-__device__ __forceinline__ long long hvdc_thread_index()
-{
-    return (long long)blockIdx.x * blockDim.x + threadIdx.x;
-}
+#include "hvdc_warp.cuh"
 
 __device__ __forceinline__ float hvdc_v(const float *g, const float *r, long long i)
 {

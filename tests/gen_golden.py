@@ -1,19 +1,29 @@
-"""Regenerate the golden vectors of the quantizing codecs from the CPU path:
+"""Regenerate the golden vectors of the fixed-size codecs from the CPU path:
 
     PYTHONPATH=. python tests/gen_golden.py
 
-Writes tests/data/{terngrad,qsgd,fp16sr}_golden.npz: the inputs, and for every configuration
-of the test modules the payload bytes and decoded values (error feedback on).  Only needed when
-a wire format or formula changes on purpose; the tests then pin the new bits on CPU and GPU."""
+Writes tests/data/{terngrad,qsgd,fp16sr,sign,randk,sketch}_golden.npz: the inputs, and for every
+configuration of the test modules the payload bytes and decoded values (error feedback on where
+the codec has it).  ``python tests/gen_golden.py sign`` rewrites only the files of the modules
+named (test_sign.py here).  Only needed when a wire format or formula changes on purpose; the
+tests then pin the new bits on CPU and GPU."""
 from __future__ import annotations
+
+import sys
 
 import test_fp16
 import test_qsgd
+import test_randk
+import test_sign
+import test_sketch
 import test_terngrad
 from quant_contract import write_golden
 
 if __name__ == "__main__":
-    for module in (test_terngrad, test_qsgd, test_fp16):
-        cls = next(v for k, v in vars(module).items() if k.startswith("Test"))
-        write_golden(cls.golden_file, cls.cases)
-        print("wrote", cls.golden_file)
+    for module in (test_terngrad, test_qsgd, test_fp16, test_sign, test_randk, test_sketch):
+        if len(sys.argv) > 1 and module.__name__.removeprefix("test_") not in sys.argv[1:]:
+            continue
+        for name, cls in vars(module).items():
+            if name.startswith("Test") and getattr(cls, "golden_file", ""):
+                write_golden(cls.golden_file, cls.cases, error_feedback=cls().error_feedback)
+                print("wrote", cls.golden_file)

@@ -1,11 +1,13 @@
-"""Checks every quantizing codec (TernGrad, QSGD, stochastic fp16) must pass: the test modules
-subclass :class:`CodecContract` with their codec configurations.  Also the helpers for the
+"""Checks every fixed-size codec (TernGrad, QSGD, stochastic fp16; 1-bit SGD, the sign codecs,
+random-k, the sketch) must pass: the test modules subclass :class:`CodecContract` with their codec
+configurations.  Also the helpers for the
 statistical tests and the golden files."""
 from __future__ import annotations
 
 import contextlib
 import math
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -57,6 +59,14 @@ class CodecContract:
 
     cases: dict[str, Codec] = {}
     golden_file: str = ""
+    #: False for codecs that draw nothing per rank (the payload ignores the encode key)
+    keyed: bool = True
+    #: what every element of an all-zero tensor decodes to (signSGD: sign(0) = +1)
+    zero_decodes_to: float = 0.0
+
+    def error_feedback(self, codec: Codec) -> bool:
+        """Whether ``codec`` takes a residual; one that does not must refuse it (ValueError)."""
+        return True
 
     def pytest_generate_tests(self, metafunc) -> None:
         if "case" in metafunc.fixturenames:
@@ -76,9 +86,16 @@ class CodecContract:
         torch.manual_seed(n)
         g, r = torch.randn(n), torch.randn(n) * 0.1
         v = g + r
+        if not self.error_feedback(codec):
+            with pytest.raises(ValueError):
+                codec.encode(g, KEY, residual=r)
+            r = None
         p = codec.encode(g, KEY, residual=r)
         assert p.nbytes == self.wire_bytes(codec, n)
+        assert codec.payload_nbytes(n) == p.nbytes
         assert p.numel == n and all(t.is_contiguous() and t.dim() == 1 for t in p.parts.values())
+        if r is None:
+            return
         d = codec.decode(p)
         assert torch.equal(r, v - d)
         err = (d.double() + r.double() - v.double()).abs()
@@ -88,7 +105,7 @@ class CodecContract:
 
     def test_all_zero(self, codec: Codec) -> None:
         p = codec.encode(torch.zeros(1003), KEY)
-        assert torch.equal(codec.decode(p), torch.zeros(1003))
+        assert torch.equal(codec.decode(p), torch.full((1003,), self.zero_decodes_to))
         assert all(int(t.view(torch.uint8).max()) == 0 for t in p.parts.values())
 
     @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
@@ -110,12 +127,12 @@ class CodecContract:
         results = []
         for threads in ("1", "2"):             # 2 threads split 5 tiles unevenly
             monkeypatch.setenv("HVD_COMPRESS_CPU_THREADS", threads)
-            res = r.clone()
+            res = r.clone() if self.error_feedback(codec) else None
             p = codec.encode(x, KEY, residual=res)
             results.append((p, res, codec.decode_accumulate([p, p], x.clone())))
         for p, res, out in results[1:]:
             assert payload_equal(p, results[0][0])
-            assert torch.equal(res, results[0][1]) and torch.equal(out, results[0][2])
+            assert (res is None or torch.equal(res, results[0][1])) and torch.equal(out, results[0][2])
 
     def test_determinism(self, codec: Codec) -> None:
         torch.manual_seed(2)
@@ -124,7 +141,7 @@ class CodecContract:
         assert payload_equal(same, codec.encode(x.clone(), KEY))
         for other in (RandomKey(KEY.seed, KEY.step + 1, KEY.tensor_id), RandomKey(KEY.seed, KEY.step, 0),
                       RandomKey(KEY.seed ^ (1 << 63), KEY.step, KEY.tensor_id)):
-            assert not payload_equal(same, codec.encode(x, other))
+            assert payload_equal(same, codec.encode(x, other)) != self.keyed
 
     def test_decode_accumulate_in_worker_order(self, codec: Codec) -> None:
         """out + D_0 + D_1 + D_2, added left to right in fp32."""
@@ -147,30 +164,32 @@ class CodecContract:
             codec.decode_accumulate([], torch.zeros(100))
 
     def test_golden(self, codec: Codec, case: str) -> None:
-        check_golden(codec, self.golden_file, case)
+        check_golden(codec, self.golden_file, case, error_feedback=self.error_feedback(codec))
 
     def test_gpu_golden(self, codec: Codec, case: str, kernels) -> None:
-        check_golden(codec, self.golden_file, case, kernels)
+        check_golden(codec, self.golden_file, case, kernels, self.error_feedback(codec))
 
     @pytest.mark.parametrize("n", [1, 7, 4099, 3 * 8192 + 5, 1 << 21])
     def test_gpu_matches_cpu(self, codec: Codec, n: int, kernels) -> None:
         """CUDA == CPU bit for bit on fresh inputs: payload, residual, decoded sum of 3 workers."""
-        gpu_matches_cpu(codec, n, kernels)
+        gpu_matches_cpu(codec, n, kernels, error_feedback=self.error_feedback(codec))
 
 
-def gpu_matches_cpu(codec: Codec, n: int, kernels, scale: float = 1.0) -> None:
+def gpu_matches_cpu(codec: Codec, n: int, kernels, scale: float = 1.0, error_feedback: bool = True) -> None:
     """The CUDA path on ``kernels`` (a conftest.KernelTarget: a GPU or the emulator) gives the C
-    reference's payloads, residual and decoded sum, bit for bit."""
+    reference's payloads, residual (worker 0 with ``error_feedback``) and decoded sum, bit for
+    bit."""
     gen = torch.Generator().manual_seed(n)
     xs = [torch.randn(n, generator=gen) * scale for _ in range(3)]
     r_cpu = torch.randn(n, generator=gen) * 0.1
     r_gpu = kernels.put(r_cpu)
     out = torch.randn(n, generator=gen)
-    cpu_p = [codec.encode(x, RandomKey(w, 9, 4), residual=r_cpu if w == 0 else None)
+    ef = [error_feedback] + [False] * (len(xs) - 1)
+    cpu_p = [codec.encode(x, RandomKey(w, 9, 4), residual=r_cpu if ef[w] else None)
              for w, x in enumerate(xs)]
     cpu_out = codec.decode_accumulate(cpu_p, out.clone())
     with kernels:
-        gpu_p = [codec.encode(kernels.put(x), RandomKey(w, 9, 4), residual=r_gpu if w == 0 else None)
+        gpu_p = [codec.encode(kernels.put(x), RandomKey(w, 9, 4), residual=r_gpu if ef[w] else None)
                  for w, x in enumerate(xs)]
         gpu_out = codec.decode_accumulate(gpu_p, kernels.put(out))
     for a, b in zip(cpu_p, gpu_p):
@@ -192,36 +211,38 @@ def golden_inputs(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.randn(n, generator=gen) * 0.01
 
 
-def check_golden(codec: Codec, filename: str, case: str, kernels=None) -> None:
+def check_golden(codec: Codec, filename: str, case: str, kernels=None, error_feedback: bool = True) -> None:
     """The recorded payload bytes, residual and decoded values (tests/gen_golden.py) are
     reproduced by the C reference (``kernels`` None) or the CUDA path on ``kernels`` (a
-    conftest.KernelTarget)."""
+    conftest.KernelTarget); without ``error_feedback`` the input alone is encoded."""
     data = np.load(DATA / filename)
     for n in data["sizes"]:
         x, r = (torch.from_numpy(data[f"{k}_{n}"]) for k in ("x", "r"))
         if kernels is not None:
             x, r = kernels.put(x), kernels.put(r)
-        v = x + r
+        v = x + r if error_feedback else x
         with kernels or contextlib.nullcontext():
-            p = codec.encode(x, KEY, residual=r)
+            p = codec.encode(x, KEY, residual=r if error_feedback else None)
             decoded = codec.decode(p)
         for part, t in p.parts.items():
             recorded = data[f"{case}_{n}_{part}"]
             assert np.array_equal(t.cpu().view(torch.uint8).numpy(), recorded), (case, n, part)
         recorded = data[f"{case}_{n}_decoded"]
         assert np.array_equal(decoded.cpu().numpy().view(np.uint32), recorded.view(np.uint32))
-        assert torch.equal(r, v - decoded)
+        if error_feedback:
+            assert torch.equal(r, v - decoded)
 
 
-def write_golden(filename: str, cases: dict[str, Codec], sizes=(1, 7, 1000, 4099)) -> None:
+def write_golden(filename: str, cases: dict[str, Codec], sizes=(1, 7, 1000, 4099),
+                 error_feedback: Callable[[Codec], bool] = lambda codec: True) -> None:
     """Record, from the CPU path, each case's payload parts (as bytes) and decoded values for the
-    inputs of :func:`golden_inputs` (stored too), error feedback on."""
+    inputs of :func:`golden_inputs` (stored too), error feedback on where the codec has it."""
     arrays: dict[str, np.ndarray] = {"sizes": np.array(sizes)}
     for n in sizes:
         x, r = golden_inputs(n)
         arrays[f"x_{n}"], arrays[f"r_{n}"] = x.numpy(), r.numpy()
         for case, codec in cases.items():
-            res = r.clone()
+            res = r.clone() if error_feedback(codec) else None
             p = codec.encode(x, KEY, residual=res)
             for part, t in p.parts.items():
                 arrays[f"{case}_{n}_{part}"] = t.view(torch.uint8).numpy()

@@ -21,7 +21,8 @@ import torch
 import hvd_compress
 from hvd_compress.backends import cuda, emulate, kernel_backend
 from hvd_compress.backends.emulator import SCHEDULES, EmulatedBackend, EmulatorError, kernel_names, load
-from hvd_compress.codecs import QSGDCodec, RandomKey, StochasticFP16Codec, TernGradCodec, TopKCodec
+from hvd_compress.codecs import (OneBitCodec, QSGDCodec, RandomKCodec, RandomKey, ScaledSignCodec,
+                                  SignCodec, SketchCodec, StochasticFP16Codec, TernGradCodec, TopKCodec)
 from hvd_compress.codecs.base import Payload
 from hvd_compress.codecs.rng import random_u32
 
@@ -384,8 +385,12 @@ def test_every_kernel_runs_on_the_emulator():
         assert kernel_backend("cpu") is backend and kernel_backend("cuda") is cuda
         random_u32(1000, RandomKey(1, 2, 3))
         for codec in (TernGradCodec(), TernGradCodec(bucket_size=64, clip=None), QSGDCodec(),
-                      StochasticFP16Codec(), TopKCodec(), TopKCodec(mode="exact")):
-            p = codec.encode(g, RandomKey(4, 5, 6), residual=r.clone())
+                      StochasticFP16Codec(), TopKCodec(), TopKCodec(mode="exact"), OneBitCodec(),
+                      ScaledSignCodec(bucket_size=64), SignCodec(),
+                      RandomKCodec().with_shared_key(RandomKey(7, 5, 6)),
+                      SketchCodec(ratio=0.5).with_shared_key(RandomKey(7, 5, 6))):
+            ef = not isinstance(codec, (SignCodec, SketchCodec))
+            p = codec.encode(g, RandomKey(4, 5, 6), residual=r.clone() if ef else None)
             codec.decode_accumulate([p, p], torch.zeros(20_000))
         bad = Payload(3, {"indices": torch.tensor([2, 1], dtype=torch.int32),
                           "values": torch.ones(2, dtype=torch.float16)})
