@@ -313,6 +313,140 @@ class FP16(Method):
                          bucket_cap_mb=bucket_cap_mb, link=link)
 
 
+class OneBit(Method):
+    """1-bit SGD (Seide, Fu, Droppo, Li, Yu, Interspeech 2014): one sign bit per element and two
+    fp32 reconstruction values per tensor (or ``bucket_size`` elements), the means of the
+    non-negative and of the negative entries of v = g + e; error feedback always on (the
+    method's point).  On the two-phase route the owner re-encodes the sum with its own error
+    feedback: the compressed allreduce of DeepSpeed's 1-bit Adam and DoubleSqueeze (Tang et al.
+    2019, seed 002).  1 bit per element + 8 bytes per tensor."""
+
+    name = "onebit"
+
+    def __init__(self, bucket_size: int | None = None, *, min_numel: int = 1024, seed: int = 0,
+                 route: str = AUTO, bucket_cap_mb: float = 25.0, link: Link | str = "auto") -> None:
+        from .codecs.sign import OneBitCodec
+        super().__init__(OneBitCodec(bucket_size=bucket_size), error_feedback=True, min_numel=min_numel,
+                         seed=seed, route=route, bucket_cap_mb=bucket_cap_mb, link=link)
+
+
+class EFSignSGD(Method):
+    """EF-signSGD (Karimireddy, Rebjock, Stich, Jaggi, ICML 2019): ``C(v) = (||v||_1 / d) sign(v)``
+    per tensor (or ``bucket_size`` elements) with error feedback, v = g + e; a delta-approximate
+    compressor, so error feedback converges.  1 bit per element + 4 bytes per tensor."""
+
+    name = "efsignsgd"
+
+    def __init__(self, bucket_size: int | None = None, *, min_numel: int = 1024, seed: int = 0,
+                 route: str = AUTO, bucket_cap_mb: float = 25.0, link: Link | str = "auto") -> None:
+        from .codecs.sign import ScaledSignCodec
+        super().__init__(ScaledSignCodec(bucket_size=bucket_size), error_feedback=True,
+                         min_numel=min_numel, seed=seed, route=route, bucket_cap_mb=bucket_cap_mb, link=link)
+
+
+class SignSGD(Method):
+    """signSGD with majority vote (Bernstein et al., ICML 2018 and ICLR 2019): every worker sends
+    sign(g) and m = ||g||_1 / d per tensor; the aggregate is sign(sum of the signs) times the mean
+    m, so a script's SGD learning rate still works (the update has the workers' mean L1 gradient
+    length; see :class:`~hvd_compress.codecs.sign.MajorityVoteCodec`).  No error feedback (the
+    vote is the method).  Allgather only (a vote of votes is another method).  1 bit per element
+    + 4 bytes per tensor."""
+
+    name = "signsgd"
+
+    def __init__(self, *, min_numel: int = 1024, seed: int = 0, route: str = AUTO,
+                 bucket_cap_mb: float = 25.0, link: Link | str = "auto") -> None:
+        from .codecs.sign import MajorityVoteCodec
+        super().__init__(MajorityVoteCodec(), error_feedback=False, min_numel=min_numel, seed=seed,
+                         route=route, bucket_cap_mb=bucket_cap_mb, link=link)
+
+    def candidates(self) -> dict:
+        return {"allgather": _FIXED_ROUTES["allgather"]}
+
+
+class RandomK(Method):
+    """Random-k (Konečný et al. 2016's random mask, seed 004; Stich et al. 2018): each step every
+    rank keeps the same ``ratio`` of each tensor's entries, chosen by a key all ranks share, so
+    only the k values travel and an fp32 allreduce sums them (no indices on the wire).  Error
+    feedback (default) keeps the rest; ``unbiased=True`` scales the values by n/k instead.
+    4 bytes per kept entry."""
+
+    name = "randomk"
+
+    def __init__(self, ratio: float = 0.01, *, unbiased: bool = False, min_numel: int = 1024,
+                 seed: int = 0, route: str = AUTO, bucket_cap_mb: float = 25.0,
+                 link: Link | str = "auto") -> None:
+        from .codecs.randk import RandomKCodec
+        super().__init__(RandomKCodec(ratio=ratio, unbiased=unbiased), error_feedback=not unbiased,
+                         min_numel=min_numel, seed=seed, route=route, bucket_cap_mb=bucket_cap_mb, link=link)
+
+    def candidates(self) -> dict:
+        return {"allreduce": _SUMMABLE_ROUTES["allreduce"]}
+
+    def payload_bytes(self, bucket: Bucket, codec: Codec) -> float:
+        return 4 * sum(codec.k(seg.numel) for seg in bucket.segments(self.scope))
+
+
+class Sketch(Method):
+    """Sketched update (Konečný et al. 2016, seed 004): a randomized Hadamard rotation (random
+    signs from a key every rank shares), optional subsampling of the rotated coordinates
+    (``ratio``), and stochastic ``bits``-bit quantization between each block's min and max; decode
+    sums the workers in the rotated domain and rotates back once.  The rotation spreads a few
+    large entries over the block, which cuts QSGD's error at the same bits on heavy-tailed
+    gradients (docs/codecs-seed-methods.md).  Unbiased; no error feedback."""
+
+    name = "sketch"
+    scope = "bucket"
+
+    def __init__(self, bits: int = 4, block_size: int = 1024, ratio: float = 1.0, *,
+                 min_numel: int = 1024, seed: int = 0, route: str = AUTO, bucket_cap_mb: float = 25.0,
+                 link: Link | str = "auto") -> None:
+        from .codecs.sketch import SketchCodec
+        super().__init__(SketchCodec(bits=bits, block_size=block_size, ratio=ratio), error_feedback=False,
+                         min_numel=min_numel, seed=seed, route=route, bucket_cap_mb=bucket_cap_mb, link=link)
+
+
+class PowerSGD(Method):
+    """PowerSGD (Vogels, Karimireddy, Jaggi, NeurIPS 2019): rank-``rank`` approximation of each
+    weight matrix by one power iteration with warm start, P = M Q and Q = M^T orth(P) summed by
+    two allreduces, error feedback always on; tensors whose matrix view would not shrink by
+    ``min_compression_rate`` (PyTorch's hook's rule) travel dense in the same bucket.
+    ``structured=True`` is seed 004's structured update: Q a fresh random basis from the shared
+    seed each step, only P sent.  (n + m) r fp32 per n x m matrix."""
+
+    name = "powersgd"
+
+    def __init__(self, rank: int = 2, min_compression_rate: float = 2.0, *, structured: bool = False,
+                 min_numel: int = 1024, seed: int = 0, route: str = AUTO, bucket_cap_mb: float = 25.0,
+                 link: Link | str = "auto") -> None:
+        from .routes.low_rank import PowerSGDRoute
+        if rank < 1 or min_compression_rate < 1:
+            raise ValueError(f"need rank >= 1 and min_compression_rate >= 1, got {rank}, {min_compression_rate}")
+        self.rank, self.min_compression_rate, self.structured = rank, min_compression_rate, structured
+        self._route = PowerSGDRoute(rank, min_compression_rate, structured)
+        super().__init__(None, error_feedback=True, min_numel=min_numel, seed=seed, route=route,
+                         bucket_cap_mb=bucket_cap_mb, link=link)
+
+    def __repr__(self) -> str:
+        return (f"PowerSGD(rank={self.rank}, min_compression_rate={self.min_compression_rate}, "
+                f"structured={self.structured}, min_numel={self.min_numel}, seed={self.seed}, "
+                f"route={self.route!r}, bucket_cap_mb={self.bucket_cap_mb}, link={self.link!r})")
+
+    def candidates(self) -> dict:
+        return {"powersgd": self._route}
+
+    def payload_bytes(self, bucket: Bucket, codec: Codec | None) -> float:
+        from .routes.low_rank import matrix_shape, pays
+        total = 0
+        for m in bucket.members:
+            if pays(m.shape, self.rank, self.min_compression_rate):
+                n, cols = matrix_shape(m.shape)
+                total += (n + cols) * min(self.rank, n, cols) * (1 if not self.structured else n / (n + cols))
+            else:
+                total += m.numel
+        return 4 * total
+
+
 class Dense(Method):
     """No compression: fp32 allreduce per bucket (what ``hvd.Compression.none`` means inside
     ``hvd_compress.DistributedOptimizer``'s maps)."""
@@ -329,6 +463,8 @@ class Dense(Method):
 
 _METHODS: dict[str, type[Method]] = {
     "terngrad": TernGrad, "qsgd": QSGD, "topk": TopK, "dgc": DGC, "fp16": FP16,
+    "onebit": OneBit, "efsignsgd": EFSignSGD, "signsgd": SignSGD, "randomk": RandomK,
+    "sketch": Sketch, "powersgd": PowerSGD,
 }
 
 

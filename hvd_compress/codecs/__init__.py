@@ -6,11 +6,11 @@ from .base import Codec, Payload, RandomKey
 from .fp16 import StochasticFP16Codec
 from .qsgd import QSGDCodec
 from .randk import RandomKCodec
-from .sign import OneBitCodec, ScaledSignCodec, SignCodec, majority_vote
+from .sign import MajorityVoteCodec, OneBitCodec, ScaledSignCodec, SignCodec, majority_vote
 from .sketch import SketchCodec
 from .terngrad import TernGradCodec
 from .topk import TopKCodec
 
-__all__ = ["Codec", "OneBitCodec", "Payload", "QSGDCodec", "RandomKCodec", "RandomKey",
+__all__ = ["Codec", "MajorityVoteCodec", "OneBitCodec", "Payload", "QSGDCodec", "RandomKCodec", "RandomKey",
            "ScaledSignCodec", "SignCodec", "SketchCodec", "StochasticFP16Codec", "TernGradCodec",
            "TopKCodec", "majority_vote"]

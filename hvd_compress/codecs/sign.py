@@ -239,6 +239,39 @@ class SignCodec(_SignCodec):
         return ScaledSignCodec().local_scales(x, name=name)
 
 
+@dataclasses.dataclass(frozen=True)
+class MajorityVoteCodec(ScaledSignCodec):
+    """signSGD with majority vote (Bernstein, Zhao, Azizzadenesheli, Anandkumar, "signSGD with
+    Majority Vote is Communication Efficient and Fault Tolerant", ICLR 2019), scaled as
+    :class:`SignCodec` proposes: each worker sends the wire of :class:`ScaledSignCodec` (sign
+    bits and m_w = ||g_w||_1 / d per tensor or bucket), and the aggregate of W payloads is
+
+        majority_vote(sum_w sign(g_w)) * sum_w m_w
+
+    (sum semantics: divided by W under Horovod's Average it is the vote times the mean m).  A
+    script's SGD learning rate therefore still works (the update has the workers' mean L1
+    gradient length) while the vote stays scale-free.  No error feedback."""
+
+    name = "signsgd"
+
+    def _encode(self, x: torch.Tensor, key: RandomKey, residual: torch.Tensor | None) -> Payload:
+        if residual is not None:
+            raise ValueError("signSGD with majority vote has no error feedback (EF-signSGD does)")
+        return super()._encode(x, key, None)
+
+    def decode_accumulate(self, payloads: Sequence[Payload], out: torch.Tensor) -> torch.Tensor:
+        if not payloads:
+            raise ValueError("decode_accumulate needs at least one payload")
+        n = payloads[0].numel
+        votes = SignCodec().decode_accumulate(
+            [Payload(p.numel, {"bits": p.parts["bits"]}) for p in payloads],
+            torch.zeros(n, dtype=torch.float32, device=out.device))
+        scale = torch.stack([p.parts["scales"] for p in payloads]).sum(0)
+        per_element = scale.repeat_interleave(self._bucket(n))[:n] if scale.numel() > 1 else scale
+        out.view(-1).add_(majority_vote(votes) * per_element)
+        return out
+
+
 def majority_vote(total: torch.Tensor) -> torch.Tensor:
     """sign(total) (+1, -1, or 0 for a tie), ``total`` the sum of the workers' decoded
     :class:`SignCodec` payloads (integers, exact in fp32 up to 2^24 workers)."""

@@ -33,6 +33,8 @@ from .plan import DENSE, Plan, plan_bucket
 from .state import BucketState
 
 _MASK64 = (1 << 64) - 1
+#: state buffers laid out like the bucket (saved per member); the others are saved per bucket
+_MEMBER_LAID = ("residual", "momentum")
 #: int32 words of the step header before the per-member finite flags
 _HEAD = 5
 #: what Horovod 0.28.1's allreduce takes (bf16 members stay in the engine, which casts to fp32)
@@ -283,7 +285,9 @@ class Engine:
             job = Job(x, bucket.tensor_id, method.codec_at(self.step), bucket.segments(method.scope),
                       residual, self.comm, f"{self.tag}.b{bucket.index}", self.step,
                       lambda r: rank_seed(method.seed, r), self._server_buffer(bucket, device),
-                      average=self.average, out=self._outputs[bucket.index])
+                      state=lambda name, numel: state.buffer(name, device, numel).begin(),
+                      members=bucket.members, shared_seed=splitmix64(method.seed), average=self.average,
+                      out=self._outputs[bucket.index])
             try:
                 pending = bplan.route.start(job)
             except FloatingPointError:  # a codec overflowed on finite input (QSGD's norm)
@@ -448,22 +452,24 @@ class Engine:
     # -- state ---------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """(Finalizes the last step first.)  This rank's state: per member its buffers (views of the committed flat buffers),
-        the committed step, the link and codec speeds the plan used, and server residuals per
-        bucket (valid for the same layout and world only)."""
+        """(Finalizes the last step first.)  This rank's state: per member its buffers (views
+        of the committed flat buffers laid out like the bucket: residual, momentum), the
+        committed step, the link, codec speeds and trial verdict the plan used, and per bucket
+        the buffers laid out otherwise (the two-phase owner's residual, PowerSGD's Q), valid for
+        the same bucket layout only."""
         self.finalize()
         params: dict[str, dict[str, torch.Tensor]] = {}
-        server: dict[str, torch.Tensor] = {}
+        buckets: dict[str, dict[str, torch.Tensor]] = {}
         for bucket, state in zip(self.buckets, self.states):
             for name, buf in state.buffers.items():
-                if name == "server":
-                    server[_bucket_key(bucket)] = buf.committed.clone()
+                if name not in _MEMBER_LAID:
+                    buckets.setdefault(_bucket_key(bucket), {})[name] = buf.committed.clone()
                     continue
                 for m, offset in zip(bucket.members, bucket.offsets):
                     params.setdefault(m.name, {})[name] = buf.committed[offset:offset + m.numel].clone().view(m.shape)
         speeds = {b.method.config(): vars(self.speeds[id(b.method)]).copy()
                   for b in self.buckets if id(b.method) in self.speeds}
-        return {"step": self.step, "params": params, "server": server,
+        return {"step": self.step, "params": params, "buckets": buckets,
                 "world": self.plan.world if self.plan else None,
                 "rank": self.plan.rank if self.plan else None,
                 "link": None if self.link is None else vars(self.link).copy(),
@@ -485,9 +491,8 @@ class Engine:
                                          f"the parameter {m.numel}")
                     buf = state.buffer(name, tensor.device)
                     buf.committed[offset:offset + m.numel].copy_(tensor.reshape(-1))
-            saved = sd.get("server", {}).get(_bucket_key(bucket))
-            if saved is not None:
-                state.buffer("server", saved.device, saved.numel()).committed.copy_(saved)
+            for name, saved in sd.get("buckets", {}).get(_bucket_key(bucket), {}).items():
+                state.buffer(name, saved.device, saved.numel()).committed.copy_(saved)
         self.step = int(sd["step"])
         self._loaded_owner = (sd["world"], sd["rank"]) if sd.get("world") is not None else None
         if sd.get("link") is not None:

@@ -121,6 +121,4 @@ def received_bytes(route: Route, payload: float, n: int, world: int) -> float:
         return 2 * (world - 1) / world * 4 * n
     if route.name == "allgather":
         return (world - 1) * payload
-    if route.name == "allreduce":
-        return 2 * (world - 1) / world * 2 * n
-    return 2 * (world - 1) / world * payload
+    return 2 * (world - 1) / world * payload   # allreduce (ring) and the two-phase routes

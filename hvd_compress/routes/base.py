@@ -65,12 +65,23 @@ class Job:
     step: int
     seed_of: Callable[[int], int]        # Philox seed of a rank (rank of comm)
     server: Callable[[int], torch.Tensor | None]  # working server residual of n elements, or None
+    state: Callable[[str, int], torch.Tensor] = None  # a named working state buffer of n elements
+    members: list = field(default_factory=list)  # engine.buckets.Member of the bucket, in order
+    shared_seed: int = 0                 # Philox seed every rank shares (shared masks, rotations)
     average: bool = False                # the engine wants the mean; a route may deliver it (dense)
     out: torch.Tensor | None = None      # the bucket's reused fp32 output buffer (see Route.finish)
 
     def key(self, tensor_id: int, rank: int | None = None) -> RandomKey:
         return RandomKey(self.seed_of(self.comm.rank if rank is None else rank), self.step & 0xFFFFFFFF,
                          tensor_id)
+
+    def codec_for(self, tensor_id: int) -> Codec:
+        """The codec for the tensor ``tensor_id``: codecs whose selection or rotation must be
+        the same on every rank (random-k, the sketch) get the shared key (seed shared, this step,
+        this tensor)."""
+        if hasattr(self.codec, "with_shared_key"):
+            return self.codec.with_shared_key(RandomKey(self.shared_seed, self.step & 0xFFFFFFFF, tensor_id))
+        return self.codec
 
 
 @dataclass
@@ -117,8 +128,8 @@ def encode_segments(job: Job, x: torch.Tensor | None = None) -> list[Payload]:
     for seg in job.segments:
         part = slice(seg.offset, seg.offset + seg.numel)
         residual = None if job.residual is None else job.residual[part]
-        out.append(job.codec.encode(x[part], job.key(seg.tensor_id), residual=residual,
-                                    check_finite=False))
+        out.append(job.codec_for(seg.tensor_id).encode(x[part], job.key(seg.tensor_id), residual=residual,
+                                                       check_finite=False))
     return out
 
 

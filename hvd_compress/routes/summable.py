@@ -1,7 +1,9 @@
 """Allreduce routes for payloads an allreduce can sum element-wise.
 
-* :class:`SummableRoute`: the codec's single fp16 part (stochastic fp16, Horovod-style fp16) is
-  summed by Horovod's fp16 allreduce; the sum overflows to inf as Horovod's fp16 does.
+* :class:`SummableRoute`: the codec's single part, whose element-wise sum over workers is the
+  payload of the sum (stochastic fp16, Horovod-style fp16: summed by an fp16 allreduce, which
+  overflows to inf as Horovod's fp16 does; random-k's shared-mask values: fp32), is allreduced
+  once per bucket and decoded once per segment.
 * :class:`SharedScaleRoute`: TernGrad with the paper's shared scale (Wen et al. 2017): phase 1
   takes the maximum of every worker's scales (one small allreduce per bucket), phase 2 encodes
   with the shared scales and sums the codes -1/0/+1 as fp16 integers (exact up to 2048 ranks);
@@ -24,16 +26,24 @@ class SummableRoute(Route):
     def start(self, job: Job) -> Pending:
         payloads = encode_segments(job)
         values = torch.cat([next(iter(p.parts.values())).reshape(-1) for p in payloads])
-        nbytes = values.numel() * _FP16
+        nbytes = values.numel() * values.element_size()
         return Pending(job, job.comm.allreduce(values, f"{job.tag}.sum"), sent=nbytes, received=nbytes,
                        payloads=payloads)
 
     def finish(self, pending: Pending) -> torch.Tensor:
-        return pending.job.out.copy_(pending.handle.wait())
+        job, total = pending.job, pending.handle.wait()
+        out = job.out.zero_()
+        pos = 0
+        for seg, mine in zip(job.segments, pending.payloads):
+            (name, part), = mine.parts.items()
+            summed = Payload(seg.numel, {name: total[pos:pos + part.numel()]})
+            pos += part.numel()
+            job.codec_for(seg.tensor_id).decode_accumulate([summed], out[seg.offset:seg.offset + seg.numel])
+        return out
 
     def seconds(self, n: int, world: int, payload_bytes: float, segments: int, link: Link,
                 speed: Speed) -> float:
-        return (link.latency_s + ring_allreduce_bytes(_FP16 * n, world) / link.bytes_per_s
+        return (link.latency_s + ring_allreduce_bytes(payload_bytes, world) / link.bytes_per_s
                 + codec_seconds(n, 1, segments, speed))
 
 

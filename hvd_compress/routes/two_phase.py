@@ -32,8 +32,9 @@ class TwoPhaseRoute(Route):
         for c in range(job.comm.size):
             part = slice(bounds[c], bounds[c + 1])
             residual = None if job.residual is None else job.residual[part]
-            payloads.append(job.codec.encode(job.x[part], job.key(derived_id(job.tensor_id, 1, c)),
-                                             residual=residual, check_finite=False))
+            chunk_id = derived_id(job.tensor_id, 1, c)
+            payloads.append(job.codec_for(chunk_id).encode(job.x[part], job.key(chunk_id),
+                                                           residual=residual, check_finite=False))
             blocks.append(wire.pack(payloads[-1:], job.x.device))
         splits = [b.numel() for b in blocks]
         handle = job.comm.alltoall(torch.cat(blocks), splits, f"{job.tag}.p1")
@@ -48,9 +49,10 @@ class TwoPhaseRoute(Route):
         mine = bounds[rank + 1] - bounds[rank]
         chunk_sum = torch.zeros(mine, dtype=torch.float32, device=job.x.device)
         owner_payloads = [blocks[0] for blocks in wire.unpack(received, job.codec, [[mine]] * size)]
-        job.codec.decode_accumulate(owner_payloads, chunk_sum)
-        again = job.codec.encode(chunk_sum, job.key(derived_id(job.tensor_id, 2, rank)),
-                                 residual=job.server(mine), check_finite=False)
+        job.codec_for(derived_id(job.tensor_id, 1, rank)).decode_accumulate(owner_payloads, chunk_sum)
+        again_id = derived_id(job.tensor_id, 2, rank)
+        again = job.codec_for(again_id).encode(chunk_sum, job.key(again_id), residual=job.server(mine),
+                                               check_finite=False)
         block = wire.pack([again], job.x.device)
         pending.sent += block.numel()
         pending.extra["own_phase2"] = block.numel()
@@ -64,7 +66,7 @@ class TwoPhaseRoute(Route):
         chunks = wire.unpack(data, job.codec, [[bounds[c + 1] - bounds[c]] for c in range(size)])
         out = job.out.zero_()
         for c in range(size):
-            job.codec.decode_accumulate(chunks[c], out[bounds[c]:bounds[c + 1]])
+            job.codec_for(derived_id(job.tensor_id, 2, c)).decode_accumulate(chunks[c], out[bounds[c]:bounds[c + 1]])
         return out
 
     def seconds(self, n: int, world: int, payload_bytes: float, segments: int, link: Link,

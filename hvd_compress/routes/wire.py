@@ -28,8 +28,8 @@ def _pad(n: int) -> int:
 
 @lru_cache(maxsize=None)
 def _parts_of(codec: Codec) -> tuple[tuple[str, torch.dtype], ...]:
-    """(name, dtype) of the parts of the codec's payloads, from an empty encode."""
-    empty = codec.encode(torch.zeros(0))
+    """(name, dtype) of the parts of the codec's payloads, from an empty payload."""
+    empty = codec.payload_template(0) if codec.fixed_size else codec.encode(torch.zeros(0))
     return tuple((name, t.dtype) for name, t in empty.parts.items())
 
 
