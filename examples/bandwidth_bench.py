@@ -148,6 +148,9 @@ class CodecTimer:
         self.codec = getattr(compression, "codec", None)
         if self.codec is None:
             return
+        if hasattr(self.codec, "with_shared_key"):   # random-k, sketch: a mask every rank shares
+            from hvd_compress.codecs.base import RandomKey
+            self.codec = self.codec.with_shared_key(RandomKey(seed=2 ** 64 - 1))
         self.seed = compression.seed
         sizes = [p.numel() for p in model.parameters() if p.numel() >= compression.min_numel]
         self.grads = [torch.randn(n) * 1e-3 for n in sizes]

@@ -76,6 +76,8 @@ def measure_speed(comm: Any, codec, error_feedback: bool, device: torch.device, 
     """Encode (with error feedback when the method uses it) and decode-accumulate of ``size``
     payloads, timed on this rank, maximum over ranks."""
     from ..codecs.base import RandomKey
+    if hasattr(codec, "with_shared_key"):          # random-k, sketch: a mask every rank shares
+        codec = codec.with_shared_key(RandomKey(seed=2 ** 64 - 1))   # (unlike the per-rank key)
     x = torch.randn(_CODEC_ELEMENTS, generator=torch.Generator().manual_seed(0)).to(device)
     residual = torch.zeros_like(x) if error_feedback else None
     payload = codec.encode(x, RandomKey(), residual=residual)
