@@ -20,7 +20,9 @@ from compare import metric, run
 #: (label, spec); DGC's warm-up length is filled in per run as a quarter of its steps.
 SPECS = [("none", "none"), ("terngrad", "terngrad"), ("qsgd 4-bit", "qsgd:bits=4"),
          ("topk 1%", "topk:ratio=0.01"), ("dgc 99.9% + warm-up", "dgc:ratio=0.001,warmup_steps={warmup}"),
-         ("fp16 stochastic", "fp16")]
+         ("fp16 stochastic", "fp16"), ("1-bit SGD", "onebit"), ("EF-signSGD", "efsignsgd"),
+         ("signSGD vote", "signsgd"), ("random-k 1%", "randomk:ratio=0.01"), ("sketch 4-bit", "sketch"),
+         ("PowerSGD rank 2", "powersgd")]
 TARGETS = {"terngrad", "qsgd 4-bit", "dgc 99.9% + warm-up"}
 EPOCHS = {"digits": 20, "charlm": 4}
 #: digits at lr 0.025 per worker: the default 0.05 x 4 workers (0.2, momentum 0.9) diverged on
