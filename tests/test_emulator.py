@@ -20,7 +20,7 @@ import torch
 
 import hvd_compress
 from hvd_compress.backends import cuda, emulate, kernel_backend
-from hvd_compress.backends.emulator import SCHEDULES, EmulatedBackend, EmulatorError, kernel_names, load
+from hvd_compress.backends.emulator import SCHEDULES, EmulatedBackend, EmulatorError, kernel_names
 from hvd_compress.codecs import (OneBitCodec, QSGDCodec, RandomKCodec, RandomKey, ScaledSignCodec,
                                   SignCodec, SketchCodec, StochasticFP16Codec, TernGradCodec, TopKCodec)
 from hvd_compress.codecs.base import Payload

@@ -380,6 +380,31 @@ def test_codec_overflow_on_finite_input_is_a_skipped_step():
 
 # -- state ---------------------------------------------------------------------------------------------
 
+def states_after(spec: str, world: int, steps: int) -> dict[int, dict]:
+    """Every rank's engine.state_dict() after ``steps`` steps."""
+    saved = {}
+    run_engines(spec, world, steps=steps, after_step=lambda r, s, e: saved.__setitem__(r, e.state_dict()))
+    return saved
+
+
+def resume_engines(spec: str, world: int, saved: dict[int, dict], steps, cap_mb: float = 25):
+    """Fresh engines (bucket cap ``cap_mb``) load ``saved`` and run ``steps``: per rank, per
+    step, the members' results."""
+    members = members_of(hvd_compress.from_spec(spec))
+
+    def resume(comm):
+        engine = Engine(members, lambda: comm, average=True, cap_bytes=int(cap_mb * 2 ** 20), link=SLOW,
+                        name="t")
+        engine.load_state_dict(saved[comm.rank])
+        outs = []
+        for step in steps:
+            for m in reversed(members):
+                engine.add(m.index, grad(comm.rank, step, m))
+            outs.append([engine.result(m.index).clone() for m in members])
+        return outs
+    return LocalWorld(world).run(resume)
+
+
 @pytest.mark.parametrize("spec,resume_cap_mb", [
     ("topk:ratio=0.05", 0), ("dgc:ratio=0.05,warmup_steps=4", 0), ("terngrad:error_feedback=True", 0),
     ("qsgd:error_feedback=True", 25)])
@@ -390,21 +415,8 @@ def test_state_dict_resume_is_bit_exact(spec, resume_cap_mb):
     norm buckets), so its bits need the same layout."""
     spec = spec_with(spec, "route='allgather'")
     full = run_engines(spec, 2, steps=4)
-    saved = {}
-    run_engines(spec, 2, steps=2, after_step=lambda r, s, e: saved.__setitem__(r, e.state_dict()))
-    members = members_of(hvd_compress.from_spec(spec))
-
-    def resume(comm):
-        engine = Engine(members, lambda: comm, average=True, cap_bytes=int(resume_cap_mb * 2 ** 20),
-                        link=SLOW, name="t")
-        engine.load_state_dict(saved[comm.rank])
-        outs = []
-        for step in (2, 3):
-            for m in reversed(members):
-                engine.add(m.index, grad(comm.rank, step, m))
-            outs.append([engine.result(m.index).clone() for m in members])
-        return outs
-    resumed = LocalWorld(2).run(resume)
+    saved = states_after(spec, 2, 2)
+    resumed = resume_engines(spec, 2, saved, (2, 3), resume_cap_mb)
     assert saved[0]["step"] == 2
     for rank in range(2):
         for step in (2, 3):
@@ -415,20 +427,11 @@ def test_state_dict_resume_is_bit_exact(spec, resume_cap_mb):
 def test_state_dict_resume_two_phase_keeps_server_residuals():
     spec = "terngrad:error_feedback=True,route='two_phase'"
     full = run_engines(spec, 3, steps=3)
-    saved = {}
-    run_engines(spec, 3, steps=2, after_step=lambda r, s, e: saved.__setitem__(r, e.state_dict()))
+    saved = states_after(spec, 3, 2)
     assert all("server" in b for b in saved[0]["buckets"].values())
-    members = members_of(hvd_compress.from_spec(spec))
-
-    def resume(comm):
-        engine = Engine(members, lambda: comm, average=True, cap_bytes=25 * 2 ** 20, link=SLOW, name="t")
-        engine.load_state_dict(saved[comm.rank])
-        for m in reversed(members):
-            engine.add(m.index, grad(comm.rank, 2, m))
-        return [engine.result(m.index).clone() for m in members]
-    resumed = LocalWorld(3).run(resume)
+    resumed = resume_engines(spec, 3, saved, (2,))
     for rank in range(3):
-        assert all(torch.equal(a, b) for a, b in zip(resumed[rank], full[rank][0][2]))
+        assert all(torch.equal(a, b) for a, b in zip(resumed[rank][0], full[rank][0][2]))
 
 
 def test_load_state_dict_rejects_foreign_state():

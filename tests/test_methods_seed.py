@@ -14,7 +14,8 @@ from hvd_compress.codecs import Payload, RandomKey
 from hvd_compress.engine.engine import rank_seed, splitmix64
 from hvd_compress.routes import wire
 from hvd_compress.routes.low_rank import orthonormalize
-from test_engine import assert_ranks_agree, grad, members_of, run_engines, simulate_two_phase, spec_with
+from test_engine import (assert_ranks_agree, grad, members_of, resume_engines, run_engines, simulate_two_phase,
+                         spec_with, states_after)
 
 BIG = [(1, (40, 50)), (0, (3000,))]      # the compressed bucket [p1, p0] of test_engine's SHAPES
 
@@ -137,26 +138,11 @@ def test_powersgd_matches_simulation(structured, world):
 
 
 def test_powersgd_state_resumes_bit_exact():
-    from hvd_compress.engine.engine import Engine
-    from hvd_compress.engine.local import LocalWorld
-    from test_engine import SLOW
     spec = "powersgd:route='powersgd'"
     full = run_engines(spec, 2, steps=4)
-    saved = {}
-    run_engines(spec, 2, steps=2, after_step=lambda r, s, e: saved.__setitem__(r, e.state_dict()))
+    saved = states_after(spec, 2, 2)
     assert any("powersgd_q" in b for b in saved[0]["buckets"].values())
-    members = members_of(hvd_compress.from_spec(spec))
-
-    def resume(comm):
-        engine = Engine(members, lambda: comm, average=True, cap_bytes=25 * 2 ** 20, link=SLOW, name="t")
-        engine.load_state_dict(saved[comm.rank])
-        outs = []
-        for step in (2, 3):
-            for m in reversed(members):
-                engine.add(m.index, grad(comm.rank, step, m))
-            outs.append([engine.result(m.index).clone() for m in members])
-        return outs
-    resumed = LocalWorld(2).run(resume)
+    resumed = resume_engines(spec, 2, saved, (2, 3))
     for step in (2, 3):
         assert all(torch.equal(a, b) for a, b in zip(resumed[0][step - 2], full[0][0][step]))
 

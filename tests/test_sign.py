@@ -11,7 +11,7 @@ import torch
 
 from hvd_compress.codecs import OneBitCodec, ScaledSignCodec, SignCodec, majority_vote
 from hvd_compress.codecs.base import RandomKey
-from quant_contract import KEY, CodecContract, contract_sum
+from quant_contract import CodecContract, contract_sum
 
 CASES = {"onebit": OneBitCodec(), "onebit_b64": OneBitCodec(bucket_size=64),
          "onebit_b8224": OneBitCodec(bucket_size=8224),          # > HVDC_SUM_CHUNK: two chunks

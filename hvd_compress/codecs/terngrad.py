@@ -71,9 +71,10 @@ class TernGradCodec(Codec):
         return self.bucket_size if self.bucket_size is not None else max(n, 1)
 
     def local_scales(self, x: torch.Tensor, residual: torch.Tensor | None = None,
-                     name: str = "tensor") -> torch.Tensor:
-        """Scales of g = x (+ residual): max |g| per tensor or bucket, clipped at clip * sigma."""
-        flat = as_fp32_flat(x, name)
+                     name: str = "tensor", check_finite: bool = True) -> torch.Tensor:
+        """Scales of g = x (+ residual): max |g| per tensor or bucket, clipped at clip * sigma
+        (``check_finite`` as in :meth:`~hvd_compress.codecs.base.Codec.encode`)."""
+        flat = as_fp32_flat(x, name, check_finite)
         return self._scales(flat, q.check_residual(flat, residual, name))
 
     def _scales(self, g: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:

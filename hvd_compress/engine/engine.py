@@ -178,7 +178,7 @@ class Engine:
         grad = self._step.grads.get(index)
         if grad is None:   # a member that never came (only a direct caller can ask for it)
             bucket, pos = self._where[index]
-            member, offset = bucket.members[pos], bucket.offsets[pos]
+            member = bucket.members[pos]
             grad = torch.empty(member.shape, dtype=member.dtype, device=self._step.results[bucket.index].device)
             self._step.grads[index] = grad
             self._write_back(bucket, self._step.results[bucket.index], self._step,

@@ -88,9 +88,11 @@ def plan_bucket(bucket: Bucket, world: int, link: Link, speed: Speed, step: int,
     method = bucket.method
     n = bucket.numel
     dense_s = DENSE.seconds(n, world, 4 * n, 1, link, speed)
+
+    def dense(why: str) -> BucketPlan:
+        return BucketPlan(bucket, DENSE, 4 * n, received_bytes(DENSE, 4 * n, n, world), dense_s, dense_s, why)
     if bucket.small or world < 2 or (dense_if_auto and method.route == AUTO):
-        why = "below min_numel" if bucket.small else "single rank" if world < 2 else dense_if_auto
-        return BucketPlan(bucket, DENSE, 4 * n, 2 * (world - 1) / max(world, 1) * 4 * n, dense_s, dense_s, why)
+        return dense("below min_numel" if bucket.small else "single rank" if world < 2 else dense_if_auto)
     codec = method.codec_at(step)
     payload = method.payload_bytes(bucket, codec)
     segments = len(bucket.segments(method.scope))
@@ -98,7 +100,7 @@ def plan_bucket(bucket: Bucket, world: int, link: Link, speed: Speed, step: int,
     wanted = method.route
     if wanted not in (AUTO, COMPRESSED):
         if wanted == DENSE.name:
-            return BucketPlan(bucket, DENSE, 4 * n, 2 * (world - 1) / world * 4 * n, dense_s, dense_s, "forced")
+            return dense("forced")
         if wanted not in candidates:
             raise ValueError(f"{method.name}: route {wanted!r} is not one of its routes "
                              f"{sorted(candidates)} (or 'dense', 'auto', 'compressed')")
@@ -109,8 +111,7 @@ def plan_bucket(bucket: Bucket, world: int, link: Link, speed: Speed, step: int,
     route, seconds = candidates[best], timed[best]
     received = received_bytes(route, payload, n, world)
     if wanted == AUTO and dense_s <= seconds:
-        return BucketPlan(bucket, DENSE, 4 * n, 2 * (world - 1) / world * 4 * n, dense_s, dense_s,
-                          f"compression would not pay ({best}: {seconds * 1e3:.2f} ms)")
+        return dense(f"compression would not pay ({best}: {seconds * 1e3:.2f} ms)")
     why = "forced" if wanted not in (AUTO, COMPRESSED) else "fastest"
     return BucketPlan(bucket, route, payload, received, seconds, dense_s, why)
 

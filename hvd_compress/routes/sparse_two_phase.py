@@ -22,8 +22,7 @@ import torch
 
 from ..codecs.base import Payload
 from . import wire
-from .base import (Job, Link, Pending, Route, Speed, chunk_bounds, codec_seconds, derived_id,
-                   encode_segments)
+from .base import Job, Link, Pending, Route, Speed, chunk_bounds, codec_seconds, encode_segments
 from .two_phase import TwoPhaseRoute
 
 
