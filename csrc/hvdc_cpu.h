@@ -31,8 +31,9 @@ void hvdc_tern_encode(const float *g, float *r, hvdc_i64 n, hvdc_i64 bucket, con
                       hvdc_u64 seed, hvdc_u32 step, hvdc_u32 tensor_id, hvdc_u8 *codes, int nthreads);
 void hvdc_tern_decode_acc(const hvdc_u8 *const *codes, const float *const *scales, int nworkers,
                           hvdc_i64 n, hvdc_i64 bucket, float *out, int nthreads);
-void hvdc_qsgd_encode(const float *g, float *r, hvdc_i64 n, hvdc_i64 bucket, int bits, hvdc_u64 seed,
-                      hvdc_u32 step, hvdc_u32 tensor_id, hvdc_u8 *codes, float *norms, int nthreads);
+void hvdc_qsgd_encode(const float *g, float *r, hvdc_i64 n, hvdc_i64 bucket, int bits, int maxnorm,
+                      hvdc_u64 seed, hvdc_u32 step, hvdc_u32 tensor_id, hvdc_u8 *codes, float *norms,
+                      int nthreads);
 void hvdc_qsgd_decode_acc(const hvdc_u8 *const *codes, const float *const *norms, int nworkers,
                           hvdc_i64 n, hvdc_i64 bucket, int bits, float *out, int nthreads);
 void hvdc_fp16sr_encode(const float *g, float *r, hvdc_i64 n, hvdc_u64 seed, hvdc_u32 step,
