@@ -152,7 +152,7 @@ def test_specs_routes_and_arguments():
 def test_plan_byte_estimates_are_near_the_real_payloads():
     """STC's estimate is the expected Golomb size, Gradient Dropping's top-k's 6 bytes per kept
     entry (the estimates leave out the block headers): close to what the engine sent.  (AdaComp
-    sends what the gradients make it send: its estimate assumes 2.5 entries per bin, as measured
+    sends what the gradients make it send: its estimate assumes 4 entries per bin, as measured
     in training, docs/methods-sparse-adaptive.md; on these i.i.d. Gaussian gradients a bin sends
     far more, so it is not checked here.)"""
     shapes = [(200_000,), (64, 32, 3, 3), (10,)]
