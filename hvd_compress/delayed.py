@@ -57,8 +57,9 @@ class DelayedAveraging(OptimizerWrapper):
     waits for every outstanding average and applies the corrections to the weights directly,
     e.g. before evaluation or at the end of training.  ``state_dict()`` waits for them too and
     saves them with their due iterations, so a resumed run continues bit for bit.
-    ``stats()``: ``bytes_sent``, ``bytes_dense`` (what an fp32 allreduce every iteration sends),
-    ``steps``, ``skipped_steps`` (this rank's local updates skipped), ``in_flight``.
+    ``stats()``: ``bytes_sent`` (of completed averages), ``bytes_dense`` (what an fp32
+    allreduce every iteration sends), ``steps``, ``skipped_steps`` (this rank's local updates
+    skipped), ``in_flight``.
     """
 
     kind = "dga"
