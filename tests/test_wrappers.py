@@ -50,10 +50,11 @@ def _loss(model: Net, rank: int, t: int) -> torch.Tensor:
 
 
 def _train(comm, wrap, steps: int, *, momentum: float = 0.9, inject=NEVER, scaler: bool = False,
-           flush: bool = True, lrs: list[float] = LRS):
+           flush: bool = True, lrs: list[float] = LRS, unscale_first: bool = False):
     """One rank's training with wrapper ``wrap(optimizer, named_parameters, comm)`` (comm None:
-    Horovod); ``inject``: (rank, step) whose gradient gets an inf.  Returns the parameters
-    after each step and the stats."""
+    Horovod); ``inject``: (rank, step) whose gradient gets an inf; ``unscale_first``: call
+    ``scaler.unscale_`` before ``scaler.step`` (as for clipping).  Returns the parameters after
+    each step and the stats."""
     if comm is None:
         import horovod.torch as hvd
         rank = hvd.rank()
@@ -72,6 +73,8 @@ def _train(comm, wrap, steps: int, *, momentum: float = 0.9, inject=NEVER, scale
         if (rank, t) == inject:
             model.lin.weight.grad[0, 0] = float("inf")
         if amp:
+            if unscale_first:
+                amp.unscale_(opt)
             amp.step(opt)
             amp.update()
         else:
@@ -314,12 +317,13 @@ def test_delayed_averaging_is_the_papers_rule_for_sgd():
 def test_amp_overflow_on_one_rank(world):
     """GradScaler with rank 1's gradient inf at step 3: that rank skips its local update, every
     rank keeps the same schedule (no hang), the average is not poisoned: LocalSGD syncs rank
-    1's unchanged model; DGA treats step 3 as skipped everywhere (its local updates undone)."""
+    1's unchanged model; DGA treats step 3 as skipped everywhere (its local updates undone).
+    (At 3 ranks the gradients are unscaled before scaler.step(), as when clipping.)"""
     got = _local(world, _local_sgd(period=2), 8, scaler=True, inject=(1, 3))
     _assert_equal(got, _sim_local_sgd(world, 8, period=2, warmup=0, delta=False, skip=(1, 3)))
     assert [s["skipped_steps"] for _, s in got] == [0, 1] + [0] * (world - 2)
     assert all(s["syncs"] == 4 for _, s in got)
-    got = _local(world, _dga(delay=2), 8, scaler=True, inject=(1, 3))
+    got = _local(world, _dga(delay=2), 8, scaler=True, inject=(1, 3), unscale_first=world == 3)
     _assert_equal(got, _sim_dga(world, 8, 2, skip=(1, 3)))
     assert all(torch.isfinite(p).all() for history, _ in got for p in history[-1].values())
     assert [s["skipped_steps"] for _, s in got] == [0, 1] + [0] * (world - 2)
