@@ -557,15 +557,11 @@ _METHODS: dict[str, type[Method]] = {
 }
 
 
-def from_spec(spec: str) -> Method:
-    """Build a compressor from ``"name"`` or ``"name:key=value,key=value"``, e.g.
-    ``"topk:ratio=0.001"``, ``"qsgd:bits=8,bucket_size=1024"``, ``"terngrad:clip=None"``.
-    Values are Python literals; ``value_dtype=float32`` names a torch dtype."""
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"name:key=value,key=value"`` -> (lower-case name, keyword arguments).  Values are Python
+    literals (anything else is kept as a string); ``value_dtype=float32`` names a torch dtype."""
     name, _, arg_text = spec.strip().partition(":")
-    method = _METHODS.get(name.strip().lower())
-    if method is None:
-        raise ValueError(f"unknown compressor {name!r} in spec {spec!r}; known: {', '.join(sorted(_METHODS))}")
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     for item in filter(None, (a.strip() for a in arg_text.split(","))):
         key, eq, value = item.partition("=")
         if not eq:
@@ -578,6 +574,17 @@ def from_spec(spec: str) -> Method:
             kwargs[key] = ast.literal_eval(value.strip())
         except (ValueError, SyntaxError):
             kwargs[key] = value.strip()
+    return name.strip().lower(), kwargs
+
+
+def from_spec(spec: str) -> Method:
+    """Build a compressor from ``"name"`` or ``"name:key=value,key=value"``, e.g.
+    ``"topk:ratio=0.001"``, ``"qsgd:bits=8,bucket_size=1024"``, ``"terngrad:clip=None"``
+    (see :func:`parse_spec`)."""
+    name, kwargs = parse_spec(spec)
+    method = _METHODS.get(name)
+    if method is None:
+        raise ValueError(f"unknown compressor {name!r} in spec {spec!r}; known: {', '.join(sorted(_METHODS))}")
     try:
         return method(**kwargs)
     except TypeError as e:
