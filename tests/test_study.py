@@ -1,0 +1,54 @@
+"""The convergence study's trainer (examples/study.py): the simulated workers and a real
+``horovodrun`` job of the same trainer produce the same run, bit for bit, on a compressed route;
+the report renders tables, the targets' verdicts and plots from the results file."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+import study  # noqa: E402
+import study_report  # noqa: E402
+
+
+@pytest.mark.horovod
+def test_real_job_equals_simulation_and_report(tmp_path):
+    sim = study.train("digits", "terngrad", 2, seed=3, progress=False, max_steps=33)
+    real = study._real_run("digits", "terngrad", 2, seed=3, timeout=300, max_steps=33)
+    assert real["real"] and not sim["real"] and real["steps"] == sim["steps"] == 33
+    assert [h["loss"] for h in real["history"]] == [h["loss"] for h in sim["history"]]
+    assert real["bytes_per_step"] == sim["bytes_per_step"] < sim["dense_bytes_per_step"] / 8
+
+    base = study.train("digits", "none", 2, seed=3, progress=False, max_steps=33)
+    results = tmp_path / "results.jsonl"
+    with open(results, "w") as f:
+        for record, label in ((sim, "terngrad"), (real, "terngrad"), (base, "none")):
+            f.write(json.dumps(dict(record, label=label)) + "\n")
+        f.write(json.dumps({"task": "digits", "label": "qsgd 4-bit", "workers": 2, "seed": 0, "real": False,
+                            "spec": "qsgd:bits=4", "error": "RuntimeError: boom"}) + "\n")
+    study_report.report(results, docs=tmp_path)
+    text = (tmp_path / "convergence.md").read_text()
+    assert "| terngrad | " in text and "target cells met" in text and "identical" in text
+    assert "qsgd 4-bit N=2 seed 0: RuntimeError: boom" in text
+    assert (tmp_path / "study" / "digits_vs_workers.png").stat().st_size > 10_000
+    assert "# Time to accuracy" in (tmp_path / "time-to-accuracy.md").read_text()
+
+
+def test_every_task_builds_and_steps():
+    """Each task's model, batches and evaluation work through the simulator (a few steps)."""
+    import math
+    for name in ("digits", "charlm", "pylm"):
+        record = study.train(name, "qsgd:bits=4", 4, seed=0, progress=False, max_steps=2)
+        assert record["steps"] == 2 and record["bytes_per_step"] < record["dense_bytes_per_step"] / 4
+        model, batches, loss_fn, evaluate = study.task(name).make(0)
+        (x, y), *others = batches(0, 4, 8)
+        assert len(others) == 3 and len(x) == 8
+        held_out = evaluate(model)["loss"]
+        assert math.isfinite(held_out) and held_out < 1.2 * math.log(100)   # near a uniform guess, untrained
+
+
+def test_bad_worker_count_is_refused():
+    with pytest.raises(ValueError, match="does not split"):
+        study.train("digits", "none", 3, seed=0, progress=False, max_steps=1)
