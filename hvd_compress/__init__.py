@@ -18,7 +18,8 @@ __version__ = "0.2.0"
 
 _LAZY = {"TernGrad": "methods", "QSGD": "methods", "TopK": "methods", "DGC": "methods",
          "FP16": "methods", "OneBit": "methods", "EFSignSGD": "methods", "SignSGD": "methods",
-         "RandomK": "methods", "Sketch": "methods", "PowerSGD": "methods", "from_spec": "methods", "Compressor": "adaptor", "Link": "routes.base",
+         "RandomK": "methods", "Sketch": "methods", "PowerSGD": "methods", "ESGD": "methods",
+         "LAQ": "methods", "DIANA": "methods", "from_spec": "methods", "Compressor": "adaptor", "Link": "routes.base",
          "DistributedOptimizer": "optimizer"}
 __all__ = sorted(_LAZY)
 
