@@ -569,10 +569,13 @@ class ESGD(_AggregateMethod):
             keys = torch.log(uniform(n, key, device)) / (1.0 + importance.committed)
             mask = torch.zeros(n, dtype=torch.bool, device=device)
             mask[_largest(keys, k)] = True
+        threshold = x.abs().mean()
+        if not math.isfinite(float(threshold)):
+            return x                    # the engine flags the non-finite gradient (and rolls back)
         memory = state.buffer("memory", device)
         a = memory.begin(copy=False)
         torch.mul(memory.committed, self.beta, out=a).add_(x)
-        candidates = (~mask) & (a.abs() > x.abs().mean())
+        candidates = (~mask) & (a.abs() > threshold)
         count = min(int(candidates.sum()), k)
         if count:
             cand = candidates.nonzero().view(-1)
@@ -676,7 +679,7 @@ class LAQ(_AggregateMethod):
         rhs = old[3:].sum() * (self.xi / self.D / comm.size ** 2) + 3 * (eps2 + old[2])
         uploaded, skipped, lhs, rhs, eps2 = torch.stack([old[0], old[1], lhs, rhs, eps2]).tolist()
         m = meta.begin()
-        if not uploaded or skipped >= self.t_bar or lhs > rhs:
+        if not uploaded or skipped >= self.t_bar or not lhs <= rhs:   # (NaN: send, the engine flags it)
             torch.add(quantized.committed, dq, out=quantized.begin(copy=False))
             m[0], m[1], m[2] = 1.0, 0.0, eps2
             return x                    # the route encodes v to the same payload
@@ -751,11 +754,11 @@ class DIANA(_AggregateMethod):
         h = state.buffers["shift"].begin()
         for payload, seg in zip(pending.payloads, bucket.segments(self.scope)):
             delta = pending.job.codec_for(seg.tensor_id).decode(payload)
-            h[seg.offset:seg.offset + seg.numel].add_(delta, alpha=self.alpha)
+            h[seg.offset:seg.offset + seg.numel].add_(delta.mul_(self.alpha))   # two roundings, any device
 
     def after_decode(self, bucket, out, state, comm):
         total = state.buffer("shift_sum", out.device)
-        torch.add(total.committed, out, alpha=self.alpha, out=total.begin(copy=False))
+        torch.add(total.committed, out * self.alpha, out=total.begin(copy=False))
         out.add_(total.committed)
 
 
