@@ -638,14 +638,17 @@ class LAQ(_AggregateMethod):
     The rule and the quantizer act per bucket (the paper's worker vector is the whole model; with
     the default 25 MB buckets a small model is one bucket).  Defaults: ``D=10``,
     ``xi_1 = ... = xi_D = xi / D`` with ``xi=0.8`` and ``t_bar=100`` (the paper's experiments, as we
-    read them), ``bits=4``.  A skipped upload sends an empty payload: the packed block's 16-byte
-    header.  State (checkpointed): Q_m, S, (uploaded, skipped steps, ||eps_hat||^2, the last D
+    read them) and ``bits=8``: with 4 bits the max-norm radius makes the quantization error
+    ||eps||^2 (heavy-tailed gradients) larger than the innovation, the rule's 3 (||eps||^2 +
+    ||eps_hat||^2) term then skips nearly every upload and SGD with momentum on stale
+    aggregates diverged on the digits task (docs/methods-lazy-diff.md).  A skipped upload sends an
+    empty payload: the packed block's 16-byte header.  State (checkpointed): Q_m, S, (uploaded, skipped steps, ||eps_hat||^2, the last D
     ||S||^2).
     """
 
     name = "laq"
 
-    def __init__(self, bits: int = 4, D: int = 10, xi: float = 0.8, t_bar: int = 100, *,
+    def __init__(self, bits: int = 8, D: int = 10, xi: float = 0.8, t_bar: int = 100, *,
                  min_numel: int = 1024, seed: int = 0, route: str = COMPRESSED, bucket_cap_mb: float = 25.0,
                  link: Link | str = "auto") -> None:
         from .codecs.laq import InnovationCodec

@@ -177,7 +177,7 @@ def test_laq_matches_simulation_and_skips(world):
     """Workers upload dQ only when the paper's rule says so (or after t_bar skips); every rank
     delivers S / N from the same S; a skip costs the 16-byte block header."""
     steps = 5
-    results = run_engines("laq:t_bar=2", world, steps=steps, grad_fn=slow_grad)
+    results = run_engines("laq:bits=4,t_bar=2", world, steps=steps, grad_fn=slow_grad)
     assert_ranks_agree(results)
     want, sent, S, q = simulate_laq(world, steps)
     for step in range(steps):
@@ -188,7 +188,7 @@ def test_laq_matches_simulation_and_skips(world):
     for sd in saved:                  # the running aggregate: the same bits on every rank
         assert same_bits(sd["params"]["p0"]["aggregate"], saved[0]["params"]["p0"]["aggregate"])
     torch.testing.assert_close(S, sum(q), rtol=1e-5, atol=1e-5)   # S = sum_m Q_m up to rounding
-    codec = InnovationCodec()
+    codec = InnovationCodec(bits=4)
     upload = wire.block_nbytes([codec.encode(torch.ones(N))])
     skip = wire.block_nbytes([codec.encode(torch.zeros(N))])
     assert skip == 16 and upload == 16 + 8 + 2504       # header, radius (padded), codes
