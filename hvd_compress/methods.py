@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .adaptor import Compressor
-from .codecs.base import Codec
+from .codecs.base import Codec, RandomKey
 from .engine.buckets import Bucket
 from .engine.plan import AUTO, COMPRESSED
 from .engine.state import BucketState
@@ -550,7 +550,6 @@ class ESGD(_AggregateMethod):
         x = super().prepare(bucket, grads, x, state, comm)
         if not self.compressed(bucket, comm):
             return x
-        from .codecs.base import RandomKey
         from .engine.engine import rank_seed
         device, n, k = x.device, x.numel(), self.k(x.numel())
         meta = state.buffer("esgd", device, 2)
@@ -602,7 +601,7 @@ class ESGD(_AggregateMethod):
         meta[1] = float("nan") if loss is None else loss
 
 
-def uniform(n: int, key: "RandomKey", device: torch.device) -> torch.Tensor:
+def uniform(n: int, key: RandomKey, device: torch.device) -> torch.Tensor:
     """u_i = (w_i >> 9 + 1/2) 2^-23 in (0, 1) from the first n words w_i of the Philox stream of
     ``key`` (24 significant bits: exact in fp32)."""
     from .codecs.rng import random_u32

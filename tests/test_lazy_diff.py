@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import hvd_compress
-from hvd_compress.codecs import Payload, RandomKey
+from hvd_compress.codecs import RandomKey
 from hvd_compress.codecs.laq import InnovationCodec, pack_codes, unpack_codes
 from hvd_compress.codecs.sparse import NonzeroCodec
 from hvd_compress.engine.engine import Engine, rank_seed
