@@ -23,6 +23,22 @@ void hvdc_topk_finalize(const hvdc_i32 *idx, const float *cand, hvdc_i64 c, void
 void hvdc_topk_check(const hvdc_i32 *idx, hvdc_i64 c, hvdc_i64 n, hvdc_i64 *bad);
 void hvdc_topk_scatter_add(const hvdc_i32 *idx, const void *vals, int fp16, hvdc_i64 c,
                            float *out, int nthreads);
+void hvdc_topk_normalize(const float *src, hvdc_i64 n, const float *divisor, float *out, int nthreads);
+
+/* Sparse ternary codecs: AdaComp and STC (csrc/ternary.c). */
+void hvdc_adacomp_select(const float *g, float *r, int has_r, hvdc_i64 n, hvdc_i64 bin, hvdc_i64 nbins,
+                         float *gmax, hvdc_i64 *counts, float *scales, int nthreads);
+void hvdc_adacomp_compact(const float *g, const float *h, hvdc_i64 n, hvdc_i64 bin, hvdc_i64 nbins,
+                          const float *gmax, const hvdc_i64 *offsets, hvdc_i32 *idx, float *val,
+                          int nthreads);
+void hvdc_ternary_finalize(const hvdc_i32 *idx, const float *val, hvdc_i64 k, const float *scales,
+                           hvdc_i64 bin, hvdc_u8 *signs, float *r, int has_r);
+void hvdc_ternary_scatter_add(const hvdc_i32 *idx, const hvdc_u8 *signs, hvdc_i64 k,
+                              const float *scales, hvdc_i64 bin, float *out);
+hvdc_i64 hvdc_stc_encode(const hvdc_i32 *idx, const float *val, hvdc_i64 k, int b, hvdc_u8 *bits,
+                         hvdc_i64 nbytes);
+hvdc_i64 hvdc_stc_decode(const hvdc_u8 *bits, hvdc_i64 nbytes, hvdc_i64 k, int b, hvdc_i64 n,
+                         hvdc_i32 *idx, hvdc_u8 *signs);
 
 /* Quantizing codecs (csrc/quant.c); r (the error-feedback residual) may be NULL. */
 void hvdc_tern_scales(const float *g, const float *r, hvdc_i64 n, hvdc_i64 bucket, float clip,
@@ -31,8 +47,9 @@ void hvdc_tern_encode(const float *g, float *r, hvdc_i64 n, hvdc_i64 bucket, con
                       hvdc_u64 seed, hvdc_u32 step, hvdc_u32 tensor_id, hvdc_u8 *codes, int nthreads);
 void hvdc_tern_decode_acc(const hvdc_u8 *const *codes, const float *const *scales, int nworkers,
                           hvdc_i64 n, hvdc_i64 bucket, float *out, int nthreads);
-void hvdc_qsgd_encode(const float *g, float *r, hvdc_i64 n, hvdc_i64 bucket, int bits, hvdc_u64 seed,
-                      hvdc_u32 step, hvdc_u32 tensor_id, hvdc_u8 *codes, float *norms, int nthreads);
+void hvdc_qsgd_encode(const float *g, float *r, hvdc_i64 n, hvdc_i64 bucket, int bits, int maxnorm,
+                      hvdc_u64 seed, hvdc_u32 step, hvdc_u32 tensor_id, hvdc_u8 *codes, float *norms,
+                      int nthreads);
 void hvdc_qsgd_decode_acc(const hvdc_u8 *const *codes, const float *const *norms, int nworkers,
                           hvdc_i64 n, hvdc_i64 bucket, int bits, float *out, int nthreads);
 void hvdc_fp16sr_encode(const float *g, float *r, hvdc_i64 n, hvdc_u64 seed, hvdc_u32 step,

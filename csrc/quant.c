@@ -205,12 +205,13 @@ HVDC_CLONES static void w_encode_scaled(const job *j, hvdc_i64 t0, hvdc_i64 t1)
     else encode_tiles(HVDC_Q_FP16, 0, j, t0, t1);
 }
 
-/* QSGD: per bucket, norm = sqrt(hvdc_warp_sum of v^2), then the codes. */
+/* QSGD: per bucket, norm = sqrt(hvdc_warp_sum of v^2) (j->mode 1: max |v|), then the codes. */
 HVDC_INLINE void qsgd_buckets(int kind, int ef, const job *j, hvdc_i64 b0, hvdc_i64 b1)
 {
     for (hvdc_i64 b = b0; b < b1; ++b) {
         hvdc_i64 lo = b * j->bucket, hi = hvdc_min64(j->n, lo + j->bucket);
-        float norm = sqrtf(warp_sum(2, ef, j->g, j->r, lo, hi - lo, 0.0f, NULL));
+        float mx, sq = warp_sum(2, ef, j->g, j->r, lo, hi - lo, 0.0f, &mx);
+        float norm = j->mode ? mx : sqrtf(sq);
         j->scales_out[b] = norm;
         encode_range(kind, ef, j->g, j->r, lo, hi, norm, j->key, j->out);
     }
@@ -309,10 +310,12 @@ void hvdc_tern_decode_acc(const hvdc_u8 *const *codes, const float *const *scale
     run_parallel(w_decode, &j, ntiles(n), nthreads);
 }
 
-void hvdc_qsgd_encode(const float *g, float *r, hvdc_i64 n, hvdc_i64 bucket, int bits, hvdc_u64 seed,
-                      hvdc_u32 step, hvdc_u32 tensor_id, hvdc_u8 *codes, float *norms, int nthreads)
+void hvdc_qsgd_encode(const float *g, float *r, hvdc_i64 n, hvdc_i64 bucket, int bits, int maxnorm,
+                      hvdc_u64 seed, hvdc_u32 step, hvdc_u32 tensor_id, hvdc_u8 *codes, float *norms,
+                      int nthreads)
 {
-    job j = {.kind = qsgd_kind(bits), .ef = r != NULL, .g = g, .r = r, .n = n, .bucket = bucket,
+    job j = {.kind = qsgd_kind(bits), .ef = r != NULL, .mode = maxnorm != 0, .g = g, .r = r, .n = n,
+             .bucket = bucket,
              .key = {seed, step, tensor_id}, .scales_out = norms, .out = codes};
     run_parallel(w_qsgd, &j, (n + bucket - 1) / bucket, nthreads);
 }

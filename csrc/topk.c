@@ -176,3 +176,13 @@ void hvdc_topk_scatter_add(const hvdc_i32 *idx, const void *vals, int fp16, hvdc
     for (hvdc_i64 j = 0; j < c; ++j)
         out[idx[j]] = out[idx[j]] + hvdc_topk_decode_value(vals, fp16, j);
 }
+
+/* Gradient Dropping's layer normalization (hvd_compress/codecs/topk.py, GradDropCodec):
+ * out[i] = src[i] / d with d = *divisor (the tensor's max |g'|), or 0 when d is 0. */
+void hvdc_topk_normalize(const float *src, hvdc_i64 n, const float *divisor, float *out, int nthreads)
+{
+    float d = *divisor;
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if(n >= TOPK_CPU_PARALLEL_MIN)
+    for (hvdc_i64 i = 0; i < n; ++i)
+        out[i] = d > 0.0f ? src[i] / d : 0.0f;
+}

@@ -13,7 +13,9 @@ import horovod.torch as hvd
 def add_common_args(parser: argparse.ArgumentParser, *, lr: float, epochs: int, batch_size: int) -> None:
     parser.add_argument("--compression", default="none",
                         help="none, hvd-fp16 (Horovod's), or an hvd_compress spec: terngrad, "
-                             "qsgd:bits=4, fp16, topk:ratio=0.01, dgc:ratio=0.001,warmup_steps=100")
+                             "qsgd:bits=4, fp16, topk:ratio=0.01, dgc:ratio=0.001,warmup_steps=100; "
+                             "or an averaging wrapper: localsgd:period=4, delayed:delay=2 (optionally "
+                             "with compression='qsgd:bits=4', and delta=True for localsgd)")
     parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--batch-size", type=int, default=batch_size, help="per worker")
     parser.add_argument("--lr", type=float, default=lr, help="per worker; scaled by the world size")
@@ -41,15 +43,30 @@ def compression_from_spec(spec: str):
     return hvd_compress.from_spec(spec)
 
 
+#: averaging wrappers used in place of hvd.DistributedOptimizer, by spec name
+WRAPPERS = {"localsgd": "LocalSGD", "delayed": "DelayedAveraging"}
+
+
 def distributed_optimizer(model: torch.nn.Module, args, make_optimizer):
     """Horovod's recipe (lr scaled by the world size, broadcast of parameters and optimizer
     state) with ``compression=`` from ``args.compression``.  DGC keeps the momentum itself
-    (momentum correction), so the wrapped optimizer then gets none."""
-    compression = compression_from_spec(args.compression)
+    (momentum correction), so the wrapped optimizer then gets none.  A wrapper spec
+    (:data:`WRAPPERS`) replaces ``hvd.DistributedOptimizer`` by that wrapper, which then also
+    reports the bytes (returned in place of the compressor)."""
+    import hvd_compress
+    from hvd_compress.methods import parse_spec
+    name, kwargs = parse_spec(args.compression)
+    wrapper = getattr(hvd_compress, WRAPPERS[name]) if name in WRAPPERS else None
+    if wrapper is not None and "compression" in kwargs:
+        kwargs["compression"] = compression_from_spec(kwargs["compression"])
+    compression = None if wrapper is not None else compression_from_spec(args.compression)
     momentum = 0.0 if getattr(compression, "owns_momentum", False) else args.momentum
     optimizer = make_optimizer(model.parameters(), lr=args.lr * hvd.size(), momentum=momentum)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+    if wrapper is not None:
+        optimizer = wrapper(optimizer, named_parameters=model.named_parameters(), **kwargs)
+        return optimizer, optimizer
     optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
                                          compression=compression)
     return optimizer, compression

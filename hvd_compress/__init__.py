@@ -13,14 +13,19 @@ Layers, bottom to top (each usable without the ones above it):
   ``hvd.DistributedOptimizer(compression=...)``: ``TernGrad``, ``QSGD``, ``TopK``, ``DGC``,
   ``FP16``, and ``from_spec("topk:ratio=0.01")``; ``DistributedOptimizer`` adds per-parameter
   maps and the compressor state in ``state_dict()``.  Horovod is imported on first use only.
+* :mod:`hvd_compress.local_sgd` / :mod:`hvd_compress.delayed`: optimizers used in place of
+  ``hvd.DistributedOptimizer`` that average less often (``LocalSGD``) or late
+  (``DelayedAveraging``), optionally through a compressor.
 """
 __version__ = "0.2.0"
 
 _LAZY = {"TernGrad": "methods", "QSGD": "methods", "TopK": "methods", "DGC": "methods",
          "FP16": "methods", "OneBit": "methods", "EFSignSGD": "methods", "SignSGD": "methods",
-         "RandomK": "methods", "Sketch": "methods", "PowerSGD": "methods", "ESGD": "methods",
-         "LAQ": "methods", "DIANA": "methods", "from_spec": "methods", "Compressor": "adaptor", "Link": "routes.base",
-         "DistributedOptimizer": "optimizer"}
+         "RandomK": "methods", "Sketch": "methods", "PowerSGD": "methods", "GradDrop": "methods",
+         "AdaComp": "methods", "STC": "methods", "from_spec": "methods", "Compressor": "adaptor",
+         "Link": "routes.base", "DistributedOptimizer": "optimizer", "LocalSGD": "local_sgd",
+         "DelayedAveraging": "delayed",
+         "ESGD": "methods", "LAQ": "methods", "DIANA": "methods"}
 __all__ = sorted(_LAZY)
 
 

@@ -192,6 +192,51 @@ def _timer(device: torch.device, fn: Callable[[], object], repeat: int) -> float
 
 
 #: the shared key of the codecs that need one (random-k, the sketch); encode keys differ from it
+def torch_adacomp(g: torch.Tensor, r: torch.Tensor, bin_size: int = 500) -> torch.Tensor:
+    """AdaComp (Chen et al. 2018): per bin H = r + g, send |H + g| >= max |H| (H != 0) as
+    int32 index with the sign in the low bit, one mean |H| scale per bin; error feedback."""
+    h = g + r
+    n = h.numel()
+    pad = (-n) % bin_size
+    hb = torch.nn.functional.pad(h, (0, pad)).view(-1, bin_size)
+    gb = torch.nn.functional.pad(g, (0, pad)).view(-1, bin_size)
+    sel = (hb != 0) & ((hb + gb).abs() >= hb.abs().amax(1, keepdim=True))
+    scale = (hb.abs() * sel).sum(1) / sel.sum(1).clamp_min(1)
+    decoded = (torch.sign(hb) * scale[:, None] * sel).view(-1)[:n]
+    r.copy_(h - decoded)
+    idx = torch.nonzero(sel.view(-1)[:n]).view(-1)
+    return torch.cat([((idx << 1) | (h[idx] < 0)).int(), scale.view(torch.int32)])
+
+
+def torch_graddrop(g: torch.Tensor, r: torch.Tensor, ratio: float = 0.01, layers: int = 8) -> torch.Tensor:
+    """Gradient Dropping (Aji & Heafield 2017): g' = g + r normalized by each layer's max |g'|
+    (``layers`` equal parts here), one threshold from a 0.1% random sample, error feedback."""
+    v = g + r
+    y = torch.cat([part / part.abs().max() for part in v.chunk(layers)])
+    a = y.abs()
+    sample = a[torch.randint(0, a.numel(), (max(1, a.numel() // 1000),), device=a.device)]
+    thr = torch.topk(sample, max(1, math.ceil(ratio * sample.numel())), sorted=False)[0].min()
+    idx = torch.nonzero(a >= thr).view(-1)
+    values = v[idx].half()
+    r.copy_(v)
+    r[idx] -= values.float()
+    return torch.cat([idx.int().view(torch.int16), values])
+
+
+def torch_stc(g: torch.Tensor, r: torch.Tensor, ratio: float = 0.0025) -> torch.Tensor:
+    """STC (Sattler et al. 2019): exact top-k, mu sign(v), error feedback; positions as
+    Golomb-Rice code lengths only (the bit packing itself has no plain-torch form: the row
+    times selection and ternarization, a lower bound)."""
+    v = g + r
+    k = max(1, math.ceil(ratio * v.numel()))
+    idx = torch.sort(torch.topk(v.abs(), k, sorted=False)[1]).values
+    mu = v[idx].abs().mean()
+    r.copy_(v)
+    r[idx] -= torch.where(v[idx] < 0, -mu, mu)
+    gaps = torch.diff(idx, prepend=idx.new_full((1,), -1)) - 1
+    return torch.cat([(gaps >> 8).int(), _pack_signs(v[idx] < 0).int()])
+
+
 _SHARED = RandomKey(2, 0, 0)
 
 
@@ -205,6 +250,9 @@ def _codecs() -> dict[str, tuple[Callable[[], Codec], Callable, bool]]:
     from .codecs.randk import RandomKCodec
     from .codecs.sign import OneBitCodec, ScaledSignCodec, SignCodec
     from .codecs.sketch import SketchCodec
+    from .codecs.ternary import AdaCompCodec, STCCodec
+    from .codecs.topk import GradDropCodec
+    layers = [torch.Size([-(-_BENCH_NUMEL[0] // 8)])] * 8
     return {
         "terngrad": (lambda: TernGradCodec(), torch_terngrad, True),
         "qsgd-4bit": (lambda: QSGDCodec(bits=4, bucket_size=512), torch_qsgd, True),
@@ -216,10 +264,19 @@ def _codecs() -> dict[str, tuple[Callable[[], Codec], Callable, bool]]:
         "signsgd": (lambda: SignCodec(), torch_signsgd, False),
         "randomk-1%": (lambda: RandomKCodec(ratio=0.01).with_shared_key(_SHARED), torch_randomk, True),
         "sketch-4bit": (lambda: SketchCodec(bits=4).with_shared_key(_SHARED), torch_sketch, False),
+        "adacomp-500": (lambda: AdaCompCodec(bin_size=500), torch_adacomp, True),
+        "graddrop-1%": (lambda: GradDropCodec().with_layout(layers[:7] + [torch.Size(
+            [_BENCH_NUMEL[0] - 7 * layers[0][0]])]), torch_graddrop, True),
+        "stc-0.25%": (lambda: STCCodec(), torch_stc, True),
     }
 
 
+#: the size being benchmarked (Gradient Dropping's layout of 8 equal layers depends on it)
+_BENCH_NUMEL = [10_000_000]
+
+
 def bench_device(device: torch.device, numel: int, repeat: int, methods: list[str] | None) -> list[Row]:
+    _BENCH_NUMEL[0] = numel
     gen = torch.Generator(device="cpu").manual_seed(0)
     g = torch.randn(numel, generator=gen).to(device)
     rows: list[Row] = []

@@ -155,16 +155,18 @@ class TernGrad(Method):
 class QSGD(Method):
     """QSGD (Alistarh et al., NeurIPS 2017): unbiased stochastic rounding of ``|g_i| / ||g||``
     to ``2^(bits-1) - 1`` levels per bucket of ``bucket_size`` elements; ``bits`` per element +
-    one fp32 norm per bucket.  Norm buckets run over the engine's fused buffer (as CGX's)."""
+    one fp32 norm per bucket.  Norm buckets run over the engine's fused buffer (as CGX's).
+    ``norm="max"`` scales by max |g_i| instead of ||g||_2 (as practical implementations do):
+    same bytes, far less variance (see :class:`~hvd_compress.codecs.qsgd.QSGDCodec`)."""
 
     name = "qsgd"
     scope = "bucket"
 
-    def __init__(self, bits: int = 4, bucket_size: int = 512, *, error_feedback: bool = False,
-                 min_numel: int = 1024, seed: int = 0, route: str = AUTO, bucket_cap_mb: float = 25.0,
-                 link: Link | str = "auto") -> None:
+    def __init__(self, bits: int = 4, bucket_size: int = 512, norm: str = "l2", *,
+                 error_feedback: bool = False, min_numel: int = 1024, seed: int = 0, route: str = AUTO,
+                 bucket_cap_mb: float = 25.0, link: Link | str = "auto") -> None:
         from .codecs.qsgd import QSGDCodec
-        super().__init__(QSGDCodec(bits=bits, bucket_size=bucket_size), error_feedback=error_feedback,
+        super().__init__(QSGDCodec(bits=bits, bucket_size=bucket_size, norm=norm), error_feedback=error_feedback,
                          min_numel=min_numel, seed=seed, route=route, bucket_cap_mb=bucket_cap_mb, link=link)
 
 
@@ -299,6 +301,93 @@ class DGC(TopK):
                         f"optimizer has momentum={group['momentum']}: build the optimizer with "
                         "momentum=0 and pass the momentum to DGC(momentum=...)")
         return None
+
+
+class GradDrop(TopK):
+    """Gradient Dropping (Aji & Heafield, EMNLP 2017): drop the ``drop_ratio`` smallest entries
+    (default 99%: keep 1%) of a whole bucket by **one** threshold, estimated from a 0.1% sample,
+    after **layer normalization**: each tensor's g' = g + r is divided by its max |g'| for the
+    selection (so layers with small gradients still send their relatively large entries), the
+    values travel un-normalized (no factors on the wire); error feedback keeps the rest.  The
+    top-k codec's sampled machinery does the selection
+    (:class:`~hvd_compress.codecs.topk.GradDropCodec`).  6 bytes per sent entry (fp16 values).
+    Routes: sparse allgather or the sparse two-phase allreduce (whose owners re-sparsify their
+    slice as one tensor)."""
+
+    name = "graddrop"
+
+    def __init__(self, drop_ratio: float = 0.99, sample_ratio: float = 0.001, *, layer_norm: bool = True,
+                 value_dtype: torch.dtype = torch.float16, min_numel: int = 1024, seed: int = 0,
+                 route: str = AUTO, bucket_cap_mb: float = 25.0, link: Link | str = "auto") -> None:
+        from fractions import Fraction
+
+        from .codecs.topk import GradDropCodec
+        if not 0.0 <= drop_ratio < 1.0:
+            raise ValueError(f"drop_ratio must lie in [0, 1), got {drop_ratio}")
+        self.scope = "bucket"
+        Method.__init__(self, GradDropCodec(ratio=float(1 - Fraction(str(float(drop_ratio)))),
+                                            sample_ratio=sample_ratio, value_dtype=value_dtype,
+                                            layer_norm=layer_norm),
+                        error_feedback=True, min_numel=min_numel, seed=seed, route=route,
+                        bucket_cap_mb=bucket_cap_mb, link=link)
+
+
+class AdaComp(Method):
+    """AdaComp (Chen et al., AAAI 2018): per bin of L elements (50 for convolution weights, 500
+    otherwise, the paper's L_T), with H = r + g, send the entries with |H + g| >= max_bin |H| as a
+    sign bit each plus one fp32 scale per bin (the mean |H| of the bin's sent entries); the rest
+    and the quantization error stay in the residual (error feedback is the method: always on).
+    The compression rate adapts to the gradients by itself (no ratio to set).  Wire per tensor:
+    4 bytes + 1 bit per sent entry + 4 bytes per bin.  Allgather only (see
+    docs/methods-sparse-adaptive.md)."""
+
+    name = "adacomp"
+
+    def __init__(self, bin_size: int | None = None, conv_bin_size: int = 50, fc_bin_size: int = 500, *,
+                 min_numel: int = 1024, seed: int = 0, route: str = AUTO, bucket_cap_mb: float = 25.0,
+                 link: Link | str = "auto") -> None:
+        from .codecs.ternary import AdaCompCodec
+        super().__init__(AdaCompCodec(bin_size=bin_size, conv_bin_size=conv_bin_size, fc_bin_size=fc_bin_size),
+                         error_feedback=True, min_numel=min_numel, seed=seed, route=route,
+                         bucket_cap_mb=bucket_cap_mb, link=link)
+
+    #: entries a bin sends per step, for the plan's byte estimate (about 3.8 averaged over the
+    #: digits CNN's training, docs/methods-sparse-adaptive.md)
+    ENTRIES_PER_BIN = 4.0
+
+    def candidates(self) -> dict:
+        return {"allgather": _FIXED_ROUTES["allgather"]}
+
+    def payload_bytes(self, bucket: Bucket, codec: Codec) -> float:
+        total = 0.0
+        for m in bucket.members:
+            bins = codec.with_layout([m.shape]).n_bins(m.numel)
+            entries = min(m.numel, self.ENTRIES_PER_BIN * bins)
+            total += 4 * entries + entries / 8 + 4 * bins
+        return total
+
+
+class STC(Method):
+    """Sparse Ternary Compression (Sattler, Wiedemann, Mueller, Samek, IEEE TNNLS 2019): the exact
+    top-k (k = ceil(p n), default p = 1/400) of v = g + r per tensor, each replaced by mu sign(v_i)
+    (mu the mean |v| of the k), error feedback; positions as Golomb-Rice coded gaps with the
+    paper's b* = 1 + floor(log2(log(phi - 1) / log(1 - p))): about b* + 3 bits per entry (11.1 at
+    p = 1/400) + 4 bytes per tensor.  Allgather only."""
+
+    name = "stc"
+
+    def __init__(self, ratio: float = 0.0025, sample_ratio: float = 0.01, *, min_numel: int = 1024,
+                 seed: int = 0, route: str = AUTO, bucket_cap_mb: float = 25.0,
+                 link: Link | str = "auto") -> None:
+        from .codecs.ternary import STCCodec
+        super().__init__(STCCodec(ratio=ratio, sample_ratio=sample_ratio), error_feedback=True,
+                         min_numel=min_numel, seed=seed, route=route, bucket_cap_mb=bucket_cap_mb, link=link)
+
+    def candidates(self) -> dict:
+        return {"allgather": _FIXED_ROUTES["allgather"]}
+
+    def payload_bytes(self, bucket: Bucket, codec: Codec) -> float:
+        return sum(codec.expected_nbytes(seg.numel) for seg in bucket.segments(self.scope))
 
 
 class FP16(Method):
@@ -781,19 +870,16 @@ class Dense(Method):
 _METHODS: dict[str, type[Method]] = {
     "terngrad": TernGrad, "qsgd": QSGD, "topk": TopK, "dgc": DGC, "fp16": FP16,
     "onebit": OneBit, "efsignsgd": EFSignSGD, "signsgd": SignSGD, "randomk": RandomK,
-    "sketch": Sketch, "powersgd": PowerSGD, "esgd": ESGD, "laq": LAQ, "diana": DIANA,
+    "sketch": Sketch, "powersgd": PowerSGD, "graddrop": GradDrop, "adacomp": AdaComp, "stc": STC,
+    "esgd": ESGD, "laq": LAQ, "diana": DIANA,
 }
 
 
-def from_spec(spec: str) -> Method:
-    """Build a compressor from ``"name"`` or ``"name:key=value,key=value"``, e.g.
-    ``"topk:ratio=0.001"``, ``"qsgd:bits=8,bucket_size=1024"``, ``"terngrad:clip=None"``.
-    Values are Python literals; ``value_dtype=float32`` names a torch dtype."""
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"name:key=value,key=value"`` -> (lower-case name, keyword arguments).  Values are Python
+    literals (anything else is kept as a string); ``value_dtype=float32`` names a torch dtype."""
     name, _, arg_text = spec.strip().partition(":")
-    method = _METHODS.get(name.strip().lower())
-    if method is None:
-        raise ValueError(f"unknown compressor {name!r} in spec {spec!r}; known: {', '.join(sorted(_METHODS))}")
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     for item in filter(None, (a.strip() for a in arg_text.split(","))):
         key, eq, value = item.partition("=")
         if not eq:
@@ -806,6 +892,17 @@ def from_spec(spec: str) -> Method:
             kwargs[key] = ast.literal_eval(value.strip())
         except (ValueError, SyntaxError):
             kwargs[key] = value.strip()
+    return name.strip().lower(), kwargs
+
+
+def from_spec(spec: str) -> Method:
+    """Build a compressor from ``"name"`` or ``"name:key=value,key=value"``, e.g.
+    ``"topk:ratio=0.001"``, ``"qsgd:bits=8,bucket_size=1024"``, ``"terngrad:clip=None"``
+    (see :func:`parse_spec`)."""
+    name, kwargs = parse_spec(spec)
+    method = _METHODS.get(name)
+    if method is None:
+        raise ValueError(f"unknown compressor {name!r} in spec {spec!r}; known: {', '.join(sorted(_METHODS))}")
     try:
         return method(**kwargs)
     except TypeError as e:

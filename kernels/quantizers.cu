@@ -172,19 +172,22 @@ __device__ __forceinline__ void hvdc_decode_acc(const unsigned long long *parts,
     for (int q = 0; q < cnt; ++q) out[lo + q] = acc[q];
 }
 
-/* QSGD: one warp per bucket; norm = sqrt(warp sum of v^2), then lane j encodes the bucket's
- * Philox blocks j, j + 32, ... (bucket % 4 == 0, so blocks never straddle buckets). */
+/* QSGD: one warp per bucket; norm = sqrt(warp sum of v^2) (maxnorm: max |v|), then lane j
+ * encodes the bucket's Philox blocks j, j + 32, ... (bucket % 4 == 0, so blocks never straddle
+ * buckets). */
 template <int KIND>
 __device__ __forceinline__ void hvdc_qsgd_encode(const float *g, float *r, long long n, long long bucket,
-                                                 hvdc_u64 seed, hvdc_u32 step, hvdc_u32 tensor_id,
-                                                 hvdc_u8 *codes, float *norms)
+                                                 int maxnorm, hvdc_u64 seed, hvdc_u32 step,
+                                                 hvdc_u32 tensor_id, hvdc_u8 *codes, float *norms)
 {
     long long b = hvdc_thread_index() / 32, lo = b * bucket;
     int lane = threadIdx.x & 31;
     if (lo >= n) return;
     long long len = n - lo < bucket ? n - lo : bucket;
     float mx;
-    float norm = sqrtf(hvdc_butterfly_sum(hvdc_lane_sum(2, g, r, lo, len, 0.0f, lane, &mx)));
+    float sq = hvdc_butterfly_sum(hvdc_lane_sum(2, g, r, lo, len, 0.0f, lane, &mx));
+    mx = hvdc_butterfly_max(mx);
+    float norm = maxnorm ? mx : sqrtf(sq);
     if (lane == 0) norms[b] = norm;
     for (long long e = lo + 4 * lane; e < lo + len; e += 4 * 32) {
         int cnt = lo + len - e < 4 ? (int)(lo + len - e) : 4;
@@ -209,13 +212,14 @@ __global__ void hvdc_tern_decode_acc(const unsigned long long *codes, const unsi
 }
 
 __global__ void hvdc_qsgd_encode(const float *g, float *r, long long n, long long bucket, int bits,
-                                 hvdc_u64 seed, hvdc_u32 step, hvdc_u32 tensor_id, hvdc_u8 *codes,
-                                 float *norms)
+                                 int maxnorm, hvdc_u64 seed, hvdc_u32 step, hvdc_u32 tensor_id,
+                                 hvdc_u8 *codes, float *norms)
 {
-    if (bits == 2) hvdc_qsgd_encode<HVDC_Q_QSGD2>(g, r, n, bucket, seed, step, tensor_id, codes, norms);
+    if (bits == 2)
+        hvdc_qsgd_encode<HVDC_Q_QSGD2>(g, r, n, bucket, maxnorm, seed, step, tensor_id, codes, norms);
     else if (bits == 4)
-        hvdc_qsgd_encode<HVDC_Q_QSGD4>(g, r, n, bucket, seed, step, tensor_id, codes, norms);
-    else hvdc_qsgd_encode<HVDC_Q_QSGD8>(g, r, n, bucket, seed, step, tensor_id, codes, norms);
+        hvdc_qsgd_encode<HVDC_Q_QSGD4>(g, r, n, bucket, maxnorm, seed, step, tensor_id, codes, norms);
+    else hvdc_qsgd_encode<HVDC_Q_QSGD8>(g, r, n, bucket, maxnorm, seed, step, tensor_id, codes, norms);
 }
 
 __global__ void hvdc_qsgd_decode_acc(const unsigned long long *codes, const unsigned long long *norms,

@@ -9,6 +9,7 @@
  *                       warp ballots + a block scan inside; no atomics on output positions
  *   hvdc_topk_finalize  wire values (fp16 or fp32) and r[i] <- r_i - D(C(r_i)) at the k entries
  *   hvdc_topk_check / hvdc_topk_scatter_add   decode: validate indices, then out[i] += D(v)
+ *   hvdc_topk_normalize  Gradient Dropping's layer normalization: out = src / max|src| per tensor
  *
  * A tile of TOPK_TILE consecutive elements per block, read as TOPK_ITEMS rows of TOPK_THREADS
  * consecutive elements (coalesced).  The output order never depends on the launch geometry.
@@ -148,4 +149,15 @@ extern "C" __global__ void hvdc_topk_scatter_add(const int *idx, const void *val
         int i = idx[j];
         out[i] = out[i] + hvdc_topk_decode_value(vals, fp16, j);
     }
+}
+
+/* Gradient Dropping's layer normalization: out[i] = src[i] / d, d = *divisor (the tensor's max
+ * |g'|), or 0 when d is 0. */
+extern "C" __global__ void hvdc_topk_normalize(const float *src, long long n, const float *divisor,
+                                               float *out)
+{
+    float d = *divisor;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        out[i] = d > 0.0f ? src[i] / d : 0.0f;
 }

@@ -121,24 +121,56 @@ def test_seed_methods_in_real_jobs(spec, np):
         assert stats["bytes_sent"] < stats["bytes_dense"] / (1.5 if spec.startswith("powersgd") else 2)
 
 
+ADAPTIVE = ["adacomp:route='compressed'", "graddrop:route='compressed'", "stc:route='compressed'",
+            "graddrop:route='sparse_two_phase'"]
+
+
+def _each(fn, specs, *args):
+    """``fn(spec, *args)`` for every spec in one job (one Horovod start-up for all)."""
+    return [fn(spec, *args) for spec in specs]
+
+
+@pytest.mark.parametrize("np", [2, 3])
+def test_adaptive_sparsifiers_in_real_jobs(np):
+    """Issue 11's AdaComp, Gradient Dropping and STC through the stock optimizer (one job per world
+    size): equal to LocalWorld's engines bit for bit (their sums are the codecs' own), and a
+    fraction of the dense bytes."""
+    results = run_job(_each, np=np, args=(_train, ADAPTIVE), timeout=240, env=LINK)
+    for i, spec in enumerate(ADAPTIVE):
+        expected = _local(spec, np)
+        for rank, per_spec in enumerate(results):
+            steps, stats, _ = per_spec[i]
+            for step, grads in enumerate(steps):
+                for name in ("weight", "w2"):
+                    assert torch.equal(grads[name], expected[rank][step][name]), (spec, rank, step, name)
+            assert stats["steps"] == 2 and stats["bytes_sent"] < stats["bytes_dense"] / 2, spec
+
+
+def test_adaptive_sparsifiers_amp_overflow_skips_the_step_on_every_rank():
+    """An inf on rank 1 at step 2 under GradScaler: both ranks back off and skip that step, their
+    residuals untouched (the weights stay identical across ranks throughout)."""
+    specs = ["adacomp:route='compressed'", "graddrop:route='compressed'", "stc:route='compressed'"]
+    results = run_job(_each, np=2, args=(_amp, specs, False), timeout=240, env=LINK)
+    for i, spec in enumerate(specs):
+        (scales0, w0, stats0), (scales1, w1, stats1) = results[0][i], results[1][i]
+        assert scales0 == scales1 and scales0[2] == scales0[1] / 2, spec
+        assert torch.equal(w0[2], w0[1]) and torch.equal(w1[2], w1[1]), spec
+        assert not torch.equal(w0[3], w0[2]), spec
+        assert all(torch.equal(a, b) for a, b in zip(w0, w1)), spec
+        assert stats0["skipped_steps"] == stats1["skipped_steps"] == 1, spec
+
 
 #: issue 11's methods whose state follows the decoded aggregate (after_decode)
 AGGREGATE_METHODS = ["esgd:ratio=0.05", "laq", "diana", "diana:codec='terngrad'"]
 
 
-def _train_each(specs: list[str]):
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")     # eSGD without observe_loss() warns once
-        return [_train(spec, steps=3) for spec in specs]
-
-
 @pytest.mark.parametrize("np", [2, 3])
 def test_aggregate_methods_in_real_jobs(np):
-    """eSGD, LAQ and DIANA through the stock optimizer (one job, one compressor after the other):
-    equal to LocalWorld's engines bit for bit, their shift or aggregate the same on every rank."""
+    """eSGD, LAQ and DIANA through the stock optimizer (one job, one compressor after the other;
+    eSGD without observe_loss()): equal to LocalWorld's engines bit for bit, their shift or
+    aggregate the same on every rank."""
     import warnings
-    results = run_job(_train_each, np=np, args=(AGGREGATE_METHODS,), timeout=240, env=LINK)
+    results = run_job(_each, np=np, args=(_train, AGGREGATE_METHODS, 3), timeout=240, env=LINK)
     for i, spec in enumerate(AGGREGATE_METHODS):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -149,6 +181,7 @@ def test_aggregate_methods_in_real_jobs(np):
                 for name in ("weight", "w2"):
                     assert torch.equal(grads[name], expected[rank][step][name]), (spec, rank, step, name)
             assert stats["bytes_sent"] < stats["bytes_dense"] / 2
+
 
 def test_sum_predivide_passes_groups_and_the_wrapper():
     spec = "topk:ratio=0.05,route='compressed'"

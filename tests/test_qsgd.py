@@ -10,7 +10,7 @@ from hvd_compress.codecs.qsgd import QSGDCodec
 from quant_contract import KEY, CodecContract, chi2_check, repeat_draws, warp_sum
 
 CASES = {"b4": QSGDCodec(), "b2": QSGDCodec(bits=2, bucket_size=128),
-         "b8": QSGDCodec(bits=8, bucket_size=1000)}
+         "b8": QSGDCodec(bits=8, bucket_size=1000), "m4": QSGDCodec(norm="max")}
 
 
 class TestQSGD(CodecContract):
@@ -31,13 +31,14 @@ def unpack(codes: np.ndarray, bits: int, n: int) -> np.ndarray:
 @pytest.mark.parametrize("codec", list(CASES.values()), ids=list(CASES))
 def test_wire_format_and_norms(codec: QSGDCodec) -> None:
     """Codes = sign bit (MSB) | level; decoded = sign * l * (norm / s) in fp32; norms =
-    sqrt(hvdc_warp_sum of v^2) per bucket, bit for bit."""
+    sqrt(hvdc_warp_sum of v^2) per bucket (``norm="max"``: max |v|), bit for bit."""
     torch.manual_seed(0)
     n, b, s = 2501, codec.bucket_size, codec.levels
     x = torch.randn(n)
     p = codec.encode(x, KEY)
     xn = np.pad(x.numpy(), (0, -n % b))
-    norms = np.array([np.sqrt(warp_sum(xn[i:i + b] ** 2)) for i in range(0, len(xn), b)], np.float32)
+    norms = np.array([np.abs(xn[i:i + b]).max() if codec.norm == "max" else np.sqrt(warp_sum(xn[i:i + b] ** 2))
+                      for i in range(0, len(xn), b)], np.float32)
     assert np.array_equal(p.parts["norms"].numpy(), norms)
     c = unpack(p.parts["codes"].numpy(), codec.bits, n)
     level, neg = c & s, (c >> (codec.bits - 1)).astype(bool)
@@ -51,7 +52,7 @@ def qsgd_variance(v: torch.Tensor, codec: QSGDCodec) -> torch.Tensor:
     """Per-element variance (norm / s)^2 p (1 - p), p = frac(|v_i| / norm * s) (float64)."""
     b, s = codec.bucket_size, codec.levels
     v = v.double().view(-1, b)
-    norm = v.norm(dim=1, keepdim=True)
+    norm = v.abs().amax(dim=1, keepdim=True) if codec.norm == "max" else v.norm(dim=1, keepdim=True)
     r = v.abs() / norm * s
     p = r - r.floor()
     return ((norm / s) ** 2 * p * (1 - p)).view(-1)
@@ -78,6 +79,19 @@ def test_unbiased_and_variance_bound(bits: int, kind: str) -> None:
     assert bool(((err.mean(0) - expected).abs() <= 6 * err.std(0) / draws ** 0.5 + 1e-12).all())
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_max_norm_unbiased_with_far_less_variance(bits: int) -> None:
+    """``norm="max"``: still unbiased (the exact per-element variance checked as above), and on
+    Gaussian buckets of 512 its expected error is a small fraction of the L2 variant's (at 4 bits
+    about 0.04 ||v||^2 against 1.6 ||v||^2; both from the exact formula)."""
+    torch.manual_seed(bits)
+    v = torch.randn(4 * 512)
+    mx, l2 = QSGDCodec(bits=bits, norm="max"), QSGDCodec(bits=bits)
+    chi2_check(repeat_draws(mx, v, 1000), v, qsgd_variance(v, mx))
+    assert qsgd_variance(v, mx).sum() < 0.2 * qsgd_variance(v, l2).sum()
+    assert mx.payload_nbytes(v.numel()) == l2.payload_nbytes(v.numel())
+
+
 def test_buckets_of_zeros_and_one_hot() -> None:
     """A zero bucket has norm 0 and codes 0; |v_i| = norm encodes as the top level, always."""
     codec = QSGDCodec(bits=4, bucket_size=8)
@@ -95,7 +109,8 @@ def test_overflowing_norm_raises() -> None:
         QSGDCodec().encode(torch.full((10,), 1e20))
 
 
-@pytest.mark.parametrize("kwargs", [{"bits": 3}, {"bits": 16}, {"bucket_size": 30}, {"bucket_size": 0}])
+@pytest.mark.parametrize("kwargs", [{"bits": 3}, {"bits": 16}, {"bucket_size": 30}, {"bucket_size": 0},
+                                    {"norm": "l1"}])
 def test_bad_options(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         QSGDCodec(**kwargs)

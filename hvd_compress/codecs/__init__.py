@@ -8,9 +8,10 @@ from .qsgd import QSGDCodec
 from .randk import RandomKCodec
 from .sign import MajorityVoteCodec, OneBitCodec, ScaledSignCodec, SignCodec, majority_vote
 from .sketch import SketchCodec
+from .ternary import AdaCompCodec, STCCodec
 from .terngrad import TernGradCodec
-from .topk import TopKCodec
+from .topk import GradDropCodec, TopKCodec
 
-__all__ = ["Codec", "MajorityVoteCodec", "OneBitCodec", "Payload", "QSGDCodec", "RandomKCodec", "RandomKey",
-           "ScaledSignCodec", "SignCodec", "SketchCodec", "StochasticFP16Codec", "TernGradCodec",
+__all__ = ["AdaCompCodec", "Codec", "GradDropCodec", "MajorityVoteCodec", "OneBitCodec", "Payload", "QSGDCodec", "RandomKCodec", "RandomKey",
+           "ScaledSignCodec", "SignCodec", "SketchCodec", "STCCodec", "StochasticFP16Codec", "TernGradCodec",
            "TopKCodec", "majority_vote"]

@@ -16,7 +16,7 @@ _P, _I64, _U64, _U32, _INT, _F32 = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_ui
 cpu.register("hvdc_tern_scales", _P, _P, _I64, _I64, _F32, _P, _P, _INT)
 cpu.register("hvdc_tern_encode", _P, _P, _I64, _I64, _P, _U64, _U32, _U32, _P, _INT)
 cpu.register("hvdc_tern_decode_acc", _P, _P, _INT, _I64, _I64, _P, _INT)
-cpu.register("hvdc_qsgd_encode", _P, _P, _I64, _I64, _INT, _U64, _U32, _U32, _P, _P, _INT)
+cpu.register("hvdc_qsgd_encode", _P, _P, _I64, _I64, _INT, _INT, _U64, _U32, _U32, _P, _P, _INT)
 cpu.register("hvdc_qsgd_decode_acc", _P, _P, _INT, _I64, _I64, _INT, _P, _INT)
 cpu.register("hvdc_fp16sr_encode", _P, _P, _I64, _U64, _U32, _U32, _P, _INT)
 cpu.register("hvdc_fp16_decode_acc", _P, _INT, _I64, _P, _INT)

@@ -73,6 +73,7 @@ cpu.register("hvdc_topk_compact", _P, _I64, _P, _P, _INT, _P, _P, _P, _I64, _P, 
 cpu.register("hvdc_topk_finalize", _P, _P, _I64, _P, _INT, _P, _INT, _INT)
 cpu.register("hvdc_topk_check", _P, _I64, _I64, _P)
 cpu.register("hvdc_topk_scatter_add", _P, _P, _INT, _I64, _P, _INT)
+cpu.register("hvdc_topk_normalize", _P, _I64, _P, _P, _INT)
 
 #: fl32(0.8^l): the threshold levels are thr * fl32(0.8^l) in fp32.
 _LEVEL_FACTORS = tuple(0.8 ** level for level in range(8))
@@ -226,6 +227,67 @@ class TopKCodec(Codec):
         return out
 
 
+class GradDropCodec(TopKCodec):
+    """Gradient Dropping (Aji & Heafield, "Sparse Communication for Distributed Gradient
+    Descent", EMNLP 2017): drop all but the ``ratio`` largest entries of a whole bucket by one
+    threshold, after **layer normalization**.  With g' = g + r (error feedback) and, for each
+    tensor t of the segment (:meth:`with_layout`), m_t = max_{i in t} |g'_i|:
+
+        y_i = g'_i / m_t   (0 for an all-zero tensor),
+        thr = the sampled top-``ratio`` threshold of |y| over the whole segment,
+        send (i, g'_i) for the selected i: **un-normalized** values, so no factor travels.
+
+    So a tensor whose gradients are small as a whole still sends its relatively large entries
+    (the paper's point: one global threshold would starve layers with small gradients).  The
+    selection is this module's sampled machinery run on y (``sample_ratio`` 0.1%, the paper's
+    sample, but at least 64 / ratio samples; DGC's 0.8^l levels and the 1.3 k cap); the values
+    and the error feedback are g''s, exactly as :class:`TopKCodec` sends them.  y is computed by
+    ``hvdc_topk_normalize`` (C and CUDA, one launch per tensor; m_t is a torch max, exact).
+    ``layer_norm=False`` selects on |g'| itself (plain global top-k of the bucket).
+
+    Wire: :class:`TopKCodec`'s (int32 indices, fp16 or fp32 values).
+    """
+
+    name = "graddrop"
+
+    def __init__(self, ratio: float = 0.01, sample_ratio: float = 0.001,
+                 value_dtype: torch.dtype = torch.float16, layer_norm: bool = True) -> None:
+        super().__init__(ratio=ratio, sample_ratio=sample_ratio, value_dtype=value_dtype)
+        self.layer_norm = bool(layer_norm)
+        self._layout: tuple[int, ...] = ()
+
+    def with_layout(self, shapes: Sequence[torch.Size]) -> "GradDropCodec":
+        """This codec for a segment holding tensors of these shapes, end to end."""
+        codec = GradDropCodec(self.ratio, self.sample_ratio, self.value_dtype, self.layer_norm)
+        codec._layout = tuple(torch.Size(s).numel() for s in shapes)
+        return codec
+
+    def _encode(self, x: torch.Tensor, key: RandomKey, residual: torch.Tensor | None) -> Payload:
+        n = x.numel()
+        if n > _MAX_INDEX:
+            raise ValueError(f"top-k indices are int32: {n} elements is too many, split the tensor")
+        if n == 0 or not self.layer_norm:
+            return super()._encode(x, key, residual)
+        ops = _ops(x.device)
+        if residual is not None:
+            residual.add_(x)                    # g' = g + r: one fp32 addition, CPU == GPU
+        src = x if residual is None else residual
+        sizes = self._layout if sum(self._layout) == n else (n,)
+        y = torch.empty_like(src)
+        offset = 0
+        for size in sizes:
+            part = slice(offset, offset + size)
+            if size:
+                ops.normalize(src[part], src[part].abs().amax().reshape(1), y[part])
+            offset += size
+        idx, _ = self._select(ops, y, key, None)
+        val = src[idx.to(torch.int64)]
+        values = torch.empty(idx.numel(), dtype=self.value_dtype, device=x.device)
+        if idx.numel():
+            ops.finalize(idx, val, values, residual)
+        return Payload(n, {"indices": idx, "values": values})
+
+
 def _bad_index_error(w: int, idx: torch.Tensor, n: int, j: int | None = None) -> IndexError:
     where = f" at position {j} (index {int(idx[j])})" if j is not None else ""
     return IndexError(f"top-k payload of worker {w}: indices must be strictly ascending in "
@@ -283,6 +345,11 @@ class _CpuOps:
                      ctypes.byref(bad))
             if bad.value >= 0:
                 raise _bad_index_error(w, idx, n, bad.value)
+
+    @staticmethod
+    def normalize(src, divisor, out):
+        cpu.call("hvdc_topk_normalize", cpu.ptr(src, torch.float32), src.numel(), cpu.ptr(divisor),
+                 cpu.ptr(out), cpu.threads())
 
     @staticmethod
     def scatter_add(idx, values, out):
@@ -351,6 +418,10 @@ class _CudaOps:
         for w, flag in enumerate(bad.tolist()):              # one host sync per decode
             if flag:
                 raise _bad_index_error(w, indices[w], n)
+
+    def normalize(self, src, divisor, out):
+        self._run("hvdc_topk_normalize", src.device, self._grid(src.numel(), src.device),
+                  (src, np.int64(src.numel()), divisor, out))
 
     def scatter_add(self, idx, values, out):
         self._run("hvdc_topk_scatter_add", idx.device, self._grid(idx.numel(), idx.device),

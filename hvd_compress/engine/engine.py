@@ -207,6 +207,13 @@ class Engine:
                 self._measure()
         return output
 
+    @property
+    def finite_everywhere(self) -> bool:
+        """Whether the step just flushed had every member finite on every rank (the same answer
+        on every rank; False while no step has been flushed)."""
+        step = self._step
+        return step is not None and step.results is not None and not step.broken and not step.bad
+
     def finalize(self) -> None:
         """Commit the last step's state if every member was finite everywhere, else roll it
         back.  Runs at the next step's start, or at once in the flush when no member is

@@ -121,6 +121,24 @@ class Route:
         return self.name
 
 
+def segment_codec(job: Job, seg: Any) -> Codec:
+    """The codec of one segment of the bucket: :meth:`Job.codec_for` its tensor id and, for a
+    codec whose encoding follows the members' layout (``with_layout``: AdaComp's bin size by
+    shape, Gradient Dropping's per-tensor normalization), the shapes of the members the segment
+    holds (one 1-D shape when the members do not tile it)."""
+    codec = job.codec_for(seg.tensor_id)
+    if not hasattr(codec, "with_layout"):
+        return codec
+    shapes, offset = [], 0
+    for m in job.members:
+        if seg.offset <= offset and offset + m.numel <= seg.offset + seg.numel:
+            shapes.append(m.shape)
+        offset += m.numel
+    if sum(torch.Size(s).numel() for s in shapes) != seg.numel:
+        shapes = [torch.Size([seg.numel])]
+    return codec.with_layout(shapes)
+
+
 def encode_segments(job: Job, x: torch.Tensor | None = None) -> list[Payload]:
     """Encode each segment of ``x`` (default: the job's input) with its key and working residual."""
     x = job.x if x is None else x
@@ -128,8 +146,8 @@ def encode_segments(job: Job, x: torch.Tensor | None = None) -> list[Payload]:
     for seg in job.segments:
         part = slice(seg.offset, seg.offset + seg.numel)
         residual = None if job.residual is None else job.residual[part]
-        out.append(job.codec_for(seg.tensor_id).encode(x[part], job.key(seg.tensor_id), residual=residual,
-                                                       check_finite=False))
+        out.append(segment_codec(job, seg).encode(x[part], job.key(seg.tensor_id), residual=residual,
+                                                  check_finite=False))
     return out
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from . import wire
-from .base import Job, Link, Pending, Route, Speed, codec_seconds, encode_segments
+from .base import Job, Link, Pending, Route, Speed, codec_seconds, encode_segments, segment_codec
 
 
 class GatherRoute(Route):
@@ -27,8 +27,8 @@ class GatherRoute(Route):
         blocks = wire.unpack(data, job.codec, [numels] * job.comm.size)
         out = job.out.zero_()
         for s, seg in enumerate(job.segments):
-            job.codec_for(seg.tensor_id).decode_accumulate([rank_blocks[s] for rank_blocks in blocks],
-                                                           out[seg.offset:seg.offset + seg.numel])
+            segment_codec(job, seg).decode_accumulate([rank_blocks[s] for rank_blocks in blocks],
+                                                      out[seg.offset:seg.offset + seg.numel])
         return out
 
     def seconds(self, n: int, world: int, payload_bytes: float, segments: int, link: Link,
