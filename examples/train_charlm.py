@@ -89,6 +89,8 @@ def main() -> None:
             warmup_lr(optimizer, args, epoch, i, steps)
             optimizer.zero_grad()
             loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+            if hasattr(compression, "observe_loss"):   # eSGD reads the loss
+                compression.observe_loss(loss)
             loss.backward()
             # Clip the *aggregated* gradient (Horovod's recipe): clipping p.grad before step()
             # would touch local gradients while their allreduce is still in flight.

@@ -82,6 +82,8 @@ def main() -> None:
             warmup_lr(optimizer, args, epoch, i, steps_per_epoch)
             optimizer.zero_grad()
             loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
+            if hasattr(compression, "observe_loss"):   # eSGD reads the loss
+                compression.observe_loss(loss)
             loss.backward()
             optimizer.step()
             step += 1

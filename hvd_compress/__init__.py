@@ -24,7 +24,8 @@ _LAZY = {"TernGrad": "methods", "QSGD": "methods", "TopK": "methods", "DGC": "me
          "RandomK": "methods", "Sketch": "methods", "PowerSGD": "methods", "GradDrop": "methods",
          "AdaComp": "methods", "STC": "methods", "from_spec": "methods", "Compressor": "adaptor",
          "Link": "routes.base", "DistributedOptimizer": "optimizer", "LocalSGD": "local_sgd",
-         "DelayedAveraging": "delayed"}
+         "DelayedAveraging": "delayed",
+         "ESGD": "methods", "LAQ": "methods", "DIANA": "methods"}
 __all__ = sorted(_LAZY)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .adaptor import Compressor
-from .codecs.base import Codec
+from .codecs.base import Codec, RandomKey
 from .engine.buckets import Bucket
 from .engine.plan import AUTO, COMPRESSED
 from .engine.state import BucketState
@@ -105,6 +105,14 @@ class Method(Compressor):
 
     def after_encode(self, bucket: Bucket, pending: Pending, state: BucketState) -> None:
         """Called after a compressed route started (DGC masks its momentum here)."""
+
+    def after_decode(self, bucket: Bucket, out: torch.Tensor, state: BucketState, comm: Any) -> None:
+        """Called in the flush once the bucket's compressed route finished, before the write-back,
+        on every rank in bucket order: ``out`` is the decoded sum over ranks (flat fp32, the
+        bucket's layout), which the method may rewrite in place (DIANA adds its shift, LAQ
+        delivers its running aggregate).  State changes go through working buffers
+        (``state.buffer(name, device).begin()``, or the working tensor of a buffer begun in
+        :meth:`prepare`), so a step rolled back (a non-finite gradient anywhere) leaves no trace."""
 
     def check_optimizer(self, optimizer, names: list[str]) -> str | None:
         """A message when this method cannot serve these parameters of ``optimizer``."""
@@ -536,6 +544,315 @@ class PowerSGD(Method):
         return 4 * total
 
 
+class _AggregateMethod(Method):
+    """Base of the methods whose state follows the decoded aggregate (eSGD, LAQ, DIANA): their
+    :meth:`prepare` sends something else than the gradient and their :meth:`after_decode` reads
+    or rewrites the sum, so a bucket must take a compressed route (``route="compressed"`` or
+    ``"allgather"``; ``"auto"`` and ``"dense"`` are refused).  Buckets that are dense anyway
+    (members below ``min_numel``, a single rank) send the plain gradient."""
+
+    scope = "bucket"
+
+    def __init__(self, codec: Codec, *, min_numel: int, seed: int, route: str, bucket_cap_mb: float,
+                 link: Link | str) -> None:
+        if route in (AUTO, "dense"):
+            raise ValueError(f"{self.name}: route must be 'compressed' or one of {sorted(self.candidates())} "
+                             f"(its state follows the decoded aggregate, which a dense bucket bypasses), "
+                             f"got {route!r}")
+        super().__init__(codec, error_feedback=False, min_numel=min_numel, seed=seed, route=route,
+                         bucket_cap_mb=bucket_cap_mb, link=link)
+
+    def candidates(self) -> dict:
+        return {"allgather": _FIXED_ROUTES["allgather"]}
+
+    @staticmethod
+    def compressed(bucket: Bucket, comm: Any) -> bool:
+        """Whether the plan gives this bucket its compressed route (see the class docstring)."""
+        return not bucket.small and comm.size > 1
+
+
+class ESGD(_AggregateMethod):
+    """eSGD (Tao & Li, "eSGD: Communication Efficient Distributed Deep Learning on the Edge",
+    USENIX HotEdge 2018; seed 003): each step every worker sends ``ratio`` of its bucket's
+    coordinates (k = ceil(ratio n)), chosen by importance, with a momentum residual for the rest.
+
+    * **Importance updating** (the paper's Algorithm 1): at the first two steps the k
+      coordinates are drawn at random; afterwards, when the worker's loss fell since the last
+      step (l_t < l_{t-1}) it keeps the previous selection S and raises the importance of the
+      selected coordinates, H_i <- H_i + 1 for i in S; otherwise it draws k coordinates at random
+      weighted by w_i = 1 + H_i (Efraimidis & Spirakis 2006: the k largest keys log(u_i) / w_i,
+      u_i uniform in (0, 1) from the rank's Philox stream, ties to the lower index).
+    * **Momentum residual accumulation** (Algorithm 2, beta = ``beta``): every coordinate
+      accumulates a_i = beta r_i + g_i; unselected coordinates whose |a_i| exceeds the threshold
+      (the mean of |g| over the bucket) replace the selected coordinates of lowest H (up to k of
+      them, the largest |a_i| first; the replaced ones stay unsent); the worker sends a_i on the
+      final selection and keeps r_i = a_i elsewhere (r_i = 0 where sent).  A coordinate selected
+      step after step thus sends its gradient, a newly selected one its accumulated residual.
+
+    The increment of H (one per step the coordinate was kept while the loss fell) is our reading:
+    the seed describes the rule, not the amount.  Defaults: ``ratio=0.125`` (the paper's MNIST
+    run that dropped 87.5% of the gradients and reached 81.5% accuracy), ``beta=0.9``.
+
+    **The loss**: call ``compression.observe_loss(loss)`` every step before ``backward()`` (a
+    tensor or a float; it is only stored, and read when the step's buckets are prepared).
+    Without it eSGD cannot tell whether the loss fell: every step then redraws the selection
+    weighted by H, which never grows, i.e. uniform random-k with the momentum residual (a
+    one-time warning says so, from ``synchronize()``).
+
+    Wire: the selected entries as (int32 index, fp32 value), ascending (8 bytes per entry, at
+    most k per bucket), allgathered.  State (per bucket, checkpointed): H, the selection, the
+    residual, the step count and the last loss.
+    """
+
+    name = "esgd"
+
+    def __init__(self, ratio: float = 0.125, beta: float = 0.9, *, min_numel: int = 1024, seed: int = 0,
+                 route: str = COMPRESSED, bucket_cap_mb: float = 25.0, link: Link | str = "auto") -> None:
+        from .codecs.sparse import NonzeroCodec
+        if not 0.0 < ratio <= 1.0 or not 0.0 <= beta < 1.0:
+            raise ValueError(f"eSGD needs 0 < ratio <= 1 and 0 <= beta < 1, got ratio={ratio}, beta={beta}")
+        self.ratio, self.beta = ratio, beta
+        self._loss: torch.Tensor | float | None = None
+        self._warned = False
+        super().__init__(NonzeroCodec(), min_numel=min_numel, seed=seed, route=route,
+                         bucket_cap_mb=bucket_cap_mb, link=link)
+
+    def __repr__(self) -> str:
+        return (f"ESGD(ratio={self.ratio}, beta={self.beta}, min_numel={self.min_numel}, seed={self.seed}, "
+                f"route={self.route!r}, bucket_cap_mb={self.bucket_cap_mb}, link={self.link!r})")
+
+    def observe_loss(self, loss: torch.Tensor | float) -> None:
+        """This step's loss on this worker (call before ``backward()``); stored, never read here."""
+        self._loss = loss.detach() if isinstance(loss, torch.Tensor) else float(loss)
+
+    def _observed(self) -> float | None:
+        return None if self._loss is None else float(self._loss)
+
+    def k(self, n: int) -> int:
+        from .codecs.topk import ceil_ratio
+        return max(1, ceil_ratio(self.ratio, n)) if n else 0
+
+    def payload_bytes(self, bucket: Bucket, codec: Codec) -> float:
+        return 8 * sum(self.k(seg.numel) for seg in bucket.segments(self.scope))
+
+    def prepare(self, bucket, grads, x, state, comm):
+        x = super().prepare(bucket, grads, x, state, comm)
+        if not self.compressed(bucket, comm):
+            return x
+        from .engine.engine import rank_seed
+        device, n, k = x.device, x.numel(), self.k(x.numel())
+        meta = state.buffer("esgd", device, 2)
+        t, last = meta.committed.tolist()
+        meta.begin()
+        loss = self._observed()
+        keep = t >= 2 and loss is not None and loss < last    # (last is NaN when unknown)
+        importance = state.buffer("importance", device)
+        h = importance.begin()
+        selected = state.buffer("selected", device)
+        if keep:
+            mask = selected.committed.bool()
+            h.add_(selected.committed)
+        else:
+            key = RandomKey(rank_seed(self.seed, comm.rank), int(t) & 0xFFFFFFFF, bucket.tensor_id)
+            keys = torch.log(uniform(n, key, device)) / (1.0 + importance.committed)
+            mask = torch.zeros(n, dtype=torch.bool, device=device)
+            mask[_largest(keys, k)] = True
+        threshold = x.abs().mean()
+        if not math.isfinite(float(threshold)):
+            return x                    # the engine flags the non-finite gradient (and rolls back)
+        memory = state.buffer("memory", device)
+        a = memory.begin(copy=False)
+        torch.mul(memory.committed, self.beta, out=a).add_(x)
+        candidates = (~mask) & (a.abs() > threshold)
+        count = min(int(candidates.sum()), k)
+        if count:
+            cand = candidates.nonzero().view(-1)
+            sel = mask.nonzero().view(-1)
+            mask[sel[_largest(-h[sel], count)]] = False         # the lowest H leave ...
+            mask[cand[_largest(a[cand].abs(), count)]] = True   # ... for the largest residuals
+        torch.where(mask, a, torch.zeros((), device=device), out=x)
+        a.masked_fill_(mask, 0.0)
+        selected.begin(copy=False).copy_(mask)
+        return x
+
+    def after_decode(self, bucket, out, state, comm):
+        if not self.compressed(bucket, comm):
+            return
+        loss = self._observed()
+        if loss is None and not self._warned:
+            import warnings
+            warnings.warn("hvd_compress eSGD: no loss observed (call compression.observe_loss(loss) "
+                          "before backward() every step); eSGD falls back to random-k selection with "
+                          "its momentum residual", RuntimeWarning, stacklevel=2)
+            self._warned = True
+        meta = state.buffers["esgd"].working
+        meta[0] += 1
+        meta[1] = float("nan") if loss is None else loss
+
+
+def uniform(n: int, key: RandomKey, device: torch.device) -> torch.Tensor:
+    """u_i = (w_i >> 9 + 1/2) 2^-23 in (0, 1) from the first n words w_i of the Philox stream of
+    ``key`` (24 significant bits: exact in fp32)."""
+    from .codecs.rng import random_u32
+    words = random_u32(n, key, device).to(torch.int64) & 0xFFFFFFFF
+    return ((words >> 9).to(torch.float32) + 0.5) * 2.0 ** -23
+
+
+def _largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the k largest values, ties to the lower position (a stable sort)."""
+    return torch.sort(values, descending=True, stable=True).indices[:k]
+
+
+class LAQ(_AggregateMethod):
+    """LAQ (Sun, Chen, Giannakis, Yang, "Communication-Efficient Distributed Learning via Lazily
+    Aggregated Quantized Gradients", NeurIPS 2019): worker m quantizes its gradient's innovation
+    with :class:`~hvd_compress.codecs.laq.InnovationCodec` (``bits`` per element, radius
+    ||g - Q_m||_inf, grid around its last quantized gradient Q_m) and uploads dQ_m only when
+
+        ||dQ_m||^2 > (1 / M^2) sum_{d=1..D} xi_d ||S^{k-d}||^2 + 3 (||eps_m^k||^2 + ||eps_hat_m||^2)
+
+    (eps_m^k = Q_m + dQ_m - g, the new quantization error; eps_hat_m the error of its last upload;
+    M workers), or when it skipped ``t_bar`` steps in a row, or never uploaded.  Every rank keeps
+    the running aggregate S = sum_m Q_m (S += the dQ of the workers that sent, decoded in rank
+    order), delivers S (the engine divides by M for ``Average``) and remembers ||S||^2 of the
+    last D steps: no rank stores N copies, and every rank's S is the same bits.
+
+    The paper's rule reads ``||theta^{k+1-d} - theta^{k-d}||^2 / (alpha^2 M^2)``.  With the
+    update ``theta^{k+1} = theta^k - alpha S^k`` (plain SGD on the delivered aggregate; for
+    ``Average`` alpha is the optimizer's lr / M) this is ``||S^{k-d}||^2 / M^2``: the learning
+    rate cancels, nothing else is needed.  With momentum or Adam the rule uses the aggregates as a
+    proxy of the parameter change (our assumption).
+
+    The rule and the quantizer act per bucket (the paper's worker vector is the whole model; with
+    the default 25 MB buckets a small model is one bucket).  Defaults: ``D=10``,
+    ``xi_1 = ... = xi_D = xi / D`` with ``xi=0.8`` and ``t_bar=100`` (the paper's experiments, as we
+    read them) and ``bits=8``: with 4 bits the max-norm radius makes the quantization error
+    ||eps||^2 (heavy-tailed gradients) larger than the innovation, the rule's 3 (||eps||^2 +
+    ||eps_hat||^2) term then skips nearly every upload and SGD with momentum on stale
+    aggregates diverged on the digits task (docs/methods-lazy-diff.md).  A skipped upload sends an
+    empty payload: the packed block's 16-byte header.  State (checkpointed): Q_m, S, (uploaded, skipped steps, ||eps_hat||^2, the last D
+    ||S||^2).
+    """
+
+    name = "laq"
+
+    def __init__(self, bits: int = 8, D: int = 10, xi: float = 0.8, t_bar: int = 100, *,
+                 min_numel: int = 1024, seed: int = 0, route: str = COMPRESSED, bucket_cap_mb: float = 25.0,
+                 link: Link | str = "auto") -> None:
+        from .codecs.laq import InnovationCodec
+        if D < 1 or not xi >= 0 or t_bar < 0:
+            raise ValueError(f"LAQ needs D >= 1, xi >= 0 and t_bar >= 0, got D={D}, xi={xi}, t_bar={t_bar}")
+        self.D, self.xi, self.t_bar = int(D), float(xi), int(t_bar)
+        super().__init__(InnovationCodec(bits=bits), min_numel=min_numel, seed=seed, route=route,
+                         bucket_cap_mb=bucket_cap_mb, link=link)
+
+    def __repr__(self) -> str:
+        return (f"LAQ(bits={self.codec.bits}, D={self.D}, xi={self.xi}, t_bar={self.t_bar}, "
+                f"min_numel={self.min_numel}, seed={self.seed}, route={self.route!r}, "
+                f"bucket_cap_mb={self.bucket_cap_mb}, link={self.link!r})")
+
+    def payload_bytes(self, bucket: Bucket, codec: Codec) -> float:
+        """Bytes of an upload (a skip costs only the block header)."""
+        return sum(-(-seg.numel * codec.bits // 8) + 4 for seg in bucket.segments(self.scope))
+
+    def prepare(self, bucket, grads, x, state, comm):
+        x = super().prepare(bucket, grads, x, state, comm)
+        if not self.compressed(bucket, comm):
+            return x
+        device = x.device
+        quantized = state.buffer("quantized", device)
+        meta = state.buffer("laq", device, 3 + self.D)
+        old = meta.committed
+        x.sub_(quantized.committed)                                   # v = g - Q_m
+        dq = self.codec.innovation(self.codec.encode(x, check_finite=False))
+        lhs = dq.square().sum()
+        eps2 = (dq - x).square().sum()                                # ||Q_m + dQ - g||^2
+        rhs = old[3:].sum() * (self.xi / self.D / comm.size ** 2) + 3 * (eps2 + old[2])
+        uploaded, skipped, lhs, rhs, eps2 = torch.stack([old[0], old[1], lhs, rhs, eps2]).tolist()
+        m = meta.begin()
+        if not uploaded or skipped >= self.t_bar or not lhs <= rhs:   # (NaN: send, the engine flags it)
+            torch.add(quantized.committed, dq, out=quantized.begin(copy=False))
+            m[0], m[1], m[2] = 1.0, 0.0, eps2
+            return x                    # the route encodes v to the same payload
+        m[1] += 1
+        return x.zero_()                # the empty payload
+
+    def after_decode(self, bucket, out, state, comm):
+        if not self.compressed(bucket, comm):
+            return
+        aggregate = state.buffer("aggregate", out.device)
+        s = aggregate.begin(copy=False)
+        torch.add(aggregate.committed, out, out=s)                    # S += sum of the dQ sent
+        out.copy_(s)
+        m = state.buffers["laq"].working
+        m[4:] = m[3:-1].clone()
+        m[3] = s.square().sum()
+
+
+class DIANA(_AggregateMethod):
+    """DIANA (Mishchenko, Gorbunov, Takáč, Richtárik, "Distributed Learning with Compressed
+    Gradient Differences", 2019): worker i keeps a shift h_i and sends Delta_i = C(g_i - h_i),
+    then h_i <- h_i + alpha D(Delta_i); every rank keeps H = sum_i h_i (the same bits everywhere),
+    delivers H + sum_i D(Delta_i) (divided by N for ``Average``: h + mean Delta, the paper's
+    g_hat with h = H / N) and updates H <- H + alpha sum_i D(Delta_i).  The shifts learn the
+    gradients, so the compressed differences shrink: the variance of C vanishes at the optimum.
+
+    ``codec``: ``"qsgd"`` (default: ``bits``, ``bucket_size`` 512-element norm buckets over the
+    fused bucket) or ``"terngrad"`` (unbiased, no clipping, a scale per ``bucket_size``); spec:
+    ``diana:codec='terngrad'``, ``diana:bits=8,alpha=0.1``.  ``alpha`` defaults to the largest
+    the paper's theory allows, 1 / (omega + 1), for the codec's variance parameter omega
+    (E||C(x) - x||^2 <= omega ||x||^2): QSGD with s = 2^(bits-1) - 1 levels on d-element buckets,
+    omega = min(d / s^2, sqrt(d) / s) (Alistarh et al. 2017, Lemma 3.1): 4 bits, d = 512 gives
+    omega = 3.232, alpha = 0.2363; TernGrad's ternary code s sign(x_i) Bernoulli(|x_i| / s),
+    s = ||x||_inf, has E||C(x)||^2 = s ||x||_1, so omega = max s ||x||_1 / ||x||^2 - 1 =
+    (sqrt(d) - 1) / 2 (d = 512: omega = 10.81, alpha = 0.0847).
+
+    Wire: the codec's (allgather).  State (checkpointed): h_i and H.
+    """
+
+    name = "diana"
+
+    def __init__(self, codec: str = "qsgd", alpha: float | None = None, bits: int = 4,
+                 bucket_size: int = 512, *, min_numel: int = 1024, seed: int = 0, route: str = COMPRESSED,
+                 bucket_cap_mb: float = 25.0, link: Link | str = "auto") -> None:
+        if codec == "qsgd":
+            from .codecs.qsgd import QSGDCodec
+            c = QSGDCodec(bits=bits, bucket_size=bucket_size)
+            self.omega = min(bucket_size / c.levels ** 2, math.sqrt(bucket_size) / c.levels)
+        elif codec == "terngrad":
+            from .codecs.terngrad import TernGradCodec
+            c = TernGradCodec(bucket_size=bucket_size, clip=None)
+            self.omega = (math.sqrt(bucket_size) - 1) / 2
+        else:
+            raise ValueError(f"DIANA: codec must be 'qsgd' or 'terngrad', got {codec!r}")
+        if alpha is not None and not 0 < alpha <= 1:
+            raise ValueError(f"DIANA: alpha must lie in (0, 1], got {alpha}")
+        self.codec_name = codec
+        self.alpha = 1 / (self.omega + 1) if alpha is None else float(alpha)
+        super().__init__(c, min_numel=min_numel, seed=seed, route=route, bucket_cap_mb=bucket_cap_mb, link=link)
+
+    def __repr__(self) -> str:
+        return (f"DIANA(codec={self.codec!r}, alpha={self.alpha!r}, min_numel={self.min_numel}, "
+                f"seed={self.seed}, route={self.route!r}, bucket_cap_mb={self.bucket_cap_mb}, link={self.link!r})")
+
+    def prepare(self, bucket, grads, x, state, comm):
+        x = super().prepare(bucket, grads, x, state, comm)
+        if self.compressed(bucket, comm):
+            x.sub_(state.buffer("shift", x.device).committed)          # g_i - h_i
+        return x
+
+    def after_encode(self, bucket, pending, state):
+        h = state.buffers["shift"].begin()
+        for payload, seg in zip(pending.payloads, bucket.segments(self.scope)):
+            delta = pending.job.codec_for(seg.tensor_id).decode(payload)
+            h[seg.offset:seg.offset + seg.numel].add_(delta.mul_(self.alpha))   # two roundings, any device
+
+    def after_decode(self, bucket, out, state, comm):
+        total = state.buffer("shift_sum", out.device)
+        torch.add(total.committed, out * self.alpha, out=total.begin(copy=False))
+        out.add_(total.committed)
+
+
 class Dense(Method):
     """No compression: fp32 allreduce per bucket (what ``hvd.Compression.none`` means inside
     ``hvd_compress.DistributedOptimizer``'s maps)."""
@@ -554,6 +871,7 @@ _METHODS: dict[str, type[Method]] = {
     "terngrad": TernGrad, "qsgd": QSGD, "topk": TopK, "dgc": DGC, "fp16": FP16,
     "onebit": OneBit, "efsignsgd": EFSignSGD, "signsgd": SignSGD, "randomk": RandomK,
     "sketch": Sketch, "powersgd": PowerSGD, "graddrop": GradDrop, "adacomp": AdaComp, "stc": STC,
+    "esgd": ESGD, "laq": LAQ, "diana": DIANA,
 }
 
 

@@ -160,6 +160,29 @@ def test_adaptive_sparsifiers_amp_overflow_skips_the_step_on_every_rank():
         assert stats0["skipped_steps"] == stats1["skipped_steps"] == 1, spec
 
 
+#: issue 11's methods whose state follows the decoded aggregate (after_decode)
+AGGREGATE_METHODS = ["esgd:ratio=0.05", "laq", "diana", "diana:codec='terngrad'"]
+
+
+@pytest.mark.parametrize("np", [2, 3])
+def test_aggregate_methods_in_real_jobs(np):
+    """eSGD, LAQ and DIANA through the stock optimizer (one job, one compressor after the other;
+    eSGD without observe_loss()): equal to LocalWorld's engines bit for bit, their shift or
+    aggregate the same on every rank."""
+    import warnings
+    results = run_job(_each, np=np, args=(_train, AGGREGATE_METHODS, 3), timeout=240, env=LINK)
+    for i, spec in enumerate(AGGREGATE_METHODS):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = _local(spec, np, steps=3)
+        for rank in range(np):
+            steps, stats, _ = results[rank][i]
+            for step, grads in enumerate(steps):
+                for name in ("weight", "w2"):
+                    assert torch.equal(grads[name], expected[rank][step][name]), (spec, rank, step, name)
+            assert stats["bytes_sent"] < stats["bytes_dense"] / 2
+
+
 def test_sum_predivide_passes_groups_and_the_wrapper():
     spec = "topk:ratio=0.05,route='compressed'"
     summed = run_job(_train, np=3, args=(spec,), kwargs={"op": "Sum"}, timeout=120, env=LINK)

@@ -9,7 +9,8 @@ One engine serves one (compressor, optimizer) pair.  Per step:
 * :meth:`Engine.result` (``synchronize()``): the first call of a step runs :meth:`flush`, which
   blocks, in the same order on every rank: incomplete buckets are started (absent members as
   zeros), the step header is started and waited (plan digest, errors, finite flags), every
-  multi-phase route advances in bucket order, every route finishes in bucket order, members
+  multi-phase route advances in bucket order, every route finishes in bucket order, every
+  compressed bucket's method sees its decoded sum (``Method.after_decode``), members
   flagged non-finite by any rank become NaN, and the step's state is committed (all finite) or
   rolled back.  The link is measured at the first flush when it was not declared.
 
@@ -34,7 +35,8 @@ from .state import BucketState
 
 _MASK64 = (1 << 64) - 1
 #: state buffers laid out like the bucket (saved per member); the others are saved per bucket
-_MEMBER_LAID = ("residual", "momentum")
+_MEMBER_LAID = ("residual", "momentum", "shift", "shift_sum", "quantized", "aggregate", "importance",
+                "selected", "memory")
 #: int32 words of the step header before the per-member finite flags
 _HEAD = 5
 #: what Horovod 0.28.1's allreduce takes (bf16 members stay in the engine, which casts to fp32)
@@ -365,6 +367,10 @@ class Engine:
                 results[bucket.index] = self.plan.buckets[bucket.index].route.finish(pending)
                 self.stats.bytes_sent += pending.sent
                 self.stats.bytes_received += pending.received
+            for bucket in live:     # (in bucket order, on every rank; state in working buffers)
+                if self.plan.buckets[bucket.index].route is not DENSE:
+                    bucket.method.after_decode(bucket, results[bucket.index], self.states[bucket.index],
+                                               self.comm)
             flagged = {i for i in range(len(self.members)) if any(row[_HEAD + i] == 0 for row in rows)}
             for i in flagged:   # zeros went on the wire for them: every rank makes them NaN
                 bucket, pos = self._where[i]
