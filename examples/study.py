@@ -307,7 +307,10 @@ def train(task_name: str, spec: str, workers: int, seed: int, real: bool = False
 
         def step(batch_list) -> None:
             optimizer.zero_grad()
-            loss_fn(model, batch_list[rank]).backward()
+            loss = loss_fn(model, batch_list[rank])
+            if hasattr(comp, "observe_loss"):   # eSGD reads the step's loss
+                comp.observe_loss(loss)
+            loss.backward()
             optimizer.step()
     else:
         from hvd_compress.simulate import DataParallel

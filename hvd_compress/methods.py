@@ -612,7 +612,7 @@ class ESGD(_AggregateMethod):
         if not 0.0 < ratio <= 1.0 or not 0.0 <= beta < 1.0:
             raise ValueError(f"eSGD needs 0 < ratio <= 1 and 0 <= beta < 1, got ratio={ratio}, beta={beta}")
         self.ratio, self.beta = ratio, beta
-        self._loss: torch.Tensor | float | None = None
+        self._losses: dict[int | None, torch.Tensor | float] = {}
         self._warned = False
         super().__init__(NonzeroCodec(), min_numel=min_numel, seed=seed, route=route,
                          bucket_cap_mb=bucket_cap_mb, link=link)
@@ -621,12 +621,15 @@ class ESGD(_AggregateMethod):
         return (f"ESGD(ratio={self.ratio}, beta={self.beta}, min_numel={self.min_numel}, seed={self.seed}, "
                 f"route={self.route!r}, bucket_cap_mb={self.bucket_cap_mb}, link={self.link!r})")
 
-    def observe_loss(self, loss: torch.Tensor | float) -> None:
-        """This step's loss on this worker (call before ``backward()``); stored, never read here."""
-        self._loss = loss.detach() if isinstance(loss, torch.Tensor) else float(loss)
+    def observe_loss(self, loss: torch.Tensor | float, rank: int | None = None) -> None:
+        """This step's loss on this worker (call before ``backward()``); stored, never read here.
+        ``rank`` is for simulators that run several workers through one compressor object
+        (:mod:`hvd_compress.simulate` passes it); a Horovod job leaves it None."""
+        self._losses[rank] = loss.detach() if isinstance(loss, torch.Tensor) else float(loss)
 
-    def _observed(self) -> float | None:
-        return None if self._loss is None else float(self._loss)
+    def _observed(self, rank: int) -> float | None:
+        loss = self._losses.get(rank, self._losses.get(None))
+        return None if loss is None else float(loss)
 
     def k(self, n: int) -> int:
         from .codecs.topk import ceil_ratio
@@ -644,7 +647,7 @@ class ESGD(_AggregateMethod):
         meta = state.buffer("esgd", device, 2)
         t, last = meta.committed.tolist()
         meta.begin()
-        loss = self._observed()
+        loss = self._observed(comm.rank)
         keep = t >= 2 and loss is not None and loss < last    # (last is NaN when unknown)
         importance = state.buffer("importance", device)
         h = importance.begin()
@@ -678,7 +681,7 @@ class ESGD(_AggregateMethod):
     def after_decode(self, bucket, out, state, comm):
         if not self.compressed(bucket, comm):
             return
-        loss = self._observed()
+        loss = self._observed(comm.rank)
         if loss is None and not self._warned:
             import warnings
             warnings.warn("hvd_compress eSGD: no loss observed (call compression.observe_loss(loss) "

@@ -75,6 +75,9 @@ class DataParallel:
                                cap_bytes=int(compression.bucket_cap_mb * 2 ** 20), link=link,
                                name="sim", external_dense=True) for comm in self.world.comms]
         self._average = average
+        # methods that read the step's loss (eSGD): each simulated worker reports its own
+        self._observers = [m for m in {id(m.method): m.method for m in members}.values()
+                           if hasattr(m, "observe_loss")]
 
     def step(self, loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor], batches: Sequence[Any]) -> list[float]:
         """One synchronous step: worker r's gradient of ``loss_fn(model, batches[r])``, the
@@ -87,6 +90,8 @@ class DataParallel:
             loss = loss_fn(self.model, batch)
             loss.backward()
             losses.append(float(loss.detach()))
+            for method in self._observers:
+                method.observe_loss(losses[-1], rank=len(losses) - 1)
             grads.append([p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params])
 
         def exchange(comm) -> list[torch.Tensor]:

@@ -292,3 +292,17 @@ def test_state_dict_resume_is_bit_exact(spec, recwarn):
         for step in (2, 3):
             for a, b in zip(resumed[rank][step - 2], full[rank][0][step]):
                 assert torch.equal(a, b), (rank, step)
+
+
+def test_simulator_gives_esgd_each_workers_loss():
+    """hvd_compress.simulate runs all workers through one compressor object: eSGD must still
+    see each worker's own loss (observe_loss's rank), as a real job's processes do."""
+    from hvd_compress.simulate import DataParallel
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 32)
+    method = hvd_compress.from_spec("esgd")
+    sim = DataParallel(model, torch.optim.SGD(model.parameters(), lr=0.1), method, workers=3)
+    batches = [(torch.randn(4, 64), torch.randn(4, 32)) for _ in range(3)]
+    losses = sim.step(lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]), batches)
+    assert len(set(losses)) == 3
+    assert [method._observed(r) for r in range(3)] == losses
