@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python tests/gen_golden.py
 
-Writes tests/data/{terngrad,qsgd,fp16sr,sign,randk,sketch,sparse_adaptive}_golden.npz: the inputs, and for every
+Writes tests/data/{terngrad,qsgd,fp16sr,sign,randk,sketch,sparse_adaptive,laq}_golden.npz: the inputs, and for every
 configuration of the test modules the payload bytes and decoded values (error feedback on where
 the codec has it).  ``python tests/gen_golden.py sign`` rewrites only the files of the modules
 named (test_sign.py here).  Only needed when a wire format or formula changes on purpose; the
@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 
 import test_fp16
+import test_laq
 import test_qsgd
 import test_randk
 import test_sign
@@ -22,7 +23,7 @@ from quant_contract import write_golden
 
 if __name__ == "__main__":
     for module in (test_terngrad, test_qsgd, test_fp16, test_sign, test_randk, test_sketch,
-                   test_sparse_adaptive):
+                   test_sparse_adaptive, test_laq):
         if len(sys.argv) > 1 and module.__name__.removeprefix("test_") not in sys.argv[1:]:
             continue
         for name, cls in vars(module).items():
