@@ -89,4 +89,9 @@ void hvdc_laq_absmax(const float *v, hvdc_i64 n, float *radius, int nthreads);
 void hvdc_laq_encode(const float *v, hvdc_i64 n, float radius, int bits, hvdc_u8 *codes, int nthreads);
 void hvdc_laq_decode_acc(const hvdc_u8 *const *codes, const float *const *radii, int nworkers,
                          hvdc_i64 n, int bits, float *out, int nthreads);
+
+/* eSGD's element-wise step (csrc/esgd.c). */
+void hvdc_esgd_step(const float *g, const float *r, const float *h, hvdc_i64 n, float beta,
+                    float threshold, hvdc_u64 seed, hvdc_u32 step, hvdc_u32 tensor_id, float *a,
+                    float *keys, hvdc_u8 *over, int nthreads);
 #endif

@@ -2,15 +2,17 @@
 
     PYTHONPATH=. python tests/gen_golden.py
 
-Writes tests/data/{terngrad,qsgd,fp16sr,sign,randk,sketch,sparse_adaptive,laq}_golden.npz: the inputs, and for every
-configuration of the test modules the payload bytes and decoded values (error feedback on where
-the codec has it).  ``python tests/gen_golden.py sign`` rewrites only the files of the modules
-named (test_sign.py here).  Only needed when a wire format or formula changes on purpose; the
+Writes tests/data/{terngrad,qsgd,fp16sr,sign,randk,sketch,sparse_adaptive,laq}_golden.npz: the
+inputs, and for every configuration of the test modules the payload bytes and decoded values
+(error feedback on where the codec has it); and esgd_golden.npz, eSGD's element-wise step
+(test_esgd.py).  ``python tests/gen_golden.py sign`` rewrites only the files of the modules named
+(test_sign.py here).  Only needed when a wire format or formula changes on purpose; the
 tests then pin the new bits on CPU and GPU."""
 from __future__ import annotations
 
 import sys
 
+import test_esgd
 import test_fp16
 import test_laq
 import test_qsgd
@@ -30,3 +32,6 @@ if __name__ == "__main__":
             if name.startswith("Test") and getattr(cls, "golden_file", ""):
                 write_golden(cls.golden_file, cls.cases, error_feedback=cls().error_feedback)
                 print("wrote", cls.golden_file)
+    if len(sys.argv) == 1 or "esgd" in sys.argv[1:]:
+        test_esgd.write_golden()
+        print("wrote", test_esgd.GOLDEN)
