@@ -7,6 +7,7 @@
 
 #define LAQ_PARTS 64              /* parts of the maximum */
 #define LAQ_TILE 8192             /* code bytes or elements per work item */
+#define LAQ_BATCH 256             /* elements per decode batch (divides LAQ_TILE) */
 
 typedef struct {
     const float *v;
@@ -40,16 +41,22 @@ HVDC_CLONES static void w_encode(const void *job, hvdc_i64 t0, hvdc_i64 t1)
         j->codes[b] = hvdc_laq_byte(j->v, j->n, b, j->bits, j->radius, step);
 }
 
+/* Batches of LAQ_BATCH elements: each worker's radius and step once per batch, then one loop
+ * over the batch; every element still adds the workers in list order. */
 HVDC_CLONES static void w_decode(const void *job, hvdc_i64 t0, hvdc_i64 t1)
 {
     const ljob *j = (const ljob *)job;
-    for (hvdc_i64 i = t0 * LAQ_TILE, e = hvdc_min64(j->n, t1 * LAQ_TILE); i < e; ++i) {
-        float acc = j->out[i];
+    float acc[LAQ_BATCH];
+    for (hvdc_i64 lo = t0 * LAQ_TILE, end = hvdc_min64(j->n, t1 * LAQ_TILE); lo < end; lo += LAQ_BATCH) {
+        int len = (int)hvdc_min64(LAQ_BATCH, end - lo);
+        for (int q = 0; q < len; ++q) acc[q] = j->out[lo + q];
         for (int w = 0; w < j->nworkers; ++w) {
-            float r = j->wradii[w][0];
-            acc += hvdc_laq_value(hvdc_laq_load(j->wcodes[w], i, j->bits), r, hvdc_laq_step(r, j->bits));
+            const hvdc_u8 *codes = j->wcodes[w];
+            float r = j->wradii[w][0], step = hvdc_laq_step(r, j->bits);
+            for (int q = 0; q < len; ++q)
+                acc[q] += hvdc_laq_value(hvdc_laq_load(codes, lo + q, j->bits), r, step);
         }
-        j->out[i] = acc;
+        for (int q = 0; q < len; ++q) j->out[lo + q] = acc[q];
     }
 }
 
