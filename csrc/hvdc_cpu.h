@@ -83,4 +83,15 @@ void hvdc_sketch_decode_acc(const hvdc_u8 *const *codes, const float *const *ran
                             hvdc_i64 n, hvdc_i64 block, hvdc_i64 kept, const hvdc_i64 *sel, int bits,
                             int rotate, hvdc_u64 shared_seed, hvdc_u32 shared_step, hvdc_u32 shared_id,
                             float *out, int nthreads);
+
+/* LAQ's innovation quantizer (csrc/laq.c). */
+void hvdc_laq_absmax(const float *v, hvdc_i64 n, float *radius, int nthreads);
+void hvdc_laq_encode(const float *v, hvdc_i64 n, float radius, int bits, hvdc_u8 *codes, int nthreads);
+void hvdc_laq_decode_acc(const hvdc_u8 *const *codes, const float *const *radii, int nworkers,
+                         hvdc_i64 n, int bits, float *out, int nthreads);
+
+/* eSGD's element-wise step (csrc/esgd.c). */
+void hvdc_esgd_step(const float *g, const float *r, const float *h, hvdc_i64 n, float beta,
+                    float threshold, hvdc_u64 seed, hvdc_u32 step, hvdc_u32 tensor_id, float *a,
+                    float *keys, hvdc_u8 *over, int nthreads);
 #endif

@@ -237,6 +237,44 @@ def torch_stc(g: torch.Tensor, r: torch.Tensor, ratio: float = 0.0025) -> torch.
     return torch.cat([(gaps >> 8).int(), _pack_signs(v[idx] < 0).int()])
 
 
+def torch_laq(g: torch.Tensor, r: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """LAQ's innovation quantizer (Sun et al. 2019) as torch ops: R = max |v|, codes
+    floor((v + R) / step + 1/2) clamped to [0, 2^b - 1], packed (no error feedback; r unused)."""
+    from .codecs.laq import pack_codes
+    top = (1 << bits) - 1
+    radius = g.abs().amax().reshape(1)
+    step = (radius + radius) / top
+    q = torch.floor((g + radius) / step + 0.5).clamp_(0, top)
+    return torch.cat([radius.view(torch.uint8), pack_codes(q.to(torch.int32), bits)])
+
+
+def torch_esgd_step(g: torch.Tensor, r: torch.Tensor, h: torch.Tensor, key: RandomKey,
+                    beta: float = 0.9) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """eSGD's element-wise step as torch ops (Tao & Li 2018): a = beta r + g, |a| > mean |g|, and
+    Efraimidis-Spirakis keys log(u) / (1 + H) with torch.log."""
+    from .codecs.esgd import uniform
+    a = torch.mul(r, beta).add_(g)
+    keys = torch.log(uniform(g.numel(), key, g.device)) / (1.0 + h)
+    return a, keys, a.abs() > g.abs().mean()
+
+
+def _esgd_rows(device: torch.device, g: torch.Tensor, repeat: int) -> list["Row"]:
+    """eSGD's element-wise step (keys, residual, threshold flags; the top-k sort of the keys is a
+    torch sort either way, so it is left out of both timings): our kernel vs torch ops."""
+    from .codecs.esgd import momentum_step
+    from .codecs.sign import ScaledSignCodec
+    numel, gb = g.numel(), 4 * g.numel() / 1e9
+    r, h, a = torch.zeros_like(g), torch.zeros_like(g), torch.empty_like(g)
+    step = iter(range(1 << 30))
+    ours = _timer(device, lambda: momentum_step(g, r, h, 0.9, ScaledSignCodec().local_scales(g),
+                                                RandomKey(1, next(step), 0), a), repeat)
+    base = _timer(device, lambda: torch_esgd_step(g, r, h, RandomKey(1, next(step), 0)), repeat)
+    k = 8 * max(1, math.ceil(0.125 * numel))
+    note = "element-wise step only"
+    return [Row(device.type, "esgd-step-12.5%", "hvd_compress", numel, ours, None, gb / (ours / 1000), k, note),
+            Row(device.type, "esgd-step-12.5%", "plain torch", numel, base, None, gb / (base / 1000), k, note)]
+
+
 _SHARED = RandomKey(2, 0, 0)
 
 
@@ -247,6 +285,7 @@ def _codecs() -> dict[str, tuple[Callable[[], Codec], Callable, bool]]:
     from .codecs.terngrad import TernGradCodec
     from .codecs.topk import TopKCodec
     from .codecs.fp16 import StochasticFP16Codec
+    from .codecs.laq import InnovationCodec
     from .codecs.randk import RandomKCodec
     from .codecs.sign import OneBitCodec, ScaledSignCodec, SignCodec
     from .codecs.sketch import SketchCodec
@@ -268,6 +307,7 @@ def _codecs() -> dict[str, tuple[Callable[[], Codec], Callable, bool]]:
         "graddrop-1%": (lambda: GradDropCodec().with_layout(layers[:7] + [torch.Size(
             [_BENCH_NUMEL[0] - 7 * layers[0][0]])]), torch_graddrop, True),
         "stc-0.25%": (lambda: STCCodec(), torch_stc, True),
+        "laq-8bit": (lambda: InnovationCodec(bits=8), torch_laq, False),
     }
 
 
@@ -305,6 +345,8 @@ def bench_device(device: torch.device, numel: int, repeat: int, methods: list[st
         base_payload = baseline(g, r)
         rows.append(Row(device.type, method, "plain torch", numel, base_ms, None,
                         gb / (base_ms / 1000), base_payload.numel() * base_payload.element_size()))
+    if not methods or "esgd-step-12.5%" in methods:
+        rows += _esgd_rows(device, g, repeat)
     k = max(1, math.ceil(0.01 * numel))
     topk_ms = _timer(device, lambda: torch.topk(g.abs(), k, sorted=False), repeat)
     rows.append(Row(device.type, "torch.topk(|g|, 1%)", "plain torch", numel, topk_ms, None,

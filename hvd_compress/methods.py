@@ -580,11 +580,12 @@ class ESGD(_AggregateMethod):
       coordinates are drawn at random; afterwards, when the worker's loss fell since the last
       step (l_t < l_{t-1}) it keeps the previous selection S and raises the importance of the
       selected coordinates, H_i <- H_i + 1 for i in S; otherwise it draws k coordinates at random
-      weighted by w_i = 1 + H_i (Efraimidis & Spirakis 2006: the k largest keys log(u_i) / w_i,
-      u_i uniform in (0, 1) from the rank's Philox stream, ties to the lower index).
+      weighted by w_i = 1 + H_i (Efraimidis & Spirakis 2006: the k largest keys log2~(u_i) / w_i,
+      u_i uniform in (0, 1) from the rank's Philox stream, log2~ a fixed fp32 polynomial that is
+      the same bits on CPU and GPU, ties to the lower index; :mod:`hvd_compress.codecs.esgd`).
     * **Momentum residual accumulation** (Algorithm 2, beta = ``beta``): every coordinate
       accumulates a_i = beta r_i + g_i; unselected coordinates whose |a_i| exceeds the threshold
-      (the mean of |g| over the bucket) replace the selected coordinates of lowest H (up to k of
+      (the mean of |g| over the bucket, summed in the numeric contract's order) replace the selected coordinates of lowest H (up to k of
       them, the largest |a_i| first; the replaced ones stay unsent); the worker sends a_i on the
       final selection and keeps r_i = a_i elsewhere (r_i = 0 where sent).  A coordinate selected
       step after step thus sends its gradient, a newly selected one its accumulated residual.
@@ -642,6 +643,8 @@ class ESGD(_AggregateMethod):
         x = super().prepare(bucket, grads, x, state, comm)
         if not self.compressed(bucket, comm):
             return x
+        from .codecs.esgd import momentum_step
+        from .codecs.sign import ScaledSignCodec
         from .engine.engine import rank_seed
         device, n, k = x.device, x.numel(), self.k(x.numel())
         meta = state.buffer("esgd", device, 2)
@@ -652,21 +655,21 @@ class ESGD(_AggregateMethod):
         importance = state.buffer("importance", device)
         h = importance.begin()
         selected = state.buffer("selected", device)
+        try:                            # mean |g| with the sum in the numeric contract's order
+            threshold = ScaledSignCodec().local_scales(x)
+        except FloatingPointError:
+            return x                    # the engine flags the non-finite gradient (and rolls back)
+        memory = state.buffer("memory", device)
+        a = memory.begin(copy=False)
+        key = None if keep else RandomKey(rank_seed(self.seed, comm.rank), int(t) & 0xFFFFFFFF, bucket.tensor_id)
+        keys, over = momentum_step(x, memory.committed, importance.committed, self.beta, threshold, key, a)
         if keep:
             mask = selected.committed.bool()
             h.add_(selected.committed)
         else:
-            key = RandomKey(rank_seed(self.seed, comm.rank), int(t) & 0xFFFFFFFF, bucket.tensor_id)
-            keys = torch.log(uniform(n, key, device)) / (1.0 + importance.committed)
             mask = torch.zeros(n, dtype=torch.bool, device=device)
             mask[_largest(keys, k)] = True
-        threshold = x.abs().mean()
-        if not math.isfinite(float(threshold)):
-            return x                    # the engine flags the non-finite gradient (and rolls back)
-        memory = state.buffer("memory", device)
-        a = memory.begin(copy=False)
-        torch.mul(memory.committed, self.beta, out=a).add_(x)
-        candidates = (~mask) & (a.abs() > threshold)
+        candidates = (~mask) & over
         count = min(int(candidates.sum()), k)
         if count:
             cand = candidates.nonzero().view(-1)
@@ -691,14 +694,6 @@ class ESGD(_AggregateMethod):
         meta = state.buffers["esgd"].working
         meta[0] += 1
         meta[1] = float("nan") if loss is None else loss
-
-
-def uniform(n: int, key: RandomKey, device: torch.device) -> torch.Tensor:
-    """u_i = (w_i >> 9 + 1/2) 2^-23 in (0, 1) from the first n words w_i of the Philox stream of
-    ``key`` (24 significant bits: exact in fp32)."""
-    from .codecs.rng import random_u32
-    words = random_u32(n, key, device).to(torch.int64) & 0xFFFFFFFF
-    return ((words >> 9).to(torch.float32) + 0.5) * 2.0 ** -23
 
 
 def _largest(values: torch.Tensor, k: int) -> torch.Tensor:

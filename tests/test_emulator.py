@@ -24,6 +24,8 @@ from hvd_compress.backends.emulator import SCHEDULES, EmulatedBackend, EmulatorE
 from hvd_compress.codecs import (OneBitCodec, QSGDCodec, RandomKCodec, RandomKey, ScaledSignCodec,
                                   SignCodec, SketchCodec, StochasticFP16Codec, TernGradCodec, TopKCodec)
 from hvd_compress.codecs.base import Payload
+from hvd_compress.codecs.esgd import momentum_step
+from hvd_compress.codecs.laq import InnovationCodec
 from hvd_compress.codecs.rng import random_u32
 
 pytestmark = pytest.mark.emu
@@ -392,6 +394,9 @@ def test_every_kernel_runs_on_the_emulator():
             ef = not isinstance(codec, (SignCodec, SketchCodec))
             p = codec.encode(g, RandomKey(4, 5, 6), residual=r.clone() if ef else None)
             codec.decode_accumulate([p, p], torch.zeros(20_000))
+        laq = InnovationCodec()
+        laq.decode_accumulate([laq.encode(g)] * 2, torch.zeros(20_000))
+        momentum_step(g, r, r.abs(), 0.9, g.abs().mean().reshape(1), RandomKey(4, 5, 6), torch.empty(20_000))
         bad = Payload(3, {"indices": torch.tensor([2, 1], dtype=torch.int32),
                           "values": torch.ones(2, dtype=torch.float16)})
         with pytest.raises(IndexError):

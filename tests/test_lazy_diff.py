@@ -11,11 +11,11 @@ import torch
 
 import hvd_compress
 from hvd_compress.codecs import RandomKey
+from hvd_compress.codecs.esgd import keys_torch
 from hvd_compress.codecs.laq import InnovationCodec, pack_codes, unpack_codes
 from hvd_compress.codecs.sparse import NonzeroCodec
 from hvd_compress.engine.engine import Engine, rank_seed
 from hvd_compress.engine.local import LocalWorld
-from hvd_compress.methods import uniform
 from hvd_compress.routes import wire
 from test_engine import (SLOW, assert_ranks_agree, grad, members_of, resume_engines, run_engines, same_bits,
                          states_after)
@@ -233,8 +233,7 @@ def simulate_esgd(world: int, steps: int, ratio=0.05, beta=0.9):
                 for i in chosen:
                     H[r][i] += 1
             else:                                                     # draw k weighted by 1 + H
-                u = uniform(N, RandomKey(rank_seed(0, r), step, TID), torch.device("cpu"))
-                keys = (torch.log(u) / (1.0 + torch.tensor(H[r]))).tolist()
+                keys = keys_torch(N, RandomKey(rank_seed(0, r), step, TID), torch.tensor(H[r])).tolist()
                 chosen = set(sorted(range(N), key=lambda i: (-keys[i], i))[:k])
             a = beta * mem[r] + g
             thr = float(g.abs().mean())
