@@ -27,6 +27,8 @@ from hvd_compress.codecs.base import Payload
 from hvd_compress.codecs.esgd import momentum_step
 from hvd_compress.codecs.laq import InnovationCodec
 from hvd_compress.codecs.rng import random_u32
+from hvd_compress.codecs.ternary import AdaCompCodec, STCCodec
+from hvd_compress.codecs.topk import GradDropCodec
 
 pytestmark = pytest.mark.emu
 
@@ -393,6 +395,10 @@ def test_every_kernel_runs_on_the_emulator():
                       SketchCodec(ratio=0.5).with_shared_key(RandomKey(7, 5, 6))):
             ef = not isinstance(codec, (SignCodec, SketchCodec))
             p = codec.encode(g, RandomKey(4, 5, 6), residual=r.clone() if ef else None)
+            codec.decode_accumulate([p, p], torch.zeros(20_000))
+        for codec in (AdaCompCodec(), STCCodec(),
+                      GradDropCodec().with_layout([torch.Size([100, 100]), torch.Size([10_000])])):
+            p = codec.encode(g, RandomKey(4, 5, 6), residual=r.clone())
             codec.decode_accumulate([p, p], torch.zeros(20_000))
         laq = InnovationCodec()
         laq.decode_accumulate([laq.encode(g)] * 2, torch.zeros(20_000))
