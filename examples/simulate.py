@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import hvd_compress
 from hvd_compress.simulate import DataParallel
-from train_digits import DigitsNet, evaluate, load_data
+from models import DigitsNet, evaluate_digits, load_digits_split
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)
-    (x_train, y_train), (x_test, y_test) = load_data(args.seed)
+    (x_train, y_train), (x_test, y_test) = load_digits_split(args.seed)
     shards = [(x_train[r::args.workers], y_train[r::args.workers]) for r in range(args.workers)]
     steps_per_epoch = min(len(y) for _, y in shards) // args.batch_size
     if steps_per_epoch < 1:
@@ -66,7 +66,7 @@ def main() -> None:
                 group["lr"] = args.lr * (1 + (args.workers - 1) * min(1.0, progress))
             idx = [p[i * args.batch_size:(i + 1) * args.batch_size] for p in perms]
             sim.step(loss_fn, [(x[j], y[j]) for (x, y), j in zip(shards, idx)])
-        test_loss, test_acc = evaluate(model, x_test, y_test)
+        test_loss, test_acc = evaluate_digits(model, x_test, y_test)
         history.append({"epoch": epoch + 1, "test_loss": test_loss, "test_acc": test_acc})
         print(f"epoch {epoch + 1}: test loss {test_loss:.4f}  accuracy {100 * test_acc:.2f}%", flush=True)
     stats = sim.stats()

@@ -34,16 +34,18 @@ import math
 import os
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from models import (CharGRU, DigitsNet, TinyTransformer, evaluate_digits, load_digits_split, pydoc_text,
+                    stdlib_text)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE.parent / "docs" / "study" / "results.jsonl"
@@ -68,55 +70,6 @@ TARGETS = ("terngrad", "qsgd 4-bit", "dgc 99.9%")
 
 # ---- tasks ----------------------------------------------------------------------------------
 
-class DigitsNet(nn.Module):
-    """The README's CNN (examples/train_digits.py), repeated here so the study runs without
-    Horovod imported."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
-        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
-        self.fc1 = nn.Linear(32 * 4 * 4, 64)
-        self.fc2 = nn.Linear(64, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.conv1(x))
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        return self.fc2(F.relu(self.fc1(x.flatten(1))))
-
-
-class CharGRU(nn.Module):
-    """examples/train_charlm.py's model."""
-
-    def __init__(self, vocab: int, embed: int = 64, hidden: int = 128) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, embed)
-        self.gru = nn.GRU(embed, hidden, batch_first=True)
-        self.head = nn.Linear(hidden, vocab)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.gru(self.embed(x))[0])
-
-
-class TinyTransformer(nn.Module):
-    """A causal Transformer LM: learned positions, ``layers`` pre-norm blocks of width ``d``."""
-
-    def __init__(self, vocab: int, seq: int, d: int = 128, heads: int = 4, layers: int = 2) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, d)
-        self.pos = nn.Parameter(torch.zeros(seq, d))
-        block = nn.TransformerEncoderLayer(d, heads, 2 * d, dropout=0.0, batch_first=True, norm_first=True)
-        self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(d)
-        self.head = nn.Linear(d, vocab)
-        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(seq), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[1]
-        h = self.embed(x) + self.pos[:n]
-        return self.head(self.norm(self.blocks(h, mask=self.mask[:n, :n], is_causal=True)))
-
-
 @dataclass
 class Task:
     name: str
@@ -131,21 +84,15 @@ class Task:
 
 
 def _digits(seed: int):
-    from sklearn.datasets import load_digits
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(digits.target, dtype=torch.long)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    n_test = len(y) // 5
-    train, test = order[n_test:], order[:n_test]
+    (x, y), (x_test, y_test) = load_digits_split(seed)
     torch.manual_seed(seed)
     model = DigitsNet()
 
     def batches(step: int, workers: int, per_worker: int) -> list:
-        # worker r's shard is train[r::N], reshuffled every pass over it
+        # worker r's shard is every N-th training example from r, reshuffled every pass over it
         out = []
         for r in range(workers):
-            shard = train[r::workers]
+            shard = torch.arange(len(y))[r::workers]
             per_epoch = len(shard) // per_worker
             epoch, i = divmod(step, per_epoch)
             perm = torch.randperm(len(shard), generator=torch.Generator().manual_seed(seed * 7919 + 1000 * r + epoch))
@@ -157,12 +104,8 @@ def _digits(seed: int):
         return F.cross_entropy(m(batch[0]), batch[1])
 
     def evaluate(m: nn.Module) -> dict:
-        m.eval()
-        with torch.no_grad():
-            logits = m(x[test])
-        m.train()
-        return {"loss": F.cross_entropy(logits, y[test]).item(),
-                "accuracy": 100 * (logits.argmax(1) == y[test]).float().mean().item()}
+        loss, accuracy = evaluate_digits(m, x_test, y_test)
+        return {"loss": loss, "accuracy": 100 * accuracy}
     return model, batches, loss_fn, evaluate
 
 
@@ -200,33 +143,15 @@ def _text_lm(text: str, make_model: Callable[[int], nn.Module], seq: int, held_o
     return build
 
 
-def _pydoc_text() -> str:
-    from pydoc_data.topics import topics
-    return "".join(topics[k] for k in sorted(topics))
-
-
-def _stdlib_text(limit: int) -> str:
-    """The standard library's top-level modules, in sorted order, up to ``limit`` characters."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    parts, total = [], 0
-    for path in sorted(root.glob("*.py")):
-        src = path.read_text(encoding="utf-8", errors="replace")
-        parts.append(src)
-        total += len(src)
-        if total >= limit:
-            break
-    return "".join(parts)[:limit]
-
-
 def task(name: str) -> Task:
     if name == "digits":
         return Task("digits", "accuracy", 128, 0.1, None, 11, 10, 2200, _digits)
     if name == "charlm":
         return Task("charlm", "loss", 32, 0.5, 1.0, 50, 6, 2000,
-                    _text_lm(_pydoc_text(), lambda v: CharGRU(v, 32, 96), 32, 8192))
+                    _text_lm(pydoc_text(), lambda v: CharGRU(v, 32, 96), 32, 8192))
     if name == "pylm":
         return Task("pylm", "loss", 32, 0.3, 1.0, 50, 6, 2000,
-                    _text_lm(_stdlib_text(600_000), lambda v: TinyTransformer(v, 32, d=64), 32, 8192))
+                    _text_lm(stdlib_text(600_000), lambda v: TinyTransformer(v, 32, d=64), 32, 8192))
     raise ValueError(f"unknown task {name!r}")
 
 

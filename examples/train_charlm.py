@@ -20,29 +20,17 @@ import horovod.torch as hvd
 
 from common import (add_common_args, agreed_steps, distributed_optimizer, finish, progress,
                     warmup_lr, wire_bytes_per_step)
+from models import CharGRU, pydoc_text
 
 
 def load_text() -> tuple[torch.Tensor, torch.Tensor, int]:
     """(train ids, held-out ids, vocabulary size) of the documentation topics, in sorted order."""
-    from pydoc_data.topics import topics
-    text = "".join(topics[k] for k in sorted(topics))
+    text = pydoc_text()
     vocab = sorted(set(text))
     lookup = {c: i for i, c in enumerate(vocab)}
     ids = torch.tensor([lookup[c] for c in text], dtype=torch.long)
     split = int(0.9 * len(ids))
     return ids[:split], ids[split:], len(vocab)
-
-
-class CharGRU(nn.Module):
-    def __init__(self, vocab: int, embed: int = 64, hidden: int = 128) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, embed)
-        self.gru = nn.GRU(embed, hidden, batch_first=True)
-        self.head = nn.Linear(hidden, vocab)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, _ = self.gru(self.embed(x))
-        return self.head(out)
 
 
 def batches(ids: torch.Tensor, seq: int, batch: int, generator: torch.Generator):

@@ -12,50 +12,13 @@ import argparse
 import time
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 
 import horovod.torch as hvd
 
 from common import (add_common_args, agreed_steps, distributed_optimizer, finish, progress,
                     warmup_lr, wire_bytes_per_step)
-
-
-class DigitsNet(nn.Module):
-    """Two 3x3 conv layers and two linear layers: ~30k parameters, trains in seconds on a CPU."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
-        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
-        self.fc1 = nn.Linear(32 * 4 * 4, 64)
-        self.fc2 = nn.Linear(64, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.conv1(x))
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        x = F.relu(self.fc1(x.flatten(1)))
-        return self.fc2(x)
-
-
-def load_data(seed: int):
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(digits.target, dtype=torch.long)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    n_test = len(y) // 5
-    return (x[order[n_test:]], y[order[n_test:]]), (x[order[:n_test]], y[order[:n_test]])
-
-
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    model.eval()
-    with torch.no_grad():
-        logits = model(x)
-        loss = F.cross_entropy(logits, y).item()
-        acc = (logits.argmax(1) == y).float().mean().item()
-    model.train()
-    return loss, acc
+from models import DigitsNet, evaluate_digits, load_digits_split
 
 
 def main() -> None:
@@ -66,7 +29,7 @@ def main() -> None:
     hvd.init()
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)  # one core per rank
-    (x_train, y_train), (x_test, y_test) = load_data(args.seed)
+    (x_train, y_train), (x_test, y_test) = load_digits_split(args.seed)
     # Each rank trains on its own shard, as DistributedSampler would give it.
     x_train, y_train = x_train[hvd.rank()::hvd.size()], y_train[hvd.rank()::hvd.size()]
     model = DigitsNet()
@@ -90,7 +53,7 @@ def main() -> None:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-        test_loss, test_acc = evaluate(model, x_test, y_test)
+        test_loss, test_acc = evaluate_digits(model, x_test, y_test)
         history.append({"epoch": epoch + 1, "step": step, "test_loss": test_loss, "test_acc": test_acc,
                         "bytes_per_step": wire_bytes_per_step(compression, model, step)})
         if bar is not None:

@@ -73,7 +73,6 @@ def torch_dgc(g: torch.Tensor, r: torch.Tensor, ratio: float = 0.01, sample: flo
     """DGC's sampled threshold (Lin et al. 2018): top-k of a strided sample sets the threshold,
     then a mask and ``nonzero`` select; error feedback."""
     v = g + r
-    n = v.numel()
     stride = max(1, int(1 / sample))
     samples = v.abs()[torch.randint(stride, (1,)).item()::stride]
     k_s = max(1, math.ceil(ratio * samples.numel()))
