@@ -54,7 +54,7 @@ RESULTS = HERE.parent / "docs" / "study" / "results.jsonl"
 SPECS = {
     "none": "none", "hvd-fp16": "hvd-fp16", "terngrad": "terngrad", "qsgd 4-bit": "qsgd:bits=4",
     "qsgd 4-bit max-norm": "qsgd:bits=4,norm='max'",
-    "terngrad bucket 512": "terngrad:bucket_size=512",
+    "terngrad bucket 512": "terngrad:bucket_size=512", "terngrad + EF": "terngrad:error_feedback=True",
     "dgc 99.9%": "dgc:ratio=0.001,warmup_steps={warmup}", "topk 1%": "topk:ratio=0.01",
     "fp16 stochastic": "fp16", "1-bit SGD": "onebit", "EF-signSGD": "efsignsgd", "signSGD vote": "signsgd",
     "random-k 1%": "randomk:ratio=0.01", "sketch 4-bit": "sketch", "PowerSGD rank 2": "powersgd",
