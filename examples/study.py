@@ -54,7 +54,7 @@ RESULTS = HERE.parent / "docs" / "study" / "results.jsonl"
 
 #: label -> spec; "none" is uncompressed, "hvd-fp16" Horovod's own fp16 (round to nearest, fp16 sums)
 SPECS = {
-    "none": "none", "hvd-fp16": "hvd-fp16", "terngrad": "terngrad", "qsgd 4-bit": "qsgd:bits=4",
+    "none": "none", "hvd-fp16": "hvd-fp16", "terngrad": "terngrad", "qsgd 4-bit": "qsgd:bits=4,norm='l2'",
     "qsgd 4-bit max-norm": "qsgd:bits=4,norm='max'",
     "terngrad bucket 512": "terngrad:bucket_size=512", "terngrad + EF": "terngrad:error_feedback=True",
     "dgc 99.9%": "dgc:ratio=0.001,warmup_steps={warmup}", "topk 1%": "topk:ratio=0.01",
