@@ -48,6 +48,12 @@ def steps_to(run: dict, target: float) -> int | None:
     return None
 
 
+def paired_deltas(runs: list[dict], base_runs: list[dict]) -> list[float]:
+    """quality(run) - quality(uncompressed run of the same seed), for the seeds both have."""
+    base = {r["seed"]: quality(r) for r in base_runs}
+    return [quality(r) - base[r["seed"]] for r in runs if r["seed"] in base]
+
+
 def mean_sd(values: list[float], fmt: str) -> str:
     if not values:
         return "-"
@@ -76,7 +82,9 @@ def convergence_tables(groups: dict, records: list[dict]) -> tuple[list[str], li
         fmt = "{:.2f}" if task == "digits" else "{:.3f}"
         lines += [f"## {TITLES[task]}", "",
                   "Simulated workers (hvd_compress.simulate); mean ± sample sd over the seeds (n); "
-                  "Δ against `none` at the same worker count; bytes: what one worker sends per step "
+                  "Δ against `none` at the same worker count, and in brackets the mean ± standard "
+                  "error of the per-seed differences (a seed fixes the initial weights and the data "
+                  "order, so pairs share their luck); bytes: what one worker sends per step "
                   "(from the payloads) relative to fp32.", "",
                   "| compressor | " + " | ".join(f"N={n}" for n in workers) + " | fp32 bytes / bytes sent |",
                   "|---|" + "---|" * len(workers) + "---|"]
@@ -94,6 +102,9 @@ def convergence_tables(groups: dict, records: list[dict]) -> tuple[list[str], li
                     base = statistics.mean(quality(r) for r in base_runs)
                     delta = statistics.mean(values) - base
                     cell += f" Δ {delta:+.2f}" if task == "digits" else f" Δ {100 * delta / base:+.1f}%"
+                    paired = paired_deltas(runs, base_runs)
+                    if len(paired) > 1:   # same seed: same initial weights and data order
+                        cell += f" (paired {statistics.mean(paired):+.2f} ± {statistics.stdev(paired) / len(paired) ** 0.5:.2f})"
                     if label in TARGETS:
                         ok = reaches(task, statistics.mean(values), target_of(task, base))
                         verdicts.append((task, n, label, ok, delta, base))
