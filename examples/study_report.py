@@ -142,9 +142,12 @@ def real_vs_sim(groups: dict) -> list[str]:
         return []
     return ["## Real Horovod jobs against the simulator", "",
             "The same trainer under `horovodrun` (Gloo, one process per worker: `study.py run --real`). "
-            "`identical`: the held-out loss of every evaluation equals the simulated run's bit for bit "
-            "(expected on the compressed routes; uncompressed sums run in Horovod's ring order, which "
-            "rounds differently, and the trajectories then drift apart while the statistics agree). "
+            "`identical`: the held-out loss of every evaluation equals the simulated run's bit for bit. "
+            "Expected at 2 workers; from 3 workers on, the tensors that stay uncompressed (below "
+            "`min_numel`, and all of them for `none`) are summed in Horovod's ring order, which rounds "
+            "differently from the simulator's rank order, so the trajectories drift apart while the "
+            "statistics agree (the compressed routes' own sums are bit-identical at any N, tested in "
+            "tests/test_horovod_integration.py). "
             "The averaging wrappers keep one model per worker, so they run only here.", "",
             "| task | N | compressor | seed | quality | steps | bytes/step | simulator, same seed |",
             "|---|---|---|---|---|---|---|---|", *rows, ""]
