@@ -357,7 +357,7 @@ def main() -> None:
     r = sub.add_parser("run", help="train the cells not yet in the results file")
     r.add_argument("--tasks", nargs="+", default=["digits", "charlm", "pylm"])
     r.add_argument("--workers", nargs="+", type=int, default=[2, 4, 8, 16, 32])
-    r.add_argument("--specs", nargs="+", default=list(SPECS), help=f"labels among: {list(SPECS)}")
+    r.add_argument("--specs", nargs="+", default=list(SPECS), help="labels among: " + ", ".join(SPECS).replace("%", "%%"))
     r.add_argument("--seeds", type=int, default=5, help="seeds per digits cell")
     r.add_argument("--lm-seeds", type=int, default=1, help="seeds per LM cell")
     r.add_argument("--real", action="store_true", help="real horovodrun jobs instead of the simulator")
