@@ -54,9 +54,11 @@ RESULTS = HERE.parent / "docs" / "study" / "results.jsonl"
 
 #: label -> spec; "none" is uncompressed, "hvd-fp16" Horovod's own fp16 (round to nearest, fp16 sums)
 SPECS = {
-    "none": "none", "hvd-fp16": "hvd-fp16", "terngrad": "terngrad", "qsgd 4-bit": "qsgd:bits=4,norm='l2'",
+    "none": "none", "hvd-fp16": "hvd-fp16", "terngrad": "terngrad:clip=2.5", "qsgd 4-bit": "qsgd:bits=4,norm='l2'",
     "qsgd 4-bit max-norm": "qsgd:bits=4,norm='max'",
-    "terngrad bucket 512": "terngrad:bucket_size=512", "terngrad + EF": "terngrad:error_feedback=True",
+    "terngrad bucket 512": "terngrad:clip=2.5,bucket_size=512",
+    "terngrad + EF": "terngrad:clip=2.5,error_feedback=True",
+    "terngrad clip 1.5σ": "terngrad:clip=1.5", "terngrad clip 1σ": "terngrad:clip=1.0",
     "dgc 99.9%": "dgc:ratio=0.001,warmup_steps={warmup}", "topk 1%": "topk:ratio=0.01",
     "fp16 stochastic": "fp16", "1-bit SGD": "onebit", "EF-signSGD": "efsignsgd", "signSGD vote": "signsgd",
     "random-k 1%": "randomk:ratio=0.01", "sketch 4-bit": "sketch", "PowerSGD rank 2": "powersgd",

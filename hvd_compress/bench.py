@@ -34,10 +34,11 @@ from .codecs.base import Codec
 
 # ---- plain-torch reference implementations (the baselines; allocation-happy on purpose) ----
 
-def torch_terngrad(g: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """TernGrad (Wen et al. 2017) with 2.5-sigma clipping and error feedback, int8 codes."""
+def torch_terngrad(g: torch.Tensor, r: torch.Tensor, clip: float = 1.0) -> torch.Tensor:
+    """TernGrad (Wen et al. 2017) with ``clip``-sigma clipping (TernGradCodec's default) and error
+    feedback, int8 codes."""
     v = g + r
-    c = 2.5 * v.std()
+    c = clip * v.std()
     v_clipped = v.clamp(-c, c)
     s = v_clipped.abs().max()
     codes = (torch.bernoulli(v_clipped.abs() / s) * v_clipped.sign()).to(torch.int8)

@@ -123,7 +123,9 @@ class TernGrad(Method):
     """TernGrad (Wen et al., NeurIPS 2017): ``s * sign(g) * b``, ``b ~ Bernoulli(|g|/s)``,
     ``s = max|g|`` per tensor (the paper's layer-wise scaling; or per ``bucket_size`` elements)
     after clipping at ``clip * sigma``; 2 bits per element + fp32 scales on the wire.  Unbiased
-    without clipping; error feedback optional.
+    without clipping; error feedback optional.  ``clip`` defaults to 1 (the paper: 2.5), which
+    minimizes the per-element error variance + bias^2 (hvd_compress.codecs.terngrad explains;
+    docs/convergence-notes.md measures it).
 
     ``shared_scale=True`` is the paper's scale sharing: the ranks first agree on
     ``s = max over ranks`` (a small max-allreduce per bucket), encode with it, and the codes are
@@ -133,7 +135,7 @@ class TernGrad(Method):
 
     name = "terngrad"
 
-    def __init__(self, clip: float | None = 2.5, bucket_size: int | None = None, *,
+    def __init__(self, clip: float | None = 1.0, bucket_size: int | None = None, *,
                  shared_scale: bool = False, error_feedback: bool = False, min_numel: int = 1024,
                  seed: int = 0, route: str = AUTO, bucket_cap_mb: float = 25.0,
                  link: Link | str = "auto") -> None:
