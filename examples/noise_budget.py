@@ -19,7 +19,8 @@ as its batch shrinks; a biased one (clipping) can also remove sampling noise (co
 table gives codec / sgd - 1, the noise the compressor adds in units of SGD's own: SGD at a
 constant learning rate plateaus higher the larger it is; the step along G, <(1/N) sum_w C_w(g_w),
 G> / <gbar, G> (below 1: the codec shortens the step in the true gradient's direction, as a
-smaller learning rate would); and the tensor with the largest part of the excess.
+smaller learning rate would); the added noise at equal step (the compressed average divided by
+its step along G); and the tensor with the largest part of the excess.
 """
 from __future__ import annotations
 
@@ -69,7 +70,8 @@ def budget(name: str, workers: list[int], steps: int, draws: int, reference: int
     rows = []
     for n in workers:
         sgd, codec_err = 0.0, {label: torch.zeros(len(G)) for label in CODECS}
-        shrink = dict.fromkeys(CODECS, 0.0)
+        shrink, rescaled = dict.fromkeys(CODECS, 0.0), dict.fromkeys(CODECS, 0.0)
+        draws_c = {label: [] for label in CODECS}
         for d in range(draws):
             per_worker = [gradients(model, loss_fn, b) for b in batches(20_000 + d, n, t.global_batch // n)]
             gbar = [torch.stack(parts).mean(0) for parts in zip(*per_worker)]
@@ -87,12 +89,19 @@ def budget(name: str, workers: list[int], steps: int, draws: int, reference: int
                 # codec shortens the step along G (clipping does), like a smaller learning rate
                 along = sum(float((c * g).sum()) for c, g in zip(compressed, G))
                 shrink[label] += along / sum(float((b * g).sum()) for b, g in zip(gbar, G)) / draws
+                draws_c[label].append(compressed)
+        for label, cs in draws_c.items():
+            # the error at equal step length (the compressed average divided by its step along G,
+            # as a learning rate raised to match would): noise that a larger rate cannot undo
+            rescaled[label] = sum(sum(float(((c / shrink[label] - g) ** 2).sum()) for c, g in zip(comp, G))
+                                  for comp in cs) / draws / sgd - 1
         for label, err in codec_err.items():
             worst = int(err.argmax())
             rows.append(f"| {name} | {n} | {label} | {float(err.sum()) / sgd:+.2f} | {shrink[label]:.2f} | "
-                        f"{names[worst]} ({float(err[worst]) / sgd:+.2f}) |")
+                        f"{rescaled[label]:+.2f} | "
+                        + (f"{names[worst]} ({float(err[worst]) / sgd:+.2f}) |" if err[worst] > 0 else "- |"))
         rows.append(f"| {name} | {n} | (uncompressed: E‖ḡ − G‖² / ‖G‖²) | {sgd / sum(float((g * g).sum()) for g in G):.2f} "
-                    "| 1 | |")
+                    "| 1 | 0 | |")
     return rows
 
 
@@ -118,9 +127,12 @@ def main() -> None:
              "with a fixed global batch, does not depend on N); negative where clipping removes more "
              "sampling noise than the codec adds. Step along G: ⟨(1/N) Σ C(g_w), G⟩ / ⟨ḡ, G⟩, below 1 where "
              "the codec shortens the step in the true gradient's direction (as a smaller learning rate "
-             "would). Last column: the tensor contributing most added noise, in the same units. The "
-             "module docstring has the definitions.", "",
-             "| task | N | codec | added noise | step along G | largest contributor |", "|---|---|---|---|---|---|",
+             "would). At equal step: the added noise of the compressed average divided by its step "
+             "along G, i.e. with the learning rate raised to give the uncompressed step length. Last "
+             "column: the tensor contributing most added noise, in the same units. The module docstring "
+             "has the definitions.", "",
+             "| task | N | codec | added noise | step along G | added noise at equal step | largest contributor |",
+             "|---|---|---|---|---|---|---|",
              *rows, ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines))

@@ -148,6 +148,9 @@ def real_vs_sim(groups: dict) -> list[str]:
             "differently from the simulator's rank order, so the trajectories drift apart while the "
             "statistics agree (the compressed routes' own sums are bit-identical at any N, tested in "
             "tests/test_horovod_integration.py). "
+            "`hvd-fp16` is Horovod's own `Compression.fp16` in the real job and hvd_compress's "
+            "round-to-nearest fp16 in the simulator: the same format, but Horovod scales and rounds "
+            "its fp16 sum in another order, so it differs even at 2 workers. "
             "The averaging wrappers keep one model per worker, so they run only here.", "",
             "| task | N | compressor | seed | quality | steps | bytes/step | simulator, same seed |",
             "|---|---|---|---|---|---|---|---|", *rows, ""]
