@@ -133,10 +133,11 @@ def real_vs_sim(groups: dict) -> list[str]:
             continue
         for run in runs:
             twin = next((s for s in groups.get((task, label, n, False), []) if s["seed"] == run["seed"]), None)
+            fmt = "{:.2f}" if task == "digits" else "{:.3f}"
             same = "-" if twin is None else (
                 "identical" if [h["loss"] for h in twin["history"]] == [h["loss"] for h in run["history"]]
-                else f"differs (sim {quality(twin):.2f})")
-            rows.append(f"| {task} | {n} | {label} | {run['seed']} | {quality(run):.2f} | {run['steps']} | "
+                else f"differs (sim {fmt.format(quality(twin))})")
+            rows.append(f"| {task} | {n} | {label} | {run['seed']} | {fmt.format(quality(run))} | {run['steps']} | "
                         f"{run['bytes_per_step']:,.0f} | {same} |")
     if not rows:
         return []
