@@ -53,7 +53,7 @@ def checkpoint(name: str, steps: int):
     optimizer = study.ClippedSGD(model.parameters(), lr=t.lr, momentum=0.9, max_norm=t.clip)
     for step in range(steps):
         for group in optimizer.param_groups:
-            group["lr"] = t.lr * min(1.0, (step + 1) / t.warmup) if t.warmup else t.lr
+            group["lr"] = t.lr_at(step)
         optimizer.zero_grad()
         (x, y), = batches(step, 1, t.global_batch)
         loss_fn(model, (x, y)).backward()

@@ -92,6 +92,10 @@ class Task:
     warmup: int                # steps of linear learning-rate warm-up (Goyal et al. 2017)
     make: Callable[[int], tuple[nn.Module, Callable, Callable, Callable]]
 
+    def lr_at(self, step: int) -> float:
+        """The learning rate of step ``step`` (0-based): linear warm-up, then constant."""
+        return self.lr * min(1.0, (step + 1) / self.warmup) if self.warmup else self.lr
+
 
 def _digits(seed: int):
     (x, y), (x_test, y_test) = load_digits_split(seed)
@@ -264,7 +268,7 @@ def train(task_name: str, spec: str, workers: int, seed: int, real: bool = False
     steps = 0
     while steps < t.max_steps:
         for group in optimizer.param_groups:
-            group["lr"] = t.lr * min(1.0, (steps + 1) / t.warmup) if t.warmup else t.lr
+            group["lr"] = t.lr_at(steps)
         step(batches(steps, workers, per_worker))
         steps += 1
         if bar is not None:

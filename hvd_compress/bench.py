@@ -30,11 +30,12 @@ import torch
 
 from .codecs import RandomKey
 from .codecs.base import Codec
+from .codecs.terngrad import TernGradCodec
 
 
 # ---- plain-torch reference implementations (the baselines; allocation-happy on purpose) ----
 
-def torch_terngrad(g: torch.Tensor, r: torch.Tensor, clip: float = 1.0) -> torch.Tensor:
+def torch_terngrad(g: torch.Tensor, r: torch.Tensor, clip: float = TernGradCodec.clip) -> torch.Tensor:
     """TernGrad (Wen et al. 2017) with ``clip``-sigma clipping (TernGradCodec's default) and error
     feedback, int8 codes."""
     v = g + r
@@ -282,7 +283,6 @@ def _codecs() -> dict[str, tuple[Callable[[], Codec], Callable, bool]]:
     """method -> (our codec factory, plain-torch baseline, error feedback).  Imported lazily so
     the benchmark still runs when a codec module is missing from an older install."""
     from .codecs.qsgd import QSGDCodec
-    from .codecs.terngrad import TernGradCodec
     from .codecs.topk import TopKCodec
     from .codecs.fp16 import StochasticFP16Codec
     from .codecs.laq import InnovationCodec
