@@ -24,8 +24,8 @@ by 0.5% (relative) for ``patience`` evaluations, or at ``max_steps``.  Reported 
 evaluation of best held-out loss (early stopping).
 
 Workers are simulated in one process (:mod:`hvd_compress.simulate`: the very engine, keys and
-summation order of a real job, bit-identical to real Horovod on the compressed routes), and
-``--real`` runs the same trainer under ``horovodrun`` instead (2-8 workers on this machine).
+summation order of a real job, bit-identical to real Horovod on the compressed routes, every
+run planned for the same declared link), and ``--real`` runs the same trainer under ``horovodrun`` instead (2-8 workers on this machine).
 Each run appends one JSON line to the results file; ``run`` skips cells already there.
 """
 from __future__ import annotations
@@ -49,8 +49,12 @@ import torch.nn.functional as F
 from models import (CharGRU, DigitsNet, TinyTransformer, evaluate_digits, load_digits_split, pydoc_text,
                     stdlib_text)
 
+from hvd_compress.simulate import DEFAULT_LINK
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE.parent / "docs" / "study" / "results.jsonl"
+#: the link every run plans its routes for, simulated or real (1 Gbit/s Ethernet)
+LINK = DEFAULT_LINK
 
 #: label -> spec; "none" is uncompressed, "hvd-fp16" Horovod's own fp16 (round to nearest, fp16 sums)
 SPECS = {
@@ -59,6 +63,10 @@ SPECS = {
     "terngrad bucket 512": "terngrad:clip=2.5,bucket_size=512",
     "terngrad + EF": "terngrad:clip=2.5,error_feedback=True",
     "terngrad clip 1.5σ": "terngrad:clip=1.5", "terngrad clip 1σ": "terngrad:clip=1.0",
+    # the same codecs on one route at every worker count (the default picks two-phase where it
+    # is faster, which quantizes twice; see docs/convergence-notes.md)
+    "terngrad 1σ allgather": "terngrad:clip=1.0,route='allgather'",
+    "qsgd 4-bit max-norm allgather": "qsgd:bits=4,norm='max',route='allgather'",
     "dgc 99.9%": "dgc:ratio=0.001,warmup_steps={warmup}", "dgc 99%": "dgc:ratio=0.01,warmup_steps={warmup}",
     "topk 1%": "topk:ratio=0.01",
     "fp16 stochastic": "fp16", "1-bit SGD": "onebit", "EF-signSGD": "efsignsgd", "signSGD vote": "signsgd",
@@ -190,7 +198,9 @@ class ClippedSGD(torch.optim.SGD):
 
 def compressor(spec: str, seed: int, horovod: bool = False):
     """The compressor of ``spec`` with compression forced (``route='compressed'``: the study is
-    about accuracy, on any link) and the run's seed as its Philox seed."""
+    about accuracy, on any link), the run's seed as its Philox seed, and :data:`LINK` declared,
+    so that a real job plans the routes the simulation plans (a measured link would pick
+    allgather or two-phase by this machine's loopback)."""
     if spec == "none":
         if horovod:
             import horovod.torch as hvd
@@ -202,9 +212,8 @@ def compressor(spec: str, seed: int, horovod: bool = False):
         if horovod:
             import horovod.torch as hvd
             return hvd.Compression.fp16
-        return hvd_compress.FP16(stochastic=False, route="compressed")
-    extra = ("" if "route=" in spec else "route='compressed',") + f"seed={seed}"
-    return hvd_compress.from_spec(spec + ("," if ":" in spec else ":") + extra)
+        return hvd_compress.FP16(stochastic=False, route="compressed", link=LINK)
+    return hvd_compress.from_spec(spec, route="compressed", seed=seed, link=LINK)
 
 
 # ---- one run ---------------------------------------------------------------------------------
@@ -289,6 +298,7 @@ def train(task_name: str, spec: str, workers: int, seed: int, real: bool = False
         bar.close()
     wall = time.perf_counter() - start
     stats = sim.stats() if not real else (comp.stats() if hasattr(comp, "stats") else None)
+    plan = sim.plan() if not real else (comp.plan() if hasattr(comp, "plan") else "horovod")
     dense = 4 * sum(p.numel() for p in model.parameters())
     if stats is not None and stats.get("steps"):
         sent = stats["bytes_sent"] / stats["steps"]
@@ -298,7 +308,7 @@ def train(task_name: str, spec: str, workers: int, seed: int, real: bool = False
     at_best = min(finite, key=lambda h: h["loss"]) if finite else {"loss": math.inf, "step": steps}
     return {"task": task_name, "spec": spec, "workers": workers, "seed": seed, "real": real,
             "steps": steps, "plateau": since_best >= t.patience, "diverged": len(finite) < len(history),
-            "best": at_best, "bytes_per_step": sent, "dense_bytes_per_step": dense,
+            "best": at_best, "bytes_per_step": sent, "dense_bytes_per_step": dense, "plan": plan,
             "wall_s": wall, "history": history}
 
 

@@ -144,6 +144,10 @@ def real_vs_sim(groups: dict) -> list[str]:
     return ["## Real Horovod jobs against the simulator", "",
             "The same trainer under `horovodrun` (Gloo, one process per worker: `study.py run --real`). "
             "`identical`: the held-out loss of every evaluation equals the simulated run's bit for bit. "
+            "Both plan their routes for the same declared link (`study.LINK`, 1 Gbit/s): a real job "
+            "left to measure its link plans for this machine's loopback and can pick another route "
+            "(allgather where the simulation goes two-phase), which is another run; the first real "
+            "runs did, and are kept apart in study/real-measured-link.jsonl. "
             "Expected at 2 workers; from 3 workers on, the tensors that stay uncompressed (below "
             "`min_numel`, and all of them for `none`) are summed in Horovod's ring order, which rounds "
             "differently from the simulator's rank order, so the trajectories drift apart while the "

@@ -900,11 +900,13 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     return name.strip().lower(), kwargs
 
 
-def from_spec(spec: str) -> Method:
+def from_spec(spec: str, **defaults: Any) -> Method:
     """Build a compressor from ``"name"`` or ``"name:key=value,key=value"``, e.g.
     ``"topk:ratio=0.001"``, ``"qsgd:bits=8,bucket_size=1024"``, ``"terngrad:clip=None"``
-    (see :func:`parse_spec`)."""
-    name, kwargs = parse_spec(spec)
+    (see :func:`parse_spec`); ``defaults`` are keyword arguments for what the spec does not set
+    (e.g. ``link=Link.gbps(1)``, which a spec cannot spell)."""
+    name, parsed = parse_spec(spec)
+    kwargs = {**defaults, **parsed}
     method = _METHODS.get(name)
     if method is None:
         raise ValueError(f"unknown compressor {name!r} in spec {spec!r}; known: {', '.join(sorted(_METHODS))}")

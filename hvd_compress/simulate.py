@@ -8,8 +8,14 @@ serves them all: each step computes every worker's gradient on its own batch, on
 other, lets the N engines exchange them, and applies the (identical) aggregate once.
 
 Bit-identical to a real ``horovodrun`` job of the same script on the compressed routes (tested
-at 2 and 3 workers); uncompressed buckets are summed in rank order here and in Horovod's ring
-order there, which can differ in the last bits from 3 workers on.
+at 2 and 3 workers) **when both plan for the same link**: the route of each bucket (allgather or
+two-phase, which quantizes twice) is chosen by the cost model for a link, and a real job with
+``link="auto"`` plans for the link and codec speeds it measures at its first step, which a
+simulation cannot know.  So the simulator plans for the compressor's declared link (its
+``link=`` or ``HVD_COMPRESS_LINK_GBPS``), 1 Gbit/s when none is declared: declare the link in
+the real job too (or name the route, ``route="allgather"``) to get the same run.  Uncompressed
+buckets are summed in rank order here and in Horovod's ring order there, which can differ in
+the last bits from 3 workers on.
 
 Example (the digits CNN at 16 workers, TernGrad)::
 
@@ -34,7 +40,11 @@ import torch
 from .engine.buckets import Member
 from .engine.engine import Engine
 from .engine.local import LocalWorld
+from .engine.cost import declared_link
 from .routes.base import Link
+
+#: the link a simulation plans for when the compressor declares none
+DEFAULT_LINK = Link.gbps(1.0)
 
 
 class DataParallel:
@@ -49,17 +59,21 @@ class DataParallel:
         workers: number of simulated ranks.
         named_parameters: defaults to ``model.named_parameters()``.
         average: Horovod's ``op=Average`` (else Sum).
-        link: the link the plan is made for (default 1 Gbit/s: a measured in-process link means
-            nothing).  Use ``route="compressed"`` on the compressor to study compression's
-            effect on training whatever its speed.
+        link: the link the plan is made for; default: the compressor's declared link, else
+            :data:`DEFAULT_LINK` (a measured in-process link would mean nothing).  Use
+            ``route="compressed"`` on the compressor to study compression's effect on training
+            whatever its speed.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, compression: Any,
                  workers: int, *, named_parameters=None, average: bool = True,
-                 link: Link = Link.gbps(1.0)) -> None:
+                 link: Link | None = None) -> None:
         if isinstance(compression, dict):
             from .optimizer import PerParameterCompressor
             compression = PerParameterCompressor(compression)
+        if link is None:
+            link = declared_link(getattr(compression, "link", "auto")) or DEFAULT_LINK
+        self.link = link
         self.model, self.optimizer, self.compression = model, optimizer, compression
         self.workers = workers
         names = {p: n for n, p in (named_parameters or model.named_parameters())}

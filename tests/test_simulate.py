@@ -82,3 +82,24 @@ def test_simulator_runs_many_workers_and_rejects_bad_input():
     sim = DataParallel(model, torch.optim.SGD(model.parameters(), lr=0.1), hvd_compress.TopK(), 4)
     with pytest.raises(ValueError, match="one batch per worker"):
         sim.step(_loss, [_batch(0, 0)])
+
+
+def test_simulator_plans_for_the_compressors_declared_link(monkeypatch):
+    """The plan (each bucket's route) depends on the link, so the simulation takes the one the
+    real job would declare: the compressor's ``link=``, else the environment, else 1 Gbit/s."""
+    import hvd_compress
+    from hvd_compress.simulate import DEFAULT_LINK, DataParallel
+    monkeypatch.delenv("HVD_COMPRESS_LINK_GBPS", raising=False)
+
+    def link(compression, **kwargs):
+        model = _model()
+        return DataParallel(model, torch.optim.SGD(model.parameters(), lr=0.1), compression, 2, **kwargs).link
+
+    fast = hvd_compress.Link.gbps(100.0, 2.0)
+    assert link(hvd_compress.TernGrad()) == DEFAULT_LINK == hvd_compress.Link.gbps(1.0)
+    assert link(hvd_compress.TernGrad(link=fast)) == fast
+    spec = hvd_compress.from_spec("terngrad:clip=2.5", link=fast, clip=1.0)   # the spec's own keys win
+    assert spec.codec.clip == 2.5 and link(spec) == fast
+    assert link(hvd_compress.TernGrad(link=fast), link=DEFAULT_LINK) == DEFAULT_LINK
+    monkeypatch.setenv("HVD_COMPRESS_LINK_GBPS", "10")
+    assert link(hvd_compress.TernGrad()) == hvd_compress.Link.gbps(10.0)

@@ -36,6 +36,18 @@ def test_real_job_equals_simulation_and_report(tmp_path):
     assert "# Time to accuracy" in (tmp_path / "time-to-accuracy.md").read_text()
 
 
+@pytest.mark.horovod
+def test_real_job_plans_the_simulated_routes():
+    """At 2 workers on the study's 1 Gbit/s link the Transformer's big bucket goes two-phase (it
+    quantizes twice); a real job planning for its measured loopback link gathers instead, a
+    different run.  With the link declared the real job has the simulation's plan and run."""
+    sim = study.train("pylm", "terngrad:clip=1.0", 2, seed=0, progress=False, max_steps=50)
+    real = study._real_run("pylm", "terngrad:clip=1.0", 2, seed=0, timeout=300, max_steps=50)
+    assert "two_phase" in sim["plan"] and "(declared)" in sim["plan"]
+    assert real["plan"] == sim["plan"]
+    assert real["history"] == sim["history"] and real["bytes_per_step"] == sim["bytes_per_step"]
+
+
 def test_every_task_builds_and_steps():
     """Each task's model, batches and evaluation work through the simulator (a few steps)."""
     import math
