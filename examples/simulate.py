@@ -47,8 +47,7 @@ def main() -> None:
     if spec == "none":
         compression = hvd_compress.from_spec("fp16:route='dense'")   # every bucket uncompressed
     else:
-        compression = hvd_compress.from_spec(spec if "route=" in spec else
-                                             spec + ("," if ":" in spec else ":") + "route='compressed'")
+        compression = hvd_compress.from_spec(spec, route="compressed")
     momentum = 0.0 if getattr(compression, "owns_momentum", False) else 0.9
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=momentum)
     sim = DataParallel(model, optimizer, compression, args.workers)
