@@ -308,8 +308,17 @@ def train(task_name: str, spec: str, workers: int, seed: int, real: bool = False
     at_best = min(finite, key=lambda h: h["loss"]) if finite else {"loss": math.inf, "step": steps}
     return {"task": task_name, "spec": spec, "workers": workers, "seed": seed, "real": real,
             "steps": steps, "plateau": since_best >= t.patience, "diverged": len(finite) < len(history),
-            "best": at_best, "bytes_per_step": sent, "dense_bytes_per_step": dense, "plan": plan,
+            "best": at_best, "bytes_per_step": sent, "dense_bytes_per_step": dense, "plan": plan, "cpu": cpu(),
             "wall_s": wall, "history": history}
+
+
+def cpu() -> str:
+    """What decides the floating-point bits of a run besides the code: the processor and the
+    kernels torch picks for it (the same run on another machine can differ in the last bits,
+    and the trajectories then drift apart)."""
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), "unknown") if Path("/proc/cpuinfo").exists() else "unknown"
+    return f"{model}, {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}"
 
 
 # ---- the study -------------------------------------------------------------------------------
@@ -329,7 +338,7 @@ def run_study(args) -> None:
     done = {_key(r) for r in load(args.results) if "error" not in r}   # failed cells run again
     cells = [(tk, label, n, seed) for tk in args.tasks for n in args.workers for label in args.specs
              for seed in range(args.seeds if tk == "digits" else args.lm_seeds)]
-    todo = [c for c in cells if (c[0], c[1], c[2], c[3], args.real) not in done]
+    todo = [c for c in cells if args.rerun or (c[0], c[1], c[2], c[3], args.real) not in done]
     print(f"{len(cells)} cells, {len(cells) - len(todo)} already in {args.results}", flush=True)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     for tk, label, n, seed in tqdm(todo, desc="study", unit="run"):
@@ -384,6 +393,8 @@ def main() -> None:
     r.add_argument("--timeout", type=float, default=1800, help="seconds per real run")
     r.add_argument("--results", type=Path, default=RESULTS)
     r.add_argument("--max-steps", type=int, help="cap every run at this many steps (a quick look)")
+    r.add_argument("--rerun", action="store_true",
+                   help="run cells the results file has already (the report reads the latest record of each)")
     w = sub.add_parser("worker", help="(internal) one rank of a --real run, under horovodrun")
     w.add_argument("--task", required=True)
     w.add_argument("--spec", required=True)
