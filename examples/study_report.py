@@ -4,8 +4,8 @@
 
 Writes docs/convergence.md (quality at plateau per task, worker count and compressor, mean ± sd
 over seeds, the targets' verdicts, real Horovod against the simulator), docs/time-to-accuracy.md
-(steps to uncompressed quality x step times of the bandwidth benchmark, docs/bandwidth.md) and
-the plots docs/study/*.png.
+(steps to uncompressed quality x step times of the bandwidth benchmark, docs/bandwidth.md), the
+plots docs/study/*.png and README's headline table (between its markers).
 """
 from __future__ import annotations
 
@@ -183,12 +183,43 @@ def bandwidth_step_times() -> dict[tuple[int, str, str], float]:
     return times
 
 
+#: label -> the spec whose step time the bandwidth benchmark measured (it timed QSGD with the L2
+#: norm and TernGrad with its clip of the day; the variants send the same bytes through the same
+#: kernels, so they are given the same step time)
+BENCH_SPEC = {"none": "none", "hvd-fp16": "hvd-fp16", "terngrad": "terngrad", "terngrad clip 1σ": "terngrad",
+              "qsgd 4-bit": "qsgd:bits=4", "qsgd 4-bit max-norm": "qsgd:bits=4", "topk 1%": "topk:ratio=0.01"}
+
+
+def tta_rows(groups: dict, task: str, n: int, rate: str, times: dict) -> dict[str, tuple[float, float, str]]:
+    """label -> (median steps to uncompressed quality, step seconds, "seeds reaching/seeds")."""
+    base_runs = groups.get((task, "none", n, False))
+    if not base_runs:
+        return {}
+    target = target_of(task, statistics.mean(quality(r) for r in base_runs))
+    rows = {}
+    for label, spec in BENCH_SPEC.items():
+        runs = groups.get((task, label, n, False), [])
+        step_s = times.get((n, rate, spec))
+        if not runs or step_s is None:
+            continue
+        # a seed that never reaches the target counts as infinitely many steps: the median exists
+        # while most seeds reach it
+        steps = [steps_to(r, target) or math.inf for r in runs]
+        rows[label] = (statistics.median(steps), step_s, f"{sum(math.isfinite(s) for s in steps)}/{len(steps)}")
+    return rows
+
+
+def speedup(rows: dict, label: str, over: str) -> str:
+    """How many times sooner ``label`` reaches the target than ``over`` ("-": either never does)."""
+    if label not in rows or over not in rows or not math.isfinite(rows[label][0]):
+        return "never reached" if label in rows else "-"
+    if not math.isfinite(rows[over][0]):
+        return "-"
+    return f"{rows[over][0] * rows[over][1] / (rows[label][0] * rows[label][1]):.1f}x"
+
+
 def time_to_accuracy(groups: dict) -> list[str]:
     times = bandwidth_step_times()
-    # (the benchmark timed QSGD with the L2 norm and TernGrad with the default clip; the variants send
-    # the same bytes through the same kernels, so they are given the same step time)
-    bench_spec = {"none": "none", "hvd-fp16": "hvd-fp16", "terngrad": "terngrad", "terngrad clip 1σ": "terngrad",
-                  "qsgd 4-bit": "qsgd:bits=4", "qsgd 4-bit max-norm": "qsgd:bits=4", "topk 1%": "topk:ratio=0.01"}
     lines = ["# Time to accuracy", "",
              "How much sooner each compressor reaches uncompressed training's quality: steps to the "
              "target (simulated workers; the target is uncompressed training's mean quality at plateau "
@@ -210,16 +241,7 @@ def time_to_accuracy(groups: dict) -> list[str]:
                 lines += [f"## {task}, {n} workers, {rate}", "", f"Target: {goal}.", "",
                           "| compressor | steps to target (median) | seeds that reach it | step s | time to target s | speed-up vs none | vs hvd-fp16 |",
                           "|---|---|---|---|---|---|---|"]
-                rows = {}
-                for label, spec in bench_spec.items():
-                    runs = groups.get((task, label, n, False), [])
-                    step_s = times.get((n, rate, spec))
-                    if not runs or step_s is None:
-                        continue
-                    # a seed that never reaches the target counts as infinitely many steps: the median
-                    # exists while most seeds reach it
-                    steps = [steps_to(r, target) or math.inf for r in runs]
-                    rows[label] = (statistics.median(steps), step_s, f"{sum(math.isfinite(s) for s in steps)}/{len(steps)}")
+                rows = tta_rows(groups, task, n, rate, times)
                 for label, (steps, step_s, reached) in rows.items():
                     if not math.isfinite(steps):
                         lines.append(f"| {label} | not reached by most seeds | {reached} | {step_s:.3f} | - | - | - |")
@@ -234,6 +256,71 @@ def time_to_accuracy(groups: dict) -> list[str]:
               "QSGD 4-bit, top-k 1%); the QSGD and TernGrad variants are given their base codec's step "
               "time (same bytes, same kernels); the other compressors have no measured step time yet.", ""]
     return lines
+
+
+#: README's headline rows: (what users write, study label)
+HEADLINE = [("Horovod fp16", "hvd-fp16"), ("`TernGrad()` (clip 1σ)", "terngrad clip 1σ"),
+            ("`TernGrad(clip=2.5)` (the paper's)", "terngrad"), ("`QSGD()` (max-norm)", "qsgd 4-bit max-norm"),
+            ("`QSGD(norm=\"l2\")` (the paper's)", "qsgd 4-bit"), ("`DGC(ratio=0.001)`", "dgc 99.9%")]
+#: the time-to-accuracy cells of the headline: (task, workers), each at 100 Mbit/s and 1 Gbit/s
+HEADLINE_TTA = [("digits", 2), ("charlm", 4)]
+README_MARKS = ("<!-- study headline: generated by `python examples/study.py report` -->",
+                "<!-- end of study headline -->")
+
+
+def headline(groups: dict) -> list[str]:
+    """README's one table: bytes, accuracy at every worker count (misses of the targets in bold)
+    and time to accuracy against Horovod's fp16."""
+    tasks = {t: sorted({n for (tk, _, n, real) in groups if tk == t and not real}) for t in QUALITY}
+    times = bandwidth_step_times()
+    tta = {(t, n, rate): tta_rows(groups, t, n, rate, times) for t, n in HEADLINE_TTA for rate in ("100mbit", "1gbit")}
+    names = {"digits": "digits CNN, Δ points", "charlm": "char-GRU, Δ loss", "pylm": "Transformer LM, Δ loss"}
+    lines = ["| compressor | bytes vs fp32 | " + " | ".join(
+        f"{names[t]} at {' / '.join(map(str, ns))} workers" for t, ns in tasks.items()) +
+        " | time to accuracy vs Horovod fp16: " + "; ".join(
+            f"{'GRU' if t == 'charlm' else t}, {n} workers, 100 Mbit/s / 1 Gbit/s" for t, n in HEADLINE_TTA) + " |",
+        "|---|---:|" + "---|" * (len(tasks) + 1)]
+    for name, label in HEADLINE:
+        runs_all = [r for (t, lab, n, real), rs in groups.items() if lab == label and not real for r in rs]
+        if not runs_all:
+            continue
+        ratios = [r["dense_bytes_per_step"] / r["bytes_per_step"] for r in runs_all]
+        lo, hi = min(ratios), max(ratios)
+        cells = [f"{lo:.2g}x" if hi < 1.1 * lo else f"{lo:.2g}-{hi:.2g}x"]
+        for task, ns in tasks.items():
+            parts = []
+            for n in ns:
+                runs, base_runs = groups.get((task, label, n, False), []), groups.get((task, "none", n, False), [])
+                if not runs or not base_runs:
+                    parts.append("-")
+                    continue
+                base = statistics.mean(quality(r) for r in base_runs)
+                mean = statistics.mean(quality(r) for r in runs)
+                paired = paired_deltas(runs, base_runs)
+                if task == "digits" and len(paired) > 1:
+                    text = f"{statistics.mean(paired):+.2f} ± {statistics.stdev(paired) / len(paired) ** 0.5:.2f}"
+                else:
+                    text = f"{mean - base:+.2f}" if task == "digits" else f"{100 * (mean - base) / base:+.1f}%"
+                missed = label in TARGETS and not reaches(task, mean, target_of(task, base))
+                parts.append(f"**{text}**" if missed else text)
+            cells.append(" / ".join(parts))
+        cells.append("; ".join(" / ".join(speedup(tta[(t, n, rate)], label, "hvd-fp16") if label != "hvd-fp16"
+                                          else "1x" for rate in ("100mbit", "1gbit")) for t, n in HEADLINE_TTA))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def update_readme(lines: list[str], readme: Path) -> bool:
+    """Replace the table between README's markers; False when the README has none."""
+    if not readme.exists():
+        return False
+    text = readme.read_text()
+    start, end = README_MARKS
+    if start not in text or end not in text:
+        return False
+    head, rest = text.split(start, 1)
+    readme.write_text(head + start + "\n\n" + "\n".join(lines) + "\n\n" + end + rest.split(end, 1)[1])
+    return True
 
 
 def plots(groups: dict, out: Path) -> list[str]:
@@ -265,8 +352,9 @@ def plots(groups: dict, out: Path) -> list[str]:
     return made
 
 
-def report(results: Path, docs: Path = DOCS) -> None:
-    """Write convergence.md, time-to-accuracy.md and study/*.png under ``docs``."""
+def report(results: Path, docs: Path = DOCS, readme: Path = DOCS.parent / "README.md") -> None:
+    """Write convergence.md, time-to-accuracy.md and study/*.png under ``docs``, and the
+    headline table between ``readme``'s markers."""
     records = load(results)
     groups = group(records)
     tables, verdicts = convergence_tables(groups, records)
@@ -293,5 +381,7 @@ def report(results: Path, docs: Path = DOCS) -> None:
     lines += ["## Plots", ""] + [f"![{name}](study/{name})" for name in images] + [""]
     (docs / "convergence.md").write_text("\n".join(lines) + "\n")
     (docs / "time-to-accuracy.md").write_text("\n".join(time_to_accuracy(groups)) + "\n")
+    if update_readme(headline(groups), readme):
+        print(f"updated the headline table of {readme}")
     print("\n".join(lines))
     print(f"wrote {docs / 'convergence.md'}, {docs / 'time-to-accuracy.md'} and {len(images)} plots")

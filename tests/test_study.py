@@ -28,8 +28,13 @@ def test_real_job_equals_simulation_and_report(tmp_path):
             f.write(json.dumps(dict(record, label=label)) + "\n")
         f.write(json.dumps({"task": "digits", "label": "qsgd 4-bit", "workers": 2, "seed": 0, "real": False,
                             "spec": "qsgd:bits=4", "error": "RuntimeError: boom"}) + "\n")
-    study_report.report(results, docs=tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n" + "\nstale table\n".join(study_report.README_MARKS) + "\noutro\n")
+    study_report.report(results, docs=tmp_path, readme=readme)
     text = (tmp_path / "convergence.md").read_text()
+    table = readme.read_text()
+    assert table.startswith("intro\n") and table.endswith("\noutro\n") and "stale" not in table
+    assert "| `TernGrad(clip=2.5)` (the paper's) | 12x | " in table and "at 2 workers" in table
     assert "| terngrad | " in text and "target cells met" in text and "identical" in text
     assert "qsgd 4-bit N=2 seed 0: RuntimeError: boom" in text
     assert (tmp_path / "study" / "digits_vs_workers.png").stat().st_size > 10_000
