@@ -142,7 +142,11 @@ def real_vs_sim(groups: dict) -> list[str]:
                 same = "identical"
             else:
                 same = f"differs (sim {fmt.format(quality(twin))})"
-            rows.append(f"| {task} | {n} | {label} | {run['seed']} | {fmt.format(quality(run))} | {run['steps']} | "
+            base = next((b for b in groups.get((task, "none", n, True), []) if b["seed"] == run["seed"]), None)
+            delta = "" if base is None or label == "none" else (
+                f" ({quality(run) - quality(base):+.2f})" if task == "digits"
+                else f" ({100 * (quality(run) / quality(base) - 1):+.1f}%)")
+            rows.append(f"| {task} | {n} | {label} | {run['seed']} | {fmt.format(quality(run))}{delta} | {run['steps']} | "
                         f"{run['bytes_per_step']:,.0f} | {same} |")
     if not rows:
         return []
@@ -164,7 +168,7 @@ def real_vs_sim(groups: dict) -> list[str]:
             "The averaging wrappers keep one model per worker, so they run only here. A real run "
             "can be identical to its simulated twin only when both ran on the same processor and "
             "torch build: elsewhere the kernels round differently in the last bits.", "",
-            "| task | N | compressor | seed | quality | steps | bytes/step | simulator, same seed |",
+            "| task | N | compressor | seed | quality (Δ vs the real uncompressed run) | steps | bytes/step | simulator, same seed |",
             "|---|---|---|---|---|---|---|---|", *rows, ""]
 
 
