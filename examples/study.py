@@ -25,8 +25,10 @@ evaluation of best held-out loss (early stopping).
 
 Workers are simulated in one process (:mod:`hvd_compress.simulate`: the very engine, keys and
 summation order of a real job, bit-identical to real Horovod on the compressed routes, every
-run planned for the same declared link), and ``--real`` runs the same trainer under ``horovodrun`` instead (2-8 workers on this machine).
-Each run appends one JSON line to the results file; ``run`` skips cells already there.
+run planned for the same declared link), and ``--real`` runs the same trainer under
+``horovodrun`` instead (2-8 workers on this machine).  Each run appends one JSON line to the
+results file (with its plan and the processor it ran on); ``run`` skips cells already there
+(``--rerun`` runs them again; the report reads the latest record of each).
 """
 from __future__ import annotations
 
