@@ -146,8 +146,8 @@ def real_vs_sim(groups: dict) -> list[str]:
             delta = "" if base is None or label == "none" else (
                 f" ({quality(run) - quality(base):+.2f})" if task == "digits"
                 else f" ({100 * (quality(run) / quality(base) - 1):+.1f}%)")
-            rows.append(f"| {task} | {n} | {label} | {run['seed']} | {fmt.format(quality(run))}{delta} | {run['steps']} | "
-                        f"{run['bytes_per_step']:,.0f} | {same} |")
+            rows.append(f"| {task} | {n} | {label} | {run['seed']} | {fmt.format(quality(run))}{delta} | "
+                        f"{run['steps']} | {run['bytes_per_step']:,.0f} | {same} |")
     if not rows:
         return []
     return ["## Real Horovod jobs against the simulator", "",
@@ -168,7 +168,8 @@ def real_vs_sim(groups: dict) -> list[str]:
             "The averaging wrappers keep one model per worker, so they run only here. A real run "
             "can be identical to its simulated twin only when both ran on the same processor and "
             "torch build: elsewhere the kernels round differently in the last bits.", "",
-            "| task | N | compressor | seed | quality (Δ vs the real uncompressed run) | steps | bytes/step | simulator, same seed |",
+            "| task | N | compressor | seed | quality (Δ vs the real uncompressed run) | steps | bytes/step "
+            "| simulator, same seed |",
             "|---|---|---|---|---|---|---|---|", *rows, ""]
 
 
