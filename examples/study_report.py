@@ -61,6 +61,16 @@ def mean_sd(values: list[float], fmt: str) -> str:
     return text + (f" ± {fmt.format(statistics.stdev(values))}" if len(values) > 1 else "")
 
 
+def delta_text(task: str, value: float, base: float) -> str:
+    """``value`` against ``base``: accuracy points (digits) or percent of the held-out loss (LMs)."""
+    return f"{value - base:+.2f}" if task == "digits" else f"{100 * (value - base) / base:+.1f}%"
+
+
+def paired_text(paired: list[float]) -> str:
+    """Mean ± standard error of per-seed differences."""
+    return f"{statistics.mean(paired):+.2f} ± {statistics.stdev(paired) / len(paired) ** 0.5:.2f}"
+
+
 def group(records: list[dict]) -> dict[tuple, list[dict]]:
     """(task, label, workers, real) -> runs (the last record of each seed; failed runs apart)."""
     latest: dict[tuple, dict] = {}
@@ -101,10 +111,10 @@ def convergence_tables(groups: dict, records: list[dict]) -> tuple[list[str], li
                 if label != "none" and base_runs:
                     base = statistics.mean(quality(r) for r in base_runs)
                     delta = statistics.mean(values) - base
-                    cell += f" Δ {delta:+.2f}" if task == "digits" else f" Δ {100 * delta / base:+.1f}%"
+                    cell += f" Δ {delta_text(task, statistics.mean(values), base)}"
                     paired = paired_deltas(runs, base_runs)
                     if len(paired) > 1:   # same seed: same initial weights and data order
-                        cell += f" (paired {statistics.mean(paired):+.2f} ± {statistics.stdev(paired) / len(paired) ** 0.5:.2f})"
+                        cell += f" (paired {paired_text(paired)})"
                     if label in TARGETS:
                         ok = reaches(task, statistics.mean(values), target_of(task, base))
                         verdicts.append((task, n, label, ok, delta, base))
@@ -143,9 +153,7 @@ def real_vs_sim(groups: dict) -> list[str]:
             else:
                 same = f"differs (sim {fmt.format(quality(twin))})"
             base = next((b for b in groups.get((task, "none", n, True), []) if b["seed"] == run["seed"]), None)
-            delta = "" if base is None or label == "none" else (
-                f" ({quality(run) - quality(base):+.2f})" if task == "digits"
-                else f" ({100 * (quality(run) / quality(base) - 1):+.1f}%)")
+            delta = "" if base is None or label == "none" else f" ({delta_text(task, quality(run), quality(base))})"
             rows.append(f"| {task} | {n} | {label} | {run['seed']} | {fmt.format(quality(run))}{delta} | "
                         f"{run['steps']} | {run['bytes_per_step']:,.0f} | {same} |")
     if not rows:
@@ -302,10 +310,7 @@ def headline(groups: dict) -> list[str]:
                 base = statistics.mean(quality(r) for r in base_runs)
                 mean = statistics.mean(quality(r) for r in runs)
                 paired = paired_deltas(runs, base_runs)
-                if task == "digits" and len(paired) > 1:
-                    text = f"{statistics.mean(paired):+.2f} ± {statistics.stdev(paired) / len(paired) ** 0.5:.2f}"
-                else:
-                    text = f"{mean - base:+.2f}" if task == "digits" else f"{100 * (mean - base) / base:+.1f}%"
+                text = paired_text(paired) if task == "digits" and len(paired) > 1 else delta_text(task, mean, base)
                 missed = label in TARGETS and not reaches(task, mean, target_of(task, base))
                 parts.append(f"**{text}**" if missed else text)
             cells.append(" / ".join(parts))
