@@ -18,7 +18,10 @@ Nothing here imports Horovod at module level.
 """
 from __future__ import annotations
 
+import itertools
+import os
 import sys
+import time
 import weakref
 import zlib
 from dataclasses import dataclass
@@ -32,6 +35,9 @@ from .engine.engine import Engine
 from .routes.base import Link
 
 STATE_FORMAT = "hvd_compress/1"
+#: creation number of every compressor in this process: the same on every rank of one script,
+#: whatever its model, so it names the configuration check (see Engine's ``check_name``)
+_CREATED = itertools.count()
 
 
 @dataclass
@@ -55,16 +61,36 @@ class _Passthrough:
 
 
 class _FailedEngine:
-    """Stands in for an engine that could not be built (e.g. ``op=hvd.Adasum``): the hook does
-    nothing, ``synchronize()`` raises the message, identically on every rank."""
+    """Stands in for an engine that could not be built (e.g. ``op=hvd.Adasum``): the hook only
+    queues an autograd final callback that raises the message once every hook of the backward
+    pass has run (so ``loss.backward()`` fails, identically on every rank, and nothing was
+    started that another rank could wait for); ``synchronize()`` raises it too (a gradient
+    compressed outside a backward pass)."""
 
     def __init__(self, message: str) -> None:
         self.message = message
+        self._queued = False
 
     def add(self, index: int, grad: torch.Tensor) -> None:
-        pass
+        if self._queued:
+            return
+        try:
+            torch.autograd.Variable._execution_engine.queue_callback(self._raise)
+            self._queued = True
+        except RuntimeError:          # not inside a backward pass: synchronize() raises
+            pass
+
+    def _raise(self) -> None:
+        self._queued = False
+        raise ValueError(self.message)
 
     def result(self, index: int) -> torch.Tensor:
+        raise ValueError(self.message)
+
+    def close(self) -> None:
+        return None
+
+    def settle(self) -> None:
         raise ValueError(self.message)
 
 
@@ -83,6 +109,7 @@ class Compressor:
         cost.declared_link(link)  # validates
         self.bucket_cap_mb = float(bucket_cap_mb)
         self.link = link
+        self._number = next(_CREATED)
         self._engines: list[tuple[Any, Any]] = []         # (weakref to optimizer, engine)
         self._members: dict[int, dict[int, int]] = {}     # id(engine) -> id(param) -> index
         self._loaded: list[dict] | None = None
@@ -127,6 +154,7 @@ class Compressor:
                 return engine
         engine = self._build(optimizer, len(self._engines))
         self._engines.append((weakref.ref(optimizer), engine))
+        _check_before_synchronize(optimizer, engine, type(self).__name__)
         if self._loaded is not None and len(self._engines) <= len(self._loaded) \
                 and not isinstance(engine, _FailedEngine):
             engine.load_state_dict(self._loaded[len(self._engines) - 1])
@@ -139,8 +167,8 @@ class Compressor:
                                  "Adasum combines dense gradients pairwise and has no compressed form")
         if optimizer.op not in (hvd.Average, hvd.Sum):
             return _FailedEngine(f"{type(self).__name__} supports op=hvd.Average and op=hvd.Sum "
-                                 f"only (got op={optimizer.op}): Min, Max and Product of compressed "
-                                 "gradients are not what the codecs approximate")
+                                 f"only (got op=hvd.{op_name(optimizer.op)}): Min, Max and Product of "
+                                 "compressed gradients are not what the codecs approximate")
         members, ids = [], {}
         for group in optimizer.param_groups:
             for p in group["params"]:
@@ -166,7 +194,7 @@ class Compressor:
 
         engine = Engine(members, comm, average=optimizer.op == hvd.Average,
                         cap_bytes=int(self.bucket_cap_mb * 2 ** 20), link=cost.declared_link(self.link),
-                        name=tag, external_dense=True)
+                        name=tag, external_dense=True, check_name=f"c{self._number}.{ordinal}")
         self._members[id(engine)] = ids
         return engine
 
@@ -234,6 +262,85 @@ class Compressor:
     def config(self) -> str:
         """Deterministic description of the settings (compared across ranks via the plan)."""
         return repr(self)
+
+
+def op_name(op: Any) -> str:
+    """Horovod's reduction op by name (``hvd.Min`` is the integer 3 to Horovod)."""
+    import horovod.torch as hvd
+    names = {getattr(hvd, n, None): n for n in ("Average", "Sum", "Adasum", "Min", "Max", "Product")}
+    return names.get(op, repr(op))
+
+
+#: how long the adaptor sleeps between polls of the step header (doubling from the first)
+_POLL_S = (5e-5, 1e-3)
+
+
+def check_timeout() -> float:
+    """Seconds a configuration check may lag behind every gradient's allreduce before this rank
+    concludes that another rank does not run the compressor (``HVD_COMPRESS_CHECK_TIMEOUT_S``;
+    60, Horovod's own stall warning)."""
+    return float(os.environ.get("HVD_COMPRESS_CHECK_TIMEOUT_S", "60"))
+
+
+def _check_before_synchronize(optimizer, engine: Any, compressor: str) -> None:
+    """Make ``optimizer.synchronize()`` finish ``engine``'s step before Horovod waits on its own
+    handles, so the configuration check runs first: a parameter that only one rank has is
+    allreduced by Horovod under its name, and waiting on that handle would never return.
+
+    The wrapper first hands Horovod's missing gradients over (what Horovod 0.28.1's
+    ``synchronize()`` does first; it then finds none missing), closes the engine's step, and
+    waits until its header is complete -- or until every Horovod handle of the step is done,
+    which is how a rank that sends full gradients against this rank's placeholders shows:
+    Horovod fails those handles with mismatched shapes, and the wrapper says why."""
+    engines = getattr(optimizer, "_hvdc_engines", None)
+    if engines is not None:
+        engines.append(engine)
+        return
+    optimizer._hvdc_engines = engines = [engine]
+    horovod_synchronize = optimizer.synchronize
+
+    def synchronize():
+        import horovod.torch as hvd
+        if optimizer.process_set.included():
+            completed = set()
+            for key in optimizer._handles:
+                completed.update(key) if isinstance(key, tuple) else completed.add(key)
+            for p in optimizer._requires_update - completed:
+                optimizer._handles[p] = optimizer._allreduce_grad_async(p)
+            for p, (handle, _) in list(optimizer._handles.items()):
+                if handle is None:
+                    optimizer._handles[p] = optimizer._allreduce_grad_async(p)
+            headers = [h for h in (e.close() for e in engines) if h is not None]
+            pause, horovod_done = _POLL_S[0], None
+            while not all(h.done() for h in headers):
+                if horovod_done is None and all(callable(h) or hvd.poll(h) for h, _ in optimizer._handles.values()):
+                    horovod_done = time.monotonic()
+                if horovod_done is not None:
+                    if any(getattr(e, "plan", None) is not None and e.plan.engine_buckets for e in engines):
+                        break       # Horovod's own handles first: they fail if placeholders met gradients
+                    if time.monotonic() - horovod_done > check_timeout():
+                        raise RuntimeError(
+                            "hvd_compress: every gradient's allreduce completed but another rank never "
+                            f"joined this rank's configuration check in {check_timeout():g} s: every rank "
+                            f"must pass the same compression= to DistributedOptimizer (this rank: "
+                            f"{compressor}; another may use hvd.Compression.none)")
+                time.sleep(pause)
+                pause = min(2 * pause, _POLL_S[1])
+            else:
+                for e in engines:
+                    e.settle()
+        try:
+            return horovod_synchronize()
+        except Exception as e:  # noqa: BLE001 - re-raised with the reason
+            if "Mismatched" in str(e) and "shape" in str(e):
+                raise RuntimeError(
+                    "hvd_compress: another rank sent a full gradient where this rank sent the "
+                    "compressor's 1-element placeholder: every rank must pass the same compression= "
+                    f"to DistributedOptimizer (this rank: {compressor}).\n"
+                    f"Horovod said: {e}") from e
+            raise
+
+    optimizer.synchronize = synchronize
 
 
 def _calling_optimizer() -> tuple[Any, torch.Tensor]:

@@ -16,6 +16,9 @@ class Handle(Protocol):
     def wait(self) -> Any:
         """The collective's result (blocks until it is complete)."""
 
+    def done(self) -> bool:
+        """Whether :meth:`wait` would return (or raise) at once."""
+
 
 class Comm(Protocol):
     rank: int
@@ -41,6 +44,10 @@ class _HorovodHandle:
         import horovod.torch as hvd
         out = hvd.synchronize(self._handle)
         return out if self._transform is None else self._transform(out)
+
+    def done(self) -> bool:
+        import horovod.torch as hvd
+        return hvd.poll(self._handle)
 
 
 class HorovodComm:

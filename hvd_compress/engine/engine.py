@@ -31,6 +31,7 @@ from ..routes.base import Job, Link, Pending, Speed
 from . import cost
 from .buckets import Bucket, Member, assign_buckets
 from .plan import DENSE, Plan, plan_bucket
+from .config_check import config_table, describe_differences
 from .state import BucketState
 
 _MASK64 = (1 << 64) - 1
@@ -84,6 +85,7 @@ class _Step:
     finite: list[bool] = field(default_factory=list)                   # per member, this rank's input
     errors: list[str] = field(default_factory=list)
     header: Any = None
+    rows: list[list[int]] | None = None                                # every rank's header, read
     results: dict[int, torch.Tensor] | None = None                     # bucket index -> fp32 sum
     bad: set[int] = field(default_factory=set)                         # members non-finite anywhere
     reported: int = 0                                                  # external results seen
@@ -102,13 +104,17 @@ class Engine:
         cap_bytes: bucket cap (0: one member per bucket).
         link: a declared :class:`Link`, or None to measure it at the first flush.
         name: tag of this engine's collectives (the same on every rank).
+        check_name: tag of the step header and the configuration check, the same on every rank
+            whatever its model (default: ``name``); the Horovod adaptor names it after the
+            compressor's creation number, since ``name`` comes from the parameters' names.
         external_dense: dense buckets of methods that do not transform gradients are left to
             the caller (the Horovod adaptor returns those gradients to Horovod's own allreduce:
             exactly uncompressed Horovod, fused its way); see :meth:`add`.
     """
 
     def __init__(self, members: list[Member], comm_factory: Callable[[], Any], *, average: bool,
-                 cap_bytes: int, link: Link | None, name: str, external_dense: bool = False) -> None:
+                 cap_bytes: int, link: Link | None, name: str, external_dense: bool = False,
+                 check_name: str | None = None) -> None:
         self.members = members
         self.buckets: list[Bucket] = assign_buckets(members, cap_bytes)
         self.cap_bytes = cap_bytes
@@ -121,6 +127,7 @@ class Engine:
         self.average = average
         self.external_dense = external_dense
         self.tag = f"hvdc.{name}"
+        self.check_tag = f"hvdc.{check_name or name}"
         self.step = 0
         self.link: Link | None = link
         self.link_source = "declared" if link is not None else "assumed until measured"
@@ -133,6 +140,9 @@ class Engine:
         self._step: _Step | None = None
         self._loaded_owner: tuple[int, int] | None = None   # (world, rank) of a loaded state
         self._trial = Trial()
+        #: the plan is new: its first step carries a header (the configuration check) even
+        #: when every bucket is the caller's own
+        self._check_due = True
 
     # -- the step ----------------------------------------------------------------------------
 
@@ -159,7 +169,7 @@ class Engine:
             step.arrived[bucket.index] += 1
             if step.arrived[bucket.index] == len(bucket.members) and not external:
                 self._launch(bucket, step)
-            if len(step.grads) == len(self.members) and (self.plan.engine_buckets or self._trial.running):
+            if len(step.grads) == len(self.members) and self._header_due():
                 self._start_header(step)
             return not external
         except Exception:  # noqa: BLE001 - recorded, raised in synchronize() on every rank
@@ -199,13 +209,41 @@ class Engine:
         step.reported += 1
         if step.reported == len(step.grads) and step.results is None and not self.plan.engine_buckets:
             step.results = {}                # the step is over (no flush: nothing of ours in flight)
-            if self._trial.running:          # a trial step: (in synchronize(), waiting is allowed)
-                if step.header is None:      # (members that never came, e.g. sparse ones)
-                    self._start_header(step)
-                self._read_header(step.header.wait().tolist(), step)
+            if self._header_due() or step.header is not None:   # (in synchronize(): may wait)
+                self._header_rows(step)
             if self.link is None:
                 self._measure()
         return output
+
+    def close(self) -> Any:
+        """No more members will come this step: start the buckets still incomplete (absent
+        members as zeros) and the step header, without waiting; returns the header's handle
+        (None when the step needs none).  The Horovod adaptor calls it at the start of
+        ``synchronize()`` and waits for the handle before Horovod waits on its own."""
+        step = self._step
+        if step is None or step.results is not None or step.broken:
+            return None
+        for bucket in self.buckets:
+            if not self.plan.buckets[bucket.index].external and bucket.index not in step.pending:
+                self._launch(bucket, step)
+        if step.header is None and self._header_due():
+            self._start_header(step)
+        return step.header
+
+    def settle(self) -> None:
+        """Finish the step now if anything of the engine's is in flight (the flush, or the
+        configuration check of a step whose buckets are all the caller's); raises as the flush
+        does, on every rank."""
+        step = self._step
+        if step is None or step.results is not None:
+            return
+        if step.broken or self.plan.engine_buckets:
+            self.flush()
+        elif step.header is not None:
+            self._header_rows(step)
+
+    def _header_due(self) -> bool:
+        return self.plan.engine_buckets or self._trial.running or self._check_due
 
     @property
     def finite_everywhere(self) -> bool:
@@ -269,6 +307,7 @@ class Engine:
             plans.append(bplan)
         self.plan = Plan(self.comm.size, self.comm.rank, link, self.link_source, self.cap_bytes, plans,
                          decided=self._trial.summary())
+        self._check_due = True
         self.plan.stateful = any(not p.external for p in plans) or any(s.buffers for s in self.states)
 
     def _launch(self, bucket: Bucket, step: _Step) -> None:
@@ -291,7 +330,7 @@ class Engine:
             residual = None
             if "residual" in state.buffers or (compressed and method.error_feedback):
                 residual = state.buffer("residual", device).begin()
-            job = Job(x, bucket.tensor_id, method.codec_at(self.step), bucket.segments(method.scope),
+            job = Job(x, bucket.tensor_id, method.codec_at(self.step, self.comm.size), bucket.segments(method.scope),
                       residual, self.comm, f"{self.tag}.b{bucket.index}", self.step,
                       lambda r: rank_seed(method.seed, r), self._server_buffer(bucket, device),
                       state=lambda name, numel: state.buffer(name, device, numel).begin(),
@@ -335,13 +374,29 @@ class Engine:
                 part.zero_()
 
     def _start_header(self, step: _Step) -> None:
-        """This rank's step header: plan digest, error flag, the previous step's trial variant
-        and wall time (microseconds), one finite flag per member."""
+        """This rank's step header, one int32 vector of any length (ranks with other models
+        still meet in it): its length, plan digest, error flag, the previous step's trial
+        variant and wall time (microseconds), one finite flag per member."""
         digest = self.plan.digest
         head = [digest & 0x7FFFFFFF, (digest >> 31) & 0x7FFFFFFF, int(bool(step.errors)),
                 *self._trial.last]
-        row = torch.tensor([head + [int(f) for f in step.finite]], dtype=torch.int32)
-        step.header = self.comm.allgather(row, f"{self.tag}.header")
+        row = [1 + len(head) + len(step.finite)] + head + [int(f) for f in step.finite]
+        step.header = self.comm.allgather(torch.tensor(row, dtype=torch.int32), f"{self.check_tag}.header")
+
+    def _header_rows(self, step: _Step) -> list[list[int]]:
+        """Every rank's header (started if need be, waited once, checked once): rank r's row
+        without its length word."""
+        if step.rows is None:
+            if step.header is None:
+                self._start_header(step)
+            flat, rows = step.header.wait().tolist(), []
+            while flat:
+                rows.append(flat[1:flat[0]])
+                flat = flat[flat[0]:]
+            step.rows = rows
+            self._read_header(rows, step)
+            self._check_due = False
+        return step.rows
 
     def flush(self) -> None:
         """Finish the step's engine buckets (see the module docstring); raises on every rank if
@@ -355,10 +410,7 @@ class Engine:
             for bucket in live:
                 if bucket.index not in step.pending:     # members that never came: zeros
                     self._launch(bucket, step)
-            if step.header is None:
-                self._start_header(step)
-            rows = step.header.wait().tolist()
-            self._read_header(rows, step)
+            rows = self._header_rows(step)
             for bucket in live:
                 self.plan.buckets[bucket.index].route.advance(step.pending[bucket.index])
             results = {}
@@ -432,10 +484,12 @@ class Engine:
             groups: dict[tuple, list[int]] = {}
             for rank, d in enumerate(digests):
                 groups.setdefault(d, []).append(rank)
+            # every rank read the same rows, so every rank takes part in this one allgather
+            tables = self.comm.allgather(config_table(self.plan, self.members), f"{self.check_tag}.config").wait()
             raise RuntimeError(
                 "hvd_compress: ranks use different compressor settings or models (ranks grouped by "
                 f"plan: {sorted(groups.values())}); every rank must pass the same compression= and "
-                f"the same parameters. This rank's plan:\n{self.plan}")
+                f"the same parameters.\n{describe_differences(tables)}")
         failed = [rank for rank, r in enumerate(rows) if r[2]]
         if failed:
             mine = "\n".join(step.errors) if step.errors else "(this rank had no error)"
@@ -456,7 +510,7 @@ class Engine:
         self.link_source = "measured"
         methods = {id(b.method): b.method for b in self.buckets if not b.small and b.method.codec is not None}
         for i, method in enumerate(methods.values()):
-            self.speeds[id(method)] = cost.measure_speed(self.comm, method.codec_at(self.step),
+            self.speeds[id(method)] = cost.measure_speed(self.comm, method.codec_at(self.step, self.comm.size),
                                                          method.error_feedback, device,
                                                          f"{self.tag}.speed{i}")
         self._replan()

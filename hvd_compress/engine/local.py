@@ -62,6 +62,10 @@ class _Ticket:
             return (result[0].clone(), list(result[1]))
         return result.clone()
 
+    def done(self) -> bool:
+        with self.rv.lock:
+            return self.name in self.rv.results
+
 
 class LocalComm:
     """One rank's view of a :class:`LocalWorld`."""

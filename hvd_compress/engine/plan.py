@@ -93,7 +93,7 @@ def plan_bucket(bucket: Bucket, world: int, link: Link, speed: Speed, step: int,
         return BucketPlan(bucket, DENSE, 4 * n, received_bytes(DENSE, 4 * n, n, world), dense_s, dense_s, why)
     if bucket.small or world < 2 or (dense_if_auto and method.route == AUTO):
         return dense("below min_numel" if bucket.small else "single rank" if world < 2 else dense_if_auto)
-    codec = method.codec_at(step)
+    codec = method.codec_at(step, world)
     payload = method.payload_bytes(bucket, codec)
     segments = len(bucket.segments(method.scope))
     candidates = method.candidates()
