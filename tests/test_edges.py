@@ -54,3 +54,37 @@ def test_ranks_whose_models_differ_fail_clearly_without_hanging(case, message, s
     assert re.search(message, text), text
     if case != "none":
         assert len(re.findall(message, text)) >= 2, "every rank names the difference"
+
+
+def _fp16_sum_overflow(spec: str):
+    """fp16 parameters, op=Sum: every rank's gradient is finite in fp16 and so is the fp32 sum,
+    but the sum written back in fp16 overflows on the entries above 65504."""
+    import horovod.torch as hvd
+    import hvd_compress
+    w = torch.nn.Parameter(torch.zeros(2048, dtype=torch.float16))
+    compression = hvd_compress.from_spec(spec)
+    opt = hvd.DistributedOptimizer(torch.optim.SGD([w], lr=0.0), named_parameters=[("w", w)],
+                                   compression=compression, op=hvd.Sum)
+    seen = []
+    for step in range(2):
+        g = torch.Generator().manual_seed(step)
+        grad = (torch.rand(2048, generator=g) * 36000).half() if step == 0 else torch.ones(2048).half()
+        opt.zero_grad()
+        (w * grad).sum().backward()
+        opt.synchronize()
+        seen.append((int((~torch.isfinite(w.grad)).sum()), compression.stats()["skipped_steps"]))
+        with opt.skip_synchronize():
+            opt.step()
+    residual = compression.state_dict()["optimizers"][0]["params"].get("w", {}).get("residual")
+    return seen, None if residual is None else residual.float().abs().max().item()
+
+
+@pytest.mark.parametrize("spec", ["topk:ratio=1.0,route='allgather'", "qsgd:bits=8,route='allgather',error_feedback=True"])
+def test_fp16_overflow_in_the_written_gradient_rolls_the_step_back(spec):
+    """Before: the fp32 sum was finite, the fp16 gradient inf on the entries past 65504,
+    skipped_steps stayed 0 and the residual was committed."""
+    for seen, residual in run_job(_fp16_sum_overflow, np=2, args=(spec,), timeout=60, env=LINK):
+        (inf0, skipped0), (inf1, skipped1) = seen
+        assert inf0 > 0 and skipped0 == 1, seen          # the overflowed step: skipped on every rank
+        assert inf1 == 0 and skipped1 == 1, seen         # the next step is finite and committed
+        assert residual is not None and residual < 2, residual   # only step 1's (ones) residual

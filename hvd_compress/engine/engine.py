@@ -431,6 +431,7 @@ class Engine:
             step.bad |= flagged | self._non_finite_outputs(results, live)
             for bucket in live:
                 self._write_back(bucket, results[bucket.index], step, step.pending[bucket.index].averaged)
+            step.bad |= self._non_finite_written(live, step)
             step.results = results
             if self.link is None:
                 self._measure()
@@ -473,6 +474,20 @@ class Engine:
                     if not bool(torch.isfinite(results[bucket.index][offset:offset + m.numel]).all()):
                         bad.add(m.index)
         return bad
+
+    def _non_finite_written(self, live: list[Bucket], step: _Step) -> set[int]:
+        """Members narrower than fp32 (fp16, bf16) whose written gradient overflowed although
+        the fp32 aggregate was finite (fp16 ends at 65504): judged where they were written, in
+        their own dtype, the same on every rank (the same bits were written).  One min/max pass
+        per such member, read on the host in one go."""
+        narrow = [(m.index, step.grads[m.index]) for b in live for m in b.members
+                  if m.index not in step.bad and step.grads.get(m.index) is not None
+                  and step.grads[m.index].dtype in (torch.float16, torch.bfloat16)
+                  and step.grads[m.index].numel()]
+        if not narrow:
+            return set()
+        finite = torch.isfinite(torch.stack([torch.stack(torch.aminmax(g)).float() for _, g in narrow])).all(1)
+        return {index for (index, _), ok in zip(narrow, finite.tolist()) if not ok}
 
     def _read_header(self, rows: list[list[int]], step: _Step) -> None:
         self._check_header(rows, step)
