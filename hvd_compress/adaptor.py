@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import sys
 import time
+import warnings
 import weakref
 import zlib
 from dataclasses import dataclass
@@ -32,6 +34,7 @@ import torch
 from .engine import cost
 from .engine.buckets import Member
 from .engine.engine import Engine
+from .engine.persist import check_saved
 from .routes.base import Link
 
 STATE_FORMAT = "hvd_compress/1"
@@ -113,6 +116,7 @@ class Compressor:
         self._engines: list[tuple[Any, Any]] = []         # (weakref to optimizer, engine)
         self._members: dict[int, dict[int, int]] = {}     # id(engine) -> id(param) -> index
         self._loaded: list[dict] | None = None
+        self._strict = True
 
     def method_for(self, name: str):
         """The method serving parameter ``name``: an hvd_compress method, or another Horovod
@@ -157,7 +161,11 @@ class Compressor:
         _check_before_synchronize(optimizer, engine, type(self).__name__)
         if self._loaded is not None and len(self._engines) <= len(self._loaded) \
                 and not isinstance(engine, _FailedEngine):
-            engine.load_state_dict(self._loaded[len(self._engines) - 1])
+            try:        # (in the hook: a checkpoint that does not fit fails synchronize())
+                engine.load_state_dict(self._loaded[len(self._engines) - 1], self._strict)
+            except ValueError as e:
+                engine = _FailedEngine(f"the loaded compressor state does not fit this optimizer: {e}")
+                self._engines[-1] = (self._engines[-1][0], engine)
         return engine
 
     def _build(self, optimizer, ordinal: int) -> Any:
@@ -237,15 +245,42 @@ class Compressor:
             engines += self._loaded[len(engines):]   # loaded but not used yet: keep it
         return {"format": STATE_FORMAT, "config": self.config(), "optimizers": engines}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict`; engines not built yet get theirs when first used."""
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        """Restore :meth:`state_dict`, checked in full before anything changes (a bad or foreign
+        checkpoint raises ``ValueError`` saying what is wrong and leaves the state as it was).
+
+        ``strict=True`` (the default) requires the same method and settings (the bucket cap and
+        link may differ: buffers are kept per parameter); ``strict=False`` converts a checkpoint
+        of other settings explicitly: the buffers this compressor keeps are loaded, the rest are
+        dropped with a warning.  A checkpoint saved by another rank, or by a world of another
+        size, loads with a warning (error feedback residuals are each rank's own unsent
+        gradient).  Engines not built yet (the stock optimizer builds them at the first
+        backward) get theirs then, checked against their parameters; a mismatch there fails
+        that step's ``synchronize()`` on every rank."""
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise ValueError(f"not a {STATE_FORMAT} compressor state")
-        # Settings may differ (e.g. another bucket cap): buffers are keyed and checked per parameter.
-        self._loaded = list(state["optimizers"])
-        for (_, engine), saved in zip(self._engines, self._loaded):
+            raise ValueError(f"not a {STATE_FORMAT} compressor state (a dict with format={STATE_FORMAT!r}, "
+                             "as compression.state_dict() returns)")
+        engines = state.get("optimizers")
+        if not isinstance(engines, list):
+            raise ValueError("compressor state: 'optimizers' must be a list of engine states")
+        for i, saved in enumerate(engines):
+            check_saved(saved, f"optimizers[{i}]")
+        saved_config = state.get("config")
+        if strict and saved_config is not None and _settings(saved_config) != _settings(self.config()):
+            raise ValueError(f"the checkpoint was saved by {saved_config}, this compressor is {self.config()}: "
+                             "load_state_dict(..., strict=False) loads the buffers both keep and drops the rest")
+        _warn_owner(engines)
+        dropped = []
+        built = [(e, saved) for (_, e), saved in zip(self._engines, engines) if not isinstance(e, _FailedEngine)]
+        for engine, saved in built:          # check all, then load all
+            engine.check_state(saved, strict)
+        for (_, engine), saved in zip(self._engines, engines):
             if not isinstance(engine, _FailedEngine):
-                engine.load_state_dict(saved)
+                dropped += engine.load_state_dict(saved, strict)
+        if dropped:
+            warnings.warn(f"hvd_compress: dropped checkpoint buffers this compressor does not keep: "
+                          f"{', '.join(dropped[:8])}" + (" ..." if len(dropped) > 8 else ""))
+        self._loaded, self._strict = list(engines), strict
 
     def elastic_sync(self) -> None:
         """After an elastic reset: take rank 0's committed step per optimizer and re-plan at
@@ -262,6 +297,33 @@ class Compressor:
     def config(self) -> str:
         """Deterministic description of the settings (compared across ranks via the plan)."""
         return repr(self)
+
+
+def _settings(config: str) -> str:
+    """A compressor's settings less the bucket cap and the link, which a checkpoint may change
+    (its buffers are kept per parameter)."""
+    return re.sub(r", (bucket_cap_mb=[^,)]*|link=(Link\([^)]*\)|'[^']*'))", "", config)
+
+
+def _warn_owner(engines: list[dict]) -> None:
+    """Warn when a checkpoint was saved by another rank or world than this one (Horovod's
+    global rank; each rank's residuals are its own unsent gradient)."""
+    try:
+        import horovod.torch as hvd
+        rank, size = hvd.rank(), hvd.size()
+    except (ImportError, ValueError, RuntimeError):     # Horovod absent or not initialized
+        return
+    owners = {(e.get("world"), e.get("rank")) for e in engines if e.get("rank") is not None}
+    for world, saved_rank in owners:
+        if world == size and saved_rank != rank:
+            warnings.warn(f"hvd_compress: this compressor state was saved by rank {saved_rank} and is "
+                          f"loaded on rank {rank}: its error-feedback residuals are rank {saved_rank}'s "
+                          "unsent gradient; save and load one file per rank (or use "
+                          "hvd_compress.checkpoint.gather_state/scatter_state)")
+        elif world != size:
+            warnings.warn(f"hvd_compress: this compressor state was saved by a world of {world} ranks and "
+                          f"is loaded into {size}: per-parameter buffers are kept, two-phase server "
+                          "residuals are dropped")
 
 
 def op_name(op: Any) -> str:

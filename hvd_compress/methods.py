@@ -48,6 +48,9 @@ class Method(Compressor):
     name = "method"
     #: "tensor": one segment per parameter (per-tensor semantics); "bucket": one per bucket
     scope = "tensor"
+    #: per-bucket state buffers that hold NaN by design (eSGD's "no loss seen yet"): a
+    #: checkpoint's other buffers must be finite
+    nan_buffers: tuple[str, ...] = ()
     #: prepare() sends something else than the gradient (DGC's momentum): dense buckets must
     #: then go through the engine, not straight to Horovod's allreduce
     transforms_gradients = False
@@ -128,6 +131,11 @@ class Method(Compressor):
     def check_optimizer(self, optimizer, names: list[str]) -> str | None:
         """A message when this method cannot serve these parameters of ``optimizer``."""
         return None
+
+    def state_names(self) -> tuple[str, ...]:
+        """The engine state buffers this method keeps (what a checkpoint may restore): the
+        error-feedback residual and the two-phase owner's server residual with error feedback."""
+        return ("residual", "server") if self.error_feedback else ()
 
 
 class TernGrad(Method):
@@ -319,6 +327,9 @@ class DGC(TopK):
         for payload, seg in zip(pending.payloads, bucket.segments(self.scope)):
             sent = payload.parts["indices"].to(torch.int64) + seg.offset
             u_new.index_fill_(0, sent, 0.0)
+
+    def state_names(self) -> tuple[str, ...]:
+        return (*super().state_names(), "momentum")
 
     def check_optimizer(self, optimizer, names):
         if not isinstance(optimizer, torch.optim.SGD):
@@ -554,6 +565,9 @@ class PowerSGD(Method):
         super().__init__(None, error_feedback=True, min_numel=min_numel, seed=seed, route=route,
                          bucket_cap_mb=bucket_cap_mb, link=link)
 
+    def state_names(self) -> tuple[str, ...]:
+        return ("residual", "powersgd_q")
+
     def __repr__(self) -> str:
         return (f"PowerSGD(rank={self.rank}, min_compression_rate={self.min_compression_rate}, "
                 f"structured={self.structured}, min_numel={self.min_numel}, seed={self.seed}, "
@@ -636,6 +650,7 @@ class ESGD(_AggregateMethod):
     """
 
     name = "esgd"
+    nan_buffers = ("esgd",)
 
     def __init__(self, ratio: float = 0.125, beta: float = 0.9, *, min_numel: int = 1024, seed: int = 0,
                  route: str = COMPRESSED, bucket_cap_mb: float = 25.0, link: Link | str = "auto") -> None:
@@ -647,6 +662,9 @@ class ESGD(_AggregateMethod):
         self._warned = False
         super().__init__(NonzeroCodec(), min_numel=min_numel, seed=seed, route=route,
                          bucket_cap_mb=bucket_cap_mb, link=link)
+
+    def state_names(self) -> tuple[str, ...]:
+        return ("esgd", "importance", "selected", "memory")
 
     def __repr__(self) -> str:
         return (f"ESGD(ratio={self.ratio}, beta={self.beta}, min_numel={self.min_numel}, seed={self.seed}, "
@@ -774,6 +792,9 @@ class LAQ(_AggregateMethod):
         super().__init__(InnovationCodec(bits=bits), min_numel=min_numel, seed=seed, route=route,
                          bucket_cap_mb=bucket_cap_mb, link=link)
 
+    def state_names(self) -> tuple[str, ...]:
+        return ("quantized", "laq", "aggregate")
+
     def __repr__(self) -> str:
         return (f"LAQ(bits={self.codec.bits}, D={self.D}, xi={self.xi}, t_bar={self.t_bar}, "
                 f"min_numel={self.min_numel}, seed={self.seed}, route={self.route!r}, "
@@ -858,6 +879,9 @@ class DIANA(_AggregateMethod):
         self.codec_name = codec
         self.alpha = 1 / (self.omega + 1) if alpha is None else float(alpha)
         super().__init__(c, min_numel=min_numel, seed=seed, route=route, bucket_cap_mb=bucket_cap_mb, link=link)
+
+    def state_names(self) -> tuple[str, ...]:
+        return ("shift", "shift_sum")
 
     def __repr__(self) -> str:
         return (f"DIANA(codec={self.codec!r}, alpha={self.alpha!r}, min_numel={self.min_numel}, "

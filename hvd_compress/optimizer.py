@@ -66,9 +66,9 @@ def _state_dict(self):
 def _load_state_dict(self, state_dict):
     state_dict = dict(state_dict)
     compression = state_dict.pop("hvd_compress", None)
-    self._hvd_load_state_dict(state_dict)
-    if compression is not None:
+    if compression is not None:     # first: it checks everything before it changes anything
         self._compression.load_state_dict(compression)
+    self._hvd_load_state_dict(state_dict)
 
 
 def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None, compression=None,

@@ -186,17 +186,17 @@ def simulate_gather(spec: str, world: int, steps: int = 2) -> list[list[torch.Te
         results = {}
         if method.scope == "tensor":
             for m in big:
-                payloads = [method.codec.encode(grad(r, step, m), RandomKey(rank_seed(method.seed, r), step,
+                payloads = [method.codec_at(step, world).encode(grad(r, step, m), RandomKey(rank_seed(method.seed, r), step,
                                                                             zlib.crc32(m.name.encode())),
                                                 residual=residual[r][m.name] if method.error_feedback else None)
                             for r in range(world)]
-                results[m.name] = method.codec.decode_accumulate(payloads, torch.zeros(m.numel)) / world
+                results[m.name] = method.codec_at(step, world).decode_accumulate(payloads, torch.zeros(m.numel)) / world
         else:
             tid = zlib.crc32(b"p1\0p0")
             flat = [torch.cat([grad(r, step, m).reshape(-1) for m in big]) for r in range(world)]
-            payloads = [method.codec.encode(flat[r], RandomKey(rank_seed(method.seed, r), step, tid))
+            payloads = [method.codec_at(step, world).encode(flat[r], RandomKey(rank_seed(method.seed, r), step, tid))
                         for r in range(world)]
-            total = method.codec.decode_accumulate(payloads, torch.zeros(5000)) / world
+            total = method.codec_at(step, world).decode_accumulate(payloads, torch.zeros(5000)) / world
             results["p1"], results["p0"] = total[:2000], total[2000:]
         dense = sum(grad(r, step, members[2]) for r in range(world)) / world
         out.append([results["p0"].view(3000), results["p1"].view(40, 50), dense])
@@ -219,7 +219,7 @@ def test_allgather_route_matches_simulation(spec, world):
 def simulate_two_phase(spec: str, world: int, steps: int = 2, sparse: bool = False):
     """The two-phase routes by hand over the bucket [p1, p0] (5000 elements)."""
     method = hvd_compress.from_spec(spec)
-    codec, seed = method.codec, method.seed
+    codec, seed = method.codec_at(0, world), method.seed
     members = members_of(method)
     big = [members[1], members[0]]
     n, tid = 5000, zlib.crc32(b"p1\0p0")
@@ -303,7 +303,7 @@ def test_allreduce_routes(spec):
     for g, e in zip(got[:2], exact[:2]):   # unbiased quantizers: close to the mean, not equal
         assert 0 < (g - e).norm() < (0.5 if method.name == "fp16" else 2.0) * e.norm()
     if spec == "terngrad:shared_scale=True":
-        codec = method.codec
+        codec = method.codec_at(0, 3)
         m = members_of(method)[0]
         scale = torch.stack([codec.local_scales(grad(r, 0, m)) for r in range(3)]).amax(0)
         assert set((got[0] * 3 / scale).round().unique().tolist()) <= {-3, -2, -1, 0, 1, 2, 3}
@@ -437,7 +437,7 @@ def test_state_dict_resume_two_phase_keeps_server_residuals():
 def test_load_state_dict_rejects_foreign_state():
     members = members_of(hvd_compress.TopK())
     engine = Engine(members, lambda: None, average=True, cap_bytes=0, link=SLOW, name="t")
-    with pytest.raises(ValueError, match="needs 'step'"):
+    with pytest.raises(ValueError, match="missing step, params"):
         engine.load_state_dict({})
     with pytest.raises(ValueError, match="does not"):
         engine.load_state_dict({"step": 0, "params": {"nope": {}}})

@@ -30,7 +30,7 @@ def simulate_gather(spec: str, world: int, steps: int = 2):
     crc32(name); bucket scope: the concatenation, id crc32("p1\\0p0")), each rank encodes with its
     own key (and residual), the ranks' payloads are decoded together in rank order; / world."""
     method = hvd_compress.from_spec(spec)
-    codec, seed = method.codec, method.seed
+    codec, seed = method.codec_at(0, world), method.seed
     if method.scope == "tensor":
         segments = [(f"p{i}", zlib.crc32(f"p{i}".encode()), torch.Size(s).numel()) for i, s in BIG]
     else:
@@ -78,7 +78,7 @@ def test_randomk_sums_values_under_a_shared_mask(spec, world):
     method = hvd_compress.from_spec(spec)
     results = run_engines(spec_with(spec, "route='allreduce'"), world, steps=2)
     assert_ranks_agree(results)
-    codec, ef = method.codec, method.error_feedback
+    codec, ef = method.codec_at(0, world), method.error_feedback
     residual = {(r, i): torch.zeros(torch.Size(s).numel()) for r in range(world) for i, s in BIG}
     for step in range(2):
         for i, shape in BIG:

@@ -32,6 +32,7 @@ from . import cost
 from .buckets import Bucket, Member, assign_buckets
 from .plan import DENSE, Plan, plan_bucket
 from .config_check import config_table, describe_differences
+from .persist import check_saved, check_tensor
 from .state import BucketState
 
 _MASK64 = (1 << 64) - 1
@@ -557,34 +558,86 @@ class Engine:
                 "link": None if self.link is None else vars(self.link).copy(),
                 "link_source": self.link_source, "speeds": speeds, "trial": self._trial.state()}
 
-    def load_state_dict(self, sd: dict) -> None:
-        """Restore a :meth:`state_dict` (buckets may differ: buffers are rebuilt per member)."""
-        if not {"step", "params"} <= set(sd):
-            raise ValueError("not an hvd_compress engine state (needs 'step' and 'params')")
-        unknown = set(sd["params"]) - {m.name for m in self.members}
-        if unknown:
-            raise ValueError(f"state has parameters this optimizer does not: {sorted(unknown)[:5]}")
-        for bucket, state in zip(self.buckets, self.states):
+    def load_state_dict(self, sd: dict, strict: bool = True) -> list[str]:
+        """Restore a :meth:`state_dict` (buckets may differ: buffers are rebuilt per member);
+        returns what ``strict=False`` dropped.  See :meth:`check_state`."""
+        restore = self.check_state(sd, strict)
+        for state in self.states:
             state.buffers.clear()
-            for m, offset in zip(bucket.members, bucket.offsets):
-                for name, tensor in sd["params"].get(m.name, {}).items():
-                    if tensor.numel() != m.numel:
-                        raise ValueError(f"{m.name}: state {name!r} has {tensor.numel()} elements, "
-                                         f"the parameter {m.numel}")
-                    buf = state.buffer(name, tensor.device)
-                    buf.committed[offset:offset + m.numel].copy_(tensor.reshape(-1))
-            for name, saved in sd.get("buckets", {}).get(_bucket_key(bucket), {}).items():
-                state.buffer(name, saved.device, saved.numel()).committed.copy_(saved)
+        for state, name, offset, tensor in restore.loads:
+            if offset is None:
+                state.buffer(name, tensor.device, tensor.numel()).committed.copy_(tensor.reshape(-1))
+            else:
+                numel = tensor.numel()
+                state.buffer(name, tensor.device).committed[offset:offset + numel].copy_(tensor.reshape(-1))
         self.step = int(sd["step"])
         self._loaded_owner = (sd["world"], sd["rank"]) if sd.get("world") is not None else None
-        if sd.get("link") is not None:
-            self.link = Link(**sd["link"])
+        if restore.link is not None:
+            self.link = restore.link
             self.link_source = sd.get("link_source", "declared")
         self._trial.load(sd.get("trial"))
         by_name = {b.method.config(): b.method for b in self.buckets}
-        self.speeds = {id(by_name[k]): Speed(**v) for k, v in sd.get("speeds", {}).items() if k in by_name}
+        self.speeds = {id(by_name[k]): v for k, v in restore.speeds.items() if k in by_name}
         self._step = None
         self.plan = None      # re-planned at the next step, with the restored link
+        return restore.dropped
+
+    def check_state(self, sd: dict, strict: bool = True) -> "_Restore":
+        """What loading ``sd`` would do, checked in full; changes nothing.
+
+        A ``ValueError`` says what is wrong:
+        the structure and finiteness (:func:`~hvd_compress.engine.persist.check_saved`), that
+        every saved parameter is one of this engine's with the same element count, and that
+        every buffer is one its method keeps (``Method.state_names``).  ``strict=False`` drops
+        the buffers a method does not keep instead of refusing them (converting a checkpoint
+        to other settings); the returned list names what was dropped."""
+        check_saved(sd)
+        members = {m.name: m for m in self.members}
+        unknown = sorted(set(sd["params"]) - set(members))
+        if unknown:
+            raise ValueError(f"state has parameters this optimizer does not: {unknown[:5]}")
+        dropped: list[str] = []
+
+        def kept(name: str, method: Any, owner: str) -> bool:
+            if name in method.state_names():
+                return True
+            if strict:
+                raise ValueError(f"{owner}: the checkpoint has a {name!r} buffer, which {method!r} does not "
+                                 "keep (another method or setting saved it); load_state_dict(..., "
+                                 "strict=False) drops it")
+            dropped.append(f"{owner}: {name}")
+            return False
+        loads = []         # (state, name, offset or None, tensor): applied once all are checked
+        for bucket, state in zip(self.buckets, self.states):
+            for m, offset in zip(bucket.members, bucket.offsets):
+                for name, tensor in sd["params"].get(m.name, {}).items():
+                    if not kept(name, m.method, m.name):
+                        continue
+                    if tensor.numel() != m.numel:
+                        raise ValueError(f"{m.name}: state {name!r} has {tensor.numel()} elements, "
+                                         f"the parameter {m.numel}")
+                    loads.append((state, name, offset, tensor))
+            for name, saved in sd.get("buckets", {}).get(_bucket_key(bucket), {}).items():
+                if kept(name, bucket.method, f"bucket {bucket.index}"):
+                    check_tensor(saved, f"bucket {bucket.index} {name!r}",
+                                 finite=name not in bucket.method.nan_buffers)
+                    loads.append((state, name, None, saved))
+        try:
+            link = Link(**sd["link"]) if sd.get("link") is not None else None
+            speeds = {k: Speed(**v) for k, v in sd.get("speeds", {}).items()}
+        except TypeError as e:
+            raise ValueError(f"saved link or codec speeds do not fit: {e}") from None
+        return _Restore(loads, link, speeds, dropped)
+
+
+@dataclass
+class _Restore:
+    """A checked state, ready to load: (bucket state, buffer, member offset or None for a
+    per-bucket buffer, tensor), the link, codec speeds by method config, dropped buffers."""
+    loads: list[tuple[BucketState, str, int | None, torch.Tensor]]
+    link: Link | None
+    speeds: dict[str, Speed]
+    dropped: list[str]
 
 
 def _bucket_key(bucket: Bucket) -> str:
