@@ -88,3 +88,79 @@ def test_fp16_overflow_in_the_written_gradient_rolls_the_step_back(spec):
         assert inf0 > 0 and skipped0 == 1, seen          # the overflowed step: skipped on every rank
         assert inf1 == 0 and skipped1 == 1, seen         # the next step is finite and committed
         assert residual is not None and residual < 2, residual   # only step 1's (ones) residual
+
+
+def _checkpoints():
+    """Each bad checkpoint is refused at load with a message, and leaves the state as it was."""
+    import warnings
+    import horovod.torch as hvd
+    import hvd_compress
+
+    def trained(compression, steps=2):
+        w = torch.nn.Parameter(torch.zeros(3000))
+        opt = hvd.DistributedOptimizer(torch.optim.SGD([w], lr=0.1), named_parameters=[("w", w)],
+                                       compression=compression)
+        for step in range(steps):
+            opt.zero_grad()
+            (w * torch.randn(3000, generator=torch.Generator().manual_seed(10 * hvd.rank() + step))).sum().backward()
+            opt.step()
+        return compression, opt
+
+    topk, _ = trained(hvd_compress.TopK(ratio=0.01))
+    good = topk.state_dict()
+    outcome = {}
+
+    def refused(name, target, state, **kwargs):
+        before = target.state_dict()
+        try:
+            target.load_state_dict(state, **kwargs)
+            outcome[name] = "loaded"
+        except ValueError as e:
+            outcome[name] = str(e)
+        after = target.state_dict()
+        for b, a in zip(before["optimizers"], after["optimizers"]):   # nothing half-loaded
+            assert b["step"] == a["step"]
+            assert all(torch.equal(b["params"][n][k], a["params"][n][k]) for n in b["params"] for k in b["params"][n])
+
+    nan = {**good, "optimizers": [{**good["optimizers"][0], "params": {"w": {"residual": torch.full((3000,), float("nan"))}}}]}
+    short = {**good, "optimizers": [{**good["optimizers"][0], "params": {"w": {"residual": torch.zeros(2999)}}}]}
+    refused("nan", topk, nan)
+    refused("short", topk, short)
+    refused("empty", topk, {**good, "optimizers": [{}]})
+    refused("partial", topk, {"format": good["format"]})
+    refused("foreign", topk, {"model": 1})
+    tern, _ = trained(hvd_compress.TernGrad())
+    refused("topk_into_terngrad", tern, good)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tern.load_state_dict(good, strict=False)       # explicit conversion: the residual is dropped
+        outcome["converted"] = [str(w.message) for w in caught]
+    trained(tern, steps=1)
+    outcome["terngrad_buffers"] = sorted(tern.state_dict()["optimizers"][0]["params"].get("w", {}))
+    rank0 = hvd.broadcast_object(good, root_rank=0)    # rank 0's file loaded on every rank
+    fresh, _ = trained(hvd_compress.TopK(ratio=0.01), steps=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fresh.load_state_dict(rank0)
+        outcome["rank0_everywhere"] = [str(w.message) for w in caught]
+    return outcome
+
+
+def test_bad_checkpoints_are_refused_at_load_and_lose_nothing():
+    """Before: NaN residuals and wrong element counts loaded (failing later in backward, or
+    silently killing error feedback), a TopK state turned on TernGrad's error feedback,
+    optimizers=[{}] was accepted, a partial state gave KeyError, rank 0's file on every rank
+    loaded without a word."""
+    for rank, out in enumerate(run_job(_checkpoints, np=2, timeout=90, env=LINK)):
+        assert "non-finite" in out["nan"] and "residual" in out["nan"], out["nan"]
+        assert "2999 elements, the parameter 3000" in out["short"], out["short"]
+        assert "missing step, params" in out["empty"], out["empty"]
+        assert "'optimizers' must be a list" in out["partial"], out["partial"]
+        assert "not a hvd_compress/1 compressor state" in out["foreign"], out["foreign"]
+        assert "strict=False" in out["topk_into_terngrad"] and "TopK" in out["topk_into_terngrad"]
+        assert any("dropped checkpoint buffers" in m and "residual" in m for m in out["converted"])
+        assert out["terngrad_buffers"] == [], "TernGrad() keeps no residual, even after loading one"
+        if rank == 1:
+            assert any("saved by rank 0 and is loaded on rank 1" in m for m in out["rank0_everywhere"])
+        else:
+            assert not any("saved by rank" in m for m in out["rank0_everywhere"])
