@@ -130,6 +130,7 @@ class Compressor:
         engine = self.engine(optimizer)
         probe = torch.ones(1, dtype=torch.float32, device=tensor.device)
         if isinstance(engine, _FailedEngine):
+            engine.add(0, tensor)       # (raises at the end of the backward pass, not here)
             return probe, _Ticket(engine, 0)
         index = self._members[id(engine)].get(id(param))
         if index is None:

@@ -164,3 +164,61 @@ def test_bad_checkpoints_are_refused_at_load_and_lose_nothing():
             assert any("saved by rank 0 and is loaded on rank 1" in m for m in out["rank0_everywhere"])
         else:
             assert not any("saved by rank" in m for m in out["rank0_everywhere"])
+
+
+def _default_logging(spec: str):
+    """A stock script (no logging set up): what reaches stderr on this rank."""
+    import io
+    import sys
+    import horovod.torch as hvd
+    import hvd_compress
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10))
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                   named_parameters=model.named_parameters(), compression=hvd_compress.from_spec(spec))
+    captured, sys.stderr = io.StringIO(), io.StringIO()
+    try:
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(8, 256)).sum().backward()
+            opt.step()
+    finally:
+        captured, sys.stderr = sys.stderr, sys.__stderr__
+    return captured.getvalue()
+
+
+def test_switched_off_compression_shows_in_the_log_without_calling_plan():
+    """On a link where TernGrad does not pay (declared 100 Gbit/s here; measured fast links do
+    the same), rank 0 warns once, with why; the other ranks stay quiet."""
+    logs = run_job(_default_logging, np=2, args=("terngrad",), timeout=60, env={"HVD_COMPRESS_LINK_GBPS": "100"})
+    assert logs[0].count("sends most of the gradient uncompressed") == 1, logs[0]
+    assert "compression would not pay" in logs[0] and "100 Gbit/s" in logs[0]
+    assert logs[1] == ""
+    quiet = run_job(_default_logging, np=2, args=("terngrad",), timeout=60, env=LINK)   # 1 Gbit/s: compressed
+    assert quiet == ["", ""]
+
+
+def _misuse_in_backward(case: str):
+    import horovod.torch as hvd
+    import hvd_compress
+    w = torch.nn.Parameter(torch.zeros(3001))
+    kwargs = {"op": hvd.Min} if case == "min" else {}
+    compression = hvd_compress.DGC() if case == "momentum" else hvd_compress.TopK()
+    opt = hvd.DistributedOptimizer(torch.optim.SGD([w], lr=0.1, momentum=0.9 if case == "momentum" else 0),
+                                   named_parameters=[("w", w)], compression=compression, **kwargs)
+    stage = "backward"
+    try:
+        w.sum().backward()
+        stage = "synchronize"
+        opt.synchronize()
+        out = "no error"
+    except ValueError as e:
+        out = f"{stage}: {e}"
+    hvd.allreduce(torch.zeros(1), name="test.done")     # (a rank that left would shut Horovod down)
+    return out
+
+
+@pytest.mark.parametrize("case,message", [("min", "op=hvd.Min"), ("momentum", "DGC applies momentum itself")])
+def test_misuse_known_from_the_optimizer_fails_in_the_first_backward_on_every_rank(case, message):
+    """Before: the stock optimizer's misuse surfaced in synchronize() (op=3, not Min)."""
+    for out in run_job(_misuse_in_backward, np=2, args=(case,), timeout=60, env=LINK):
+        assert out.startswith("backward: ") and message in out, out

@@ -59,17 +59,40 @@ def _agree(comm: Any, values: list[float], name: str) -> list[float]:
     return comm.allreduce(local, name, op="max").wait().tolist()
 
 
-def measure_link(comm: Any, device: torch.device, tag: str) -> Link:
-    """Fit latency and bandwidth to timed allreduces (blocking: call it outside hooks)."""
+def measure_link(comm: Any, device: torch.device, tag: str) -> tuple[Link, float]:
+    """Fit latency and bandwidth to timed allreduces (blocking: call it outside hooks); also
+    returns the slowest rank's memory copy bandwidth (bytes/s), which no link can beat."""
     times = []
     for i, n in enumerate(_PROBE_SIZES):
         x = torch.ones(n, dtype=torch.float32, device=device)
         times.append(_timed(lambda: _sync(comm.allreduce(x, f"{tag}.cal{i}").wait())))
-    t_small, t_large = _agree(comm, times, f"{tag}.cal.agree")
+    src = torch.ones(_PROBE_SIZES[1], dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    times.append(_timed(lambda: _sync(dst.copy_(src))))
+    t_small, t_large, t_copy = _agree(comm, times, f"{tag}.cal.agree")
     moved = ring_allreduce_bytes(FP32 * (_PROBE_SIZES[1] - _PROBE_SIZES[0]), comm.size)
-    bandwidth = moved / (t_large - t_small) if t_large > t_small else 1e12
-    latency = max(t_small - ring_allreduce_bytes(FP32 * _PROBE_SIZES[0], comm.size) / bandwidth, 0.0)
-    return Link(latency, bandwidth)
+    bandwidth = moved / (t_large - t_small) if t_large > t_small else float("inf")
+    latency = t_small - ring_allreduce_bytes(FP32 * _PROBE_SIZES[0], comm.size) / bandwidth
+    return Link(latency, bandwidth), 2 * FP32 * _PROBE_SIZES[1] / max(t_copy, 1e-12)
+
+
+def measure_link_checked(comm: Any, device: torch.device, tag: str) -> tuple[Link, str]:
+    """:func:`measure_link`, sanity-checked: an estimate faster than the machine copies memory,
+    or with a latency <= 0, is measured once more, then replaced by :data:`ASSUMED`.  Returns
+    the link and where it came from (for the plan and the log); the same on every rank (every
+    number was agreed)."""
+    seen = []
+    for attempt in range(2):
+        link, copy_bytes_per_s = measure_link(comm, device, f"{tag}.{attempt}" if attempt else tag)
+        if 0 < link.latency_s and link.bytes_per_s < copy_bytes_per_s:
+            return link, "measured" + (f", again after an implausible {seen[0]}" if seen else "")
+        seen.append(f"{_describe(link)} (memory copies at {copy_bytes_per_s * 8 / 1e9:.3g} Gbit/s)")
+    return ASSUMED, f"assumed: measured {' then '.join(seen)}, implausible twice"
+
+
+def _describe(link: Link) -> str:
+    gbps = link.bytes_per_s * 8 / 1e9
+    return f"{gbps:.3g} Gbit/s, {link.latency_s * 1e6:.0f} us"
 
 
 def measure_speed(comm: Any, codec, error_feedback: bool, device: torch.device, tag: str) -> Speed:

@@ -18,6 +18,7 @@ See docs/design.md ("The engine") for the reasoning.
 """
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 import traceback
@@ -36,6 +37,8 @@ from .persist import check_saved, check_tensor
 from .state import BucketState
 
 _MASK64 = (1 << 64) - 1
+#: the planner's log: one INFO line per plan on rank 0, a WARNING when compression is switched off
+log = logging.getLogger("hvd_compress")
 #: state buffers laid out like the bucket (saved per member); the others are saved per bucket
 _MEMBER_LAID = ("residual", "momentum", "shift", "shift_sum", "quantized", "aggregate", "importance",
                 "selected", "memory")
@@ -144,6 +147,7 @@ class Engine:
         #: the plan is new: its first step carries a header (the configuration check) even
         #: when every bucket is the caller's own
         self._check_due = True
+        self._announced = ""      # the last plan summary logged
 
     # -- the step ----------------------------------------------------------------------------
 
@@ -287,7 +291,7 @@ class Engine:
                 # chunk ownership moved: the server residuals mean nothing now
                 for state in self.states:
                     state.buffers.pop("server", None)
-                if self.link_source == "measured" and owner[0] != comm.size:
+                if self.link_source != "declared" and owner[0] != comm.size:
                     # another world (elastic): measure the link and run the trial again
                     self.link, self.link_source, self._trial = None, "assumed until measured", Trial()
             self.comm = comm
@@ -310,6 +314,28 @@ class Engine:
                          decided=self._trial.summary())
         self._check_due = True
         self.plan.stateful = any(not p.external for p in plans) or any(s.buffers for s in self.states)
+        self._announce()
+
+    def _announce(self) -> None:
+        """Rank 0 logs each new plan once (not the alternating plans of a trial), and warns when
+        a settled plan sends most of the gradient uncompressed although compression was asked
+        for: on a fast link a compressor may cost more than it saves, and the user should know."""
+        if self.comm.rank != 0 or self._trial.running:
+            return
+        text = self.plan.summary()
+        if text == self._announced:
+            return
+        self._announced = text
+        names = ", ".join(sorted({b.method.name for b in self.buckets if b.method.codec is not None})) or "none"
+        switched_off = [b for b in self.plan.buckets if b.route is DENSE and not b.bucket.small
+                        and b.why.startswith(("compression would not pay", "measured"))]
+        if self.link is not None and switched_off and self.plan.compressed_fraction < 0.5:
+            log.warning("hvd_compress (%s) sends most of the gradient uncompressed: %s. To compress anyway "
+                        "pass route='compressed'%s", names, text,
+                        "" if self.link_source == "declared" else
+                        ", or declare the link (link=hvd_compress.Link.gbps(...))")
+        else:
+            log.info("hvd_compress (%s) plan: %s", names, text)
 
     def _launch(self, bucket: Bucket, step: _Step) -> None:
         """Fill the bucket's input, check it, and start its route (in the hook)."""
@@ -522,8 +548,7 @@ class Engine:
         result of a step without flush: in synchronize(), where waiting is allowed; the new
         plan applies from the next step)."""
         device = next(iter(self._inputs.values())).device if self._inputs else torch.device("cpu")
-        self.link = cost.measure_link(self.comm, device, f"{self.tag}.link")
-        self.link_source = "measured"
+        self.link, self.link_source = cost.measure_link_checked(self.comm, device, f"{self.tag}.link")
         methods = {id(b.method): b.method for b in self.buckets if not b.small and b.method.codec is not None}
         for i, method in enumerate(methods.values()):
             self.speeds[id(method)] = cost.measure_speed(self.comm, method.codec_at(self.step, self.comm.size),

@@ -67,10 +67,41 @@ class Plan:
         for b in self.buckets:
             lines.append(
                 f"{b.bucket.index:>6}  {b.bucket.describe()[:44]:<44} {b.bucket.numel:>11,}  "
-                f"{b.bucket.method.name[:12]:<12} {'horovod' if b.external else b.route.name:<16} "
+                f"{b.bucket.method.name[:12]:<12} {b.route.name:<16} "
                 f"{_size(b.received_bytes):>10} "
-                f"{b.seconds * 1e3:>8.2f}ms {b.dense_seconds * 1e3:>8.2f}ms  {b.why}")
+                f"{b.seconds * 1e3:>8.2f}ms {b.dense_seconds * 1e3:>8.2f}ms  {b.why}"
+                + (" (Horovod's own allreduce)" if b.external else ""))
         return "\n".join(lines)
+
+    def summary(self) -> str:
+        """One line: what goes compressed, what does not and why (the planner's log line)."""
+        total = sum(b.bucket.numel for b in self.buckets)
+        compressed = [b for b in self.buckets if b.route is not DENSE]
+        numel = sum(b.bucket.numel for b in compressed)
+        reasons: dict[str, int] = {}
+        for b in self.buckets:
+            if b.route is DENSE:
+                key = b.why.split(" (")[0]
+                reasons[key] = reasons.get(key, 0) + b.bucket.numel
+        why = "; ".join(f"{_share(n, total)} {reason}" for reason, n in
+                        sorted(reasons.items(), key=lambda kv: -kv[1]))
+        sent = sum(b.received_bytes for b in self.buckets)
+        dense = sum(received_bytes(DENSE, 4 * b.bucket.numel, b.bucket.numel, self.world) for b in self.buckets)
+        return (f"{self.world} ranks, link {self.link} ({self.link_source}): {len(compressed)} of "
+                f"{len(self.buckets)} buckets compressed ({_share(numel, total)} of {total:,} elements), "
+                f"{_size(sent)} received per rank per step vs {_size(dense)} uncompressed"
+                + (f"; uncompressed: {why}" if reasons else "") + (f"; {self.decided}" if self.decided else ""))
+
+    @property
+    def compressed_fraction(self) -> float:
+        """Fraction of the gradient's elements on compressed routes."""
+        total = sum(b.bucket.numel for b in self.buckets)
+        return sum(b.bucket.numel for b in self.buckets if b.route is not DENSE) / max(total, 1)
+
+
+def _share(part: float, whole: float) -> str:
+    share = part / max(whole, 1)
+    return "<1%" if 0 < share < 0.01 else ">99%" if 0.99 < share < 1 else f"{share:.0%}"
 
 
 def _size(n: float) -> str:
@@ -112,7 +143,10 @@ def plan_bucket(bucket: Bucket, world: int, link: Link, speed: Speed, step: int,
     received = received_bytes(route, payload, n, world)
     if wanted == AUTO and dense_s <= seconds:
         return dense(f"compression would not pay ({best}: {seconds * 1e3:.2f} ms)")
-    why = "forced" if wanted not in (AUTO, COMPRESSED) else "fastest"
+    why = "fastest" if wanted == AUTO else "forced" if wanted != COMPRESSED else \
+        "fastest compressed (forced)" if len(candidates) > 1 else "forced"
+    if dense_s < seconds:
+        why += f", predicted slower than dense ({dense_s * 1e3:.2f} ms)"
     return BucketPlan(bucket, route, payload, received, seconds, dense_s, why)
 
 
