@@ -63,37 +63,38 @@ from .base import Codec, Payload, RandomKey, as_fp32_flat
 _SUM_CHUNK = 8192
 
 
-@functools.lru_cache(maxsize=None)
-def optimal_clip(workers: int) -> float:
-    """The clip factor c minimizing the error of the average of ``workers`` TernGrad encodings
-    of a Gaussian tensor, per element in units of sigma^2 (s = c sigma, h = clip(g, -c, c)):
+def clip_error(c: float, workers: int) -> float:
+    """The per-element error, in units of sigma^2, of the average of ``workers`` TernGrad
+    encodings of a Gaussian tensor clipped at ``c`` sigma (s = c sigma, h = clip(g, -c, c)):
 
         var(c)    = E[|h| (c - |h|)] = c E|h| - E h^2
         E|h|      = 2 (phi(0) - phi(c)) + 2 c (1 - Phi(c))
         E h^2     = (2 Phi(c) - 1) - 2 c phi(c) + 2 c^2 (1 - Phi(c))
         bias(c)^2 = E[(|g| - c)_+^2] = 2 ((1 + c^2)(1 - Phi(c)) - c phi(c))
-        c*(N)     = argmin_c  bias(c)^2 + var(c) / N
+        error     = bias(c)^2 + var(c) / N
 
     (independent noise per worker averages the variance as 1/N; the clipping bias is the same
-    on every worker and stays).  Golden-section search on [0.25, 8], rounded to 3 decimals so
-    that every rank and every run uses the same bits."""
+    on every worker and stays)."""
+    phi = math.exp(-c * c / 2) / math.sqrt(2 * math.pi)
+    tail = 0.5 * math.erfc(c / math.sqrt(2))                       # 1 - Phi(c)
+    e_abs = 2 * (1 / math.sqrt(2 * math.pi) - phi) + 2 * c * tail
+    e_sq = (1 - 2 * tail) - 2 * c * phi + 2 * c * c * tail
+    bias2 = 2 * ((1 + c * c) * tail - c * phi)
+    return bias2 + (c * e_abs - e_sq) / workers
+
+
+@functools.lru_cache(maxsize=None)
+def optimal_clip(workers: int) -> float:
+    """``argmin_c clip_error(c, workers)`` (:func:`clip_error`): 1.017 sigma for one worker,
+    1.23 for 2, 1.69 for 8, 2.15 for 32, 2.59 for 128.  Golden-section search on [0.25, 8]
+    (the error is unimodal in c), rounded to 3 decimals so every rank uses the same bits."""
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    phi = lambda x: math.exp(-x * x / 2) / math.sqrt(2 * math.pi)   # noqa: E731
-    tail = lambda x: 0.5 * math.erfc(x / math.sqrt(2))              # noqa: E731  1 - Phi(x)
-
-    def error(c: float) -> float:
-        t = tail(c)
-        e_abs = 2 * (phi(0) - phi(c)) + 2 * c * t
-        e_sq = (1 - 2 * t) - 2 * c * phi(c) + 2 * c * c * t
-        bias2 = 2 * ((1 + c * c) * t - c * phi(c))
-        return bias2 + (c * e_abs - e_sq) / workers
-
     lo, hi = 0.25, 8.0
     ratio = (math.sqrt(5) - 1) / 2
     for _ in range(80):
         a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-        if error(a) < error(b):
+        if clip_error(a, workers) < clip_error(b, workers):
             hi = b
         else:
             lo = a
