@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import torch
 
@@ -91,11 +92,13 @@ def wire_bytes_per_step(compression, model: torch.nn.Module, steps: int) -> floa
 
 
 def progress(args, total: int, desc: str):
-    """A tqdm bar on rank 0 (None elsewhere or with --no-progress)."""
+    """A tqdm bar on rank 0 (None elsewhere or with --no-progress), drawn only on a terminal:
+    under horovodrun (or in a log) output is a pipe, and a bar redrawn every step would flood
+    it, so only the bar's ``write`` lines (one per epoch) appear there."""
     if hvd.rank() != 0 or args.no_progress:
         return None
     from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit="step")
+    return tqdm(total=total, desc=desc, unit="step", mininterval=1.0, disable=not sys.stderr.isatty())
 
 
 def agreed_steps(local_steps: int) -> int:
