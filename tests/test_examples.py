@@ -46,3 +46,17 @@ def test_compare_table_and_plot(tmp_path):
     compare.plot(results, tmp_path / "digits.png")
     assert (tmp_path / "digits.png").stat().st_size > 10_000
     assert results[1]["bytes_per_step"] < results[0]["bytes_per_step"] / 10
+
+
+def test_logs_get_one_progress_line_per_epoch(tmp_path):
+    """Under horovodrun the output is a pipe: no per-step bar redraws, only rank 0's epoch lines
+    (and the summary), whatever the number of steps."""
+    out = tmp_path / "digits.json"
+    cmd = [horovodrun(), "-np", "2", "-H", "localhost:2", "--gloo", sys.executable,
+           str(EXAMPLES / "train_digits.py"), "--compression", "terngrad", "--epochs", "3", "--out", str(out)]
+    log = subprocess.run(cmd, check=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True).stdout
+    lines = [line for line in log.splitlines() if line.startswith("[")]    # what the ranks printed
+    assert len(lines) <= 3 + 2, log
+    assert sum("epoch" in line for line in lines) == 3 and all(line.startswith("[0]") for line in lines), log
+    assert "\r" not in log and "step/s" not in log and "it/s" not in log, log
