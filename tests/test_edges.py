@@ -143,6 +143,14 @@ def _checkpoints():
         warnings.simplefilter("always")
         fresh.load_state_dict(rank0)
         outcome["rank0_everywhere"] = [str(w.message) for w in caught]
+    unbuilt = hvd_compress.TopK(ratio=0.01)     # the stock optimizer builds its engine at the first backward
+    unbuilt.load_state_dict(short)
+    try:
+        trained(unbuilt, steps=1)
+        outcome["unbuilt"] = "trained"
+    except ValueError as e:
+        outcome["unbuilt"] = str(e)
+    hvd.allreduce(torch.zeros(1), name="test.done")     # (a rank that left would shut Horovod down)
     return outcome
 
 
@@ -160,6 +168,7 @@ def test_bad_checkpoints_are_refused_at_load_and_lose_nothing():
         assert "strict=False" in out["topk_into_terngrad"] and "TopK" in out["topk_into_terngrad"]
         assert any("dropped checkpoint buffers" in m and "residual" in m for m in out["converted"])
         assert out["terngrad_buffers"] == [], "TernGrad() keeps no residual, even after loading one"
+        assert "does not fit this optimizer" in out["unbuilt"] and "2999 elements" in out["unbuilt"], out["unbuilt"]
         if rank == 1:
             assert any("saved by rank 0 and is loaded on rank 1" in m for m in out["rank0_everywhere"])
         else:
