@@ -32,10 +32,14 @@ import torch
 import study
 from hvd_compress.codecs.base import RandomKey
 from hvd_compress.codecs.qsgd import QSGDCodec
-from hvd_compress.codecs.terngrad import TernGradCodec
+from hvd_compress.codecs.terngrad import TernGradCodec, optimal_clip
 
-CODECS = {"terngrad 2.5σ (paper)": TernGradCodec(clip=2.5), "terngrad 1σ (default)": TernGradCodec(clip=1.0),
-          "qsgd 4-bit L2 (paper)": QSGDCodec(bits=4, norm="l2"), "qsgd 4-bit max (default)": QSGDCodec(bits=4, norm="max")}
+#: label -> the codec for N workers
+CODECS = {"terngrad 2.5σ (paper)": lambda n: TernGradCodec(clip=2.5),
+          "terngrad 1σ": lambda n: TernGradCodec(clip=1.0),
+          "terngrad clip for N (default)": lambda n: TernGradCodec(clip=optimal_clip(n)),
+          "qsgd 4-bit L2 (paper)": lambda n: QSGDCodec(bits=4, norm="l2"),
+          "qsgd 4-bit max (default)": lambda n: QSGDCodec(bits=4, norm="max")}
 MIN_NUMEL = 1024
 OUT = Path(__file__).resolve().parent.parent / "docs" / "study" / "noise-budget.md"
 
@@ -76,7 +80,8 @@ def budget(name: str, workers: list[int], steps: int, draws: int, reference: int
             per_worker = [gradients(model, loss_fn, b) for b in batches(20_000 + d, n, t.global_batch // n)]
             gbar = [torch.stack(parts).mean(0) for parts in zip(*per_worker)]
             sgd += sum(float(((a - b) ** 2).sum()) for a, b in zip(gbar, G)) / draws
-            for label, codec in CODECS.items():
+            for label, make in CODECS.items():
+                codec = make(n)
                 compressed = list(gbar)
                 for i, g in enumerate(gbar):
                     if g.numel() < MIN_NUMEL:
