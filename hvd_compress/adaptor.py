@@ -157,16 +157,15 @@ class Compressor:
         for ref, engine in self._engines:
             if ref() is optimizer:
                 return engine
-        engine = self._build(optimizer, len(self._engines))
-        self._engines.append((weakref.ref(optimizer), engine))
-        _check_before_synchronize(optimizer, engine, type(self).__name__)
-        if self._loaded is not None and len(self._engines) <= len(self._loaded) \
-                and not isinstance(engine, _FailedEngine):
-            try:        # (in the hook: a checkpoint that does not fit fails synchronize())
-                engine.load_state_dict(self._loaded[len(self._engines) - 1], self._strict)
+        ordinal = len(self._engines)
+        engine = self._build(optimizer, ordinal)
+        if self._loaded is not None and ordinal < len(self._loaded) and not isinstance(engine, _FailedEngine):
+            try:        # (in the hook: a checkpoint that does not fit fails the backward pass)
+                engine.load_state_dict(self._loaded[ordinal], self._strict)
             except ValueError as e:
                 engine = _FailedEngine(f"the loaded compressor state does not fit this optimizer: {e}")
-                self._engines[-1] = (self._engines[-1][0], engine)
+        self._engines.append((weakref.ref(optimizer), engine))
+        _check_before_synchronize(optimizer, engine, type(self).__name__)
         return engine
 
     def _build(self, optimizer, ordinal: int) -> Any:
@@ -257,7 +256,7 @@ class Compressor:
         size, loads with a warning (error feedback residuals are each rank's own unsent
         gradient).  Engines not built yet (the stock optimizer builds them at the first
         backward) get theirs then, checked against their parameters; a mismatch there fails
-        that step's ``synchronize()`` on every rank."""
+        that backward pass on every rank."""
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ValueError(f"not a {STATE_FORMAT} compressor state (a dict with format={STATE_FORMAT!r}, "
                              "as compression.state_dict() returns)")
@@ -351,10 +350,10 @@ def _check_before_synchronize(optimizer, engine: Any, compressor: str) -> None:
     allreduced by Horovod under its name, and waiting on that handle would never return.
 
     The wrapper first hands Horovod's missing gradients over (what Horovod 0.28.1's
-    ``synchronize()`` does first; it then finds none missing), closes the engine's step, and
-    waits until its header is complete -- or until every Horovod handle of the step is done,
-    which is how a rank that sends full gradients against this rank's placeholders shows:
-    Horovod fails those handles with mismatched shapes, and the wrapper says why."""
+    ``synchronize()`` does first; it then finds none missing), closes the engines' step and
+    waits for their headers (:func:`_await_headers`), then lets Horovod synchronize; a shape
+    mismatch Horovod reports against this rank's 1-element placeholder means another rank sent
+    a full gradient (``Compression.none``), and the error says so."""
     engines = getattr(optimizer, "_hvdc_engines", None)
     if engines is not None:
         engines.append(engine)
@@ -363,7 +362,6 @@ def _check_before_synchronize(optimizer, engine: Any, compressor: str) -> None:
     horovod_synchronize = optimizer.synchronize
 
     def synchronize():
-        import horovod.torch as hvd
         if optimizer.process_set.included():
             completed = set()
             for key in optimizer._handles:
@@ -373,37 +371,47 @@ def _check_before_synchronize(optimizer, engine: Any, compressor: str) -> None:
             for p, (handle, _) in list(optimizer._handles.items()):
                 if handle is None:
                     optimizer._handles[p] = optimizer._allreduce_grad_async(p)
-            headers = [h for h in (e.close() for e in engines) if h is not None]
-            pause, horovod_done = _POLL_S[0], None
-            while not all(h.done() for h in headers):
-                if horovod_done is None and all(callable(h) or hvd.poll(h) for h, _ in optimizer._handles.values()):
-                    horovod_done = time.monotonic()
-                if horovod_done is not None:
-                    if any(getattr(e, "plan", None) is not None and e.plan.engine_buckets for e in engines):
-                        break       # Horovod's own handles first: they fail if placeholders met gradients
-                    if time.monotonic() - horovod_done > check_timeout():
-                        raise RuntimeError(
-                            "hvd_compress: every gradient's allreduce completed but another rank never "
-                            f"joined this rank's configuration check in {check_timeout():g} s: every rank "
-                            f"must pass the same compression= to DistributedOptimizer (this rank: "
-                            f"{compressor}; another may use hvd.Compression.none)")
-                time.sleep(pause)
-                pause = min(2 * pause, _POLL_S[1])
-            else:
+            if _await_headers(optimizer, engines, compressor):
                 for e in engines:
                     e.settle()
         try:
             return horovod_synchronize()
         except Exception as e:  # noqa: BLE001 - re-raised with the reason
-            if "Mismatched" in str(e) and "shape" in str(e):
+            if "Mismatched" in str(e) and "shape [1]" in str(e):
                 raise RuntimeError(
                     "hvd_compress: another rank sent a full gradient where this rank sent the "
                     "compressor's 1-element placeholder: every rank must pass the same compression= "
-                    f"to DistributedOptimizer (this rank: {compressor}).\n"
-                    f"Horovod said: {e}") from e
+                    f"to DistributedOptimizer (this rank: {compressor}).\nHorovod said: {e}") from e
             raise
 
     optimizer.synchronize = synchronize
+
+
+def _await_headers(optimizer, engines: list[Any], compressor: str) -> bool:
+    """Close the engines' step and wait until their headers are complete (True), or until every
+    Horovod handle of the step is done while an engine sends buckets of its own (False: Horovod
+    synchronizes first; its handles fail if another rank sent full gradients against this
+    rank's placeholders).  When every bucket is Horovod's own and the header still lags
+    :func:`check_timeout` seconds behind Horovod's handles, another rank does not run the
+    compressor at all: raise."""
+    import horovod.torch as hvd
+    headers = [h for h in (e.close() for e in engines) if h is not None]
+    pause, horovod_done = _POLL_S[0], None
+    while not all(h.done() for h in headers):
+        if horovod_done is None and all(callable(h) or hvd.poll(h) for h, _ in optimizer._handles.values()):
+            horovod_done = time.monotonic()
+        if horovod_done is not None:
+            if any(getattr(e, "plan", None) is not None and e.plan.engine_buckets for e in engines):
+                return False
+            if time.monotonic() - horovod_done > check_timeout():
+                raise RuntimeError(
+                    "hvd_compress: every gradient's allreduce completed but another rank never joined "
+                    f"this rank's configuration check in {check_timeout():g} s: every rank must pass the "
+                    f"same compression= to DistributedOptimizer (this rank: {compressor}; another may "
+                    "use hvd.Compression.none)")
+        time.sleep(pause)
+        pause = min(2 * pause, _POLL_S[1])
+    return True
 
 
 def _calling_optimizer() -> tuple[Any, torch.Tensor]:
