@@ -56,6 +56,16 @@ def test_ranks_whose_models_differ_fail_clearly_without_hanging(case, message, s
         assert len(re.findall(message, text)) >= 2, "every rank names the difference"
 
 
+def test_a_third_rank_that_agrees_is_not_named():
+    """3 ranks, rank 1 with an extra parameter: every rank raises, naming rank 1 only."""
+    import re
+    with pytest.raises(JobFailed) as failure:
+        run_job(_model_differs, np=3, args=("extra", "topk:ratio=0.01"), timeout=90, env=LINK)
+    text = str(failure.value)
+    assert len(re.findall(r"rank 1: has parameters rank 0 has not: extra\.weight", text)) >= 2, text
+    assert "rank 2:" not in text and "[[0, 2], [1]]" in text, text
+
+
 def _fp16_sum_overflow(spec: str):
     """fp16 parameters, op=Sum: every rank's gradient is finite in fp16 and so is the fp32 sum,
     but the sum written back in fp16 overflows on the entries above 65504."""
