@@ -18,7 +18,7 @@ from .adaptor import Compressor
 from .codecs.base import Codec, RandomKey
 from .engine.buckets import Bucket
 from .engine.plan import AUTO, COMPRESSED
-from .engine.state import BucketState
+from .engine.state import BUCKET, MEMBER, BucketState
 from .routes.base import Link, Pending
 from .validate import checked
 from .routes.gather import GatherRoute
@@ -132,10 +132,12 @@ class Method(Compressor):
         """A message when this method cannot serve these parameters of ``optimizer``."""
         return None
 
-    def state_names(self) -> tuple[str, ...]:
-        """The engine state buffers this method keeps (what a checkpoint may restore): the
+    def state_names(self) -> dict[str, str]:
+        """The engine state buffers this method keeps (all a checkpoint may restore), each
+        ``"member"`` (laid out like the bucket: saved per parameter, survives a new bucket
+        layout) or ``"bucket"`` (saved per bucket, kept for the same layout only): the
         error-feedback residual and the two-phase owner's server residual with error feedback."""
-        return ("residual", "server") if self.error_feedback else ()
+        return {"residual": MEMBER, "server": BUCKET} if self.error_feedback else {}
 
 
 class TernGrad(Method):
@@ -328,8 +330,8 @@ class DGC(TopK):
             sent = payload.parts["indices"].to(torch.int64) + seg.offset
             u_new.index_fill_(0, sent, 0.0)
 
-    def state_names(self) -> tuple[str, ...]:
-        return (*super().state_names(), "momentum")
+    def state_names(self) -> dict[str, str]:
+        return {**super().state_names(), "momentum": MEMBER}
 
     def check_optimizer(self, optimizer, names):
         if not isinstance(optimizer, torch.optim.SGD):
@@ -565,8 +567,8 @@ class PowerSGD(Method):
         super().__init__(None, error_feedback=True, min_numel=min_numel, seed=seed, route=route,
                          bucket_cap_mb=bucket_cap_mb, link=link)
 
-    def state_names(self) -> tuple[str, ...]:
-        return ("residual", "powersgd_q")
+    def state_names(self) -> dict[str, str]:
+        return {"residual": MEMBER, "powersgd_q": BUCKET}
 
     def __repr__(self) -> str:
         return (f"PowerSGD(rank={self.rank}, min_compression_rate={self.min_compression_rate}, "
@@ -663,8 +665,8 @@ class ESGD(_AggregateMethod):
         super().__init__(NonzeroCodec(), min_numel=min_numel, seed=seed, route=route,
                          bucket_cap_mb=bucket_cap_mb, link=link)
 
-    def state_names(self) -> tuple[str, ...]:
-        return ("esgd", "importance", "selected", "memory")
+    def state_names(self) -> dict[str, str]:
+        return {"esgd": BUCKET, "importance": MEMBER, "selected": MEMBER, "memory": MEMBER}
 
     def __repr__(self) -> str:
         return (f"ESGD(ratio={self.ratio}, beta={self.beta}, min_numel={self.min_numel}, seed={self.seed}, "
@@ -792,8 +794,8 @@ class LAQ(_AggregateMethod):
         super().__init__(InnovationCodec(bits=bits), min_numel=min_numel, seed=seed, route=route,
                          bucket_cap_mb=bucket_cap_mb, link=link)
 
-    def state_names(self) -> tuple[str, ...]:
-        return ("quantized", "laq", "aggregate")
+    def state_names(self) -> dict[str, str]:
+        return {"quantized": MEMBER, "laq": BUCKET, "aggregate": MEMBER}
 
     def __repr__(self) -> str:
         return (f"LAQ(bits={self.codec.bits}, D={self.D}, xi={self.xi}, t_bar={self.t_bar}, "
@@ -880,8 +882,8 @@ class DIANA(_AggregateMethod):
         self.alpha = 1 / (self.omega + 1) if alpha is None else float(alpha)
         super().__init__(c, min_numel=min_numel, seed=seed, route=route, bucket_cap_mb=bucket_cap_mb, link=link)
 
-    def state_names(self) -> tuple[str, ...]:
-        return ("shift", "shift_sum")
+    def state_names(self) -> dict[str, str]:
+        return {"shift": MEMBER, "shift_sum": MEMBER}
 
     def __repr__(self) -> str:
         return (f"DIANA(codec={self.codec!r}, alpha={self.alpha!r}, min_numel={self.min_numel}, "

@@ -34,14 +34,11 @@ from .buckets import Bucket, Member, assign_buckets
 from .plan import DENSE, Plan, plan_bucket
 from .config_check import config_table, describe_differences
 from .persist import check_saved, check_tensor
-from .state import BucketState
+from .state import BUCKET, MEMBER, BucketState
 
 _MASK64 = (1 << 64) - 1
 #: the planner's log: one INFO line per plan on rank 0, a WARNING when compression is switched off
 log = logging.getLogger("hvd_compress")
-#: state buffers laid out like the bucket (saved per member); the others are saved per bucket
-_MEMBER_LAID = ("residual", "momentum", "shift", "shift_sum", "quantized", "aggregate", "importance",
-                "selected", "memory")
 #: int32 words of the step header before the per-member finite flags
 _HEAD = 5
 #: what Horovod 0.28.1's allreduce takes (bf16 members stay in the engine, which casts to fp32)
@@ -570,7 +567,7 @@ class Engine:
         buckets: dict[str, dict[str, torch.Tensor]] = {}
         for bucket, state in zip(self.buckets, self.states):
             for name, buf in state.buffers.items():
-                if name not in _MEMBER_LAID:
+                if bucket.method.state_names().get(name) != MEMBER:
                     buckets.setdefault(_bucket_key(bucket), {})[name] = buf.committed.clone()
                     continue
                 for m, offset in zip(bucket.members, bucket.offsets):
@@ -613,7 +610,7 @@ class Engine:
         A ``ValueError`` says what is wrong:
         the structure and finiteness (:func:`~hvd_compress.engine.persist.check_saved`), that
         every saved parameter is one of this engine's with the same element count, and that
-        every buffer is one its method keeps (``Method.state_names``).  ``strict=False`` drops
+        every buffer is one its method keeps, where it keeps it (``Method.state_names``).  ``strict=False`` drops
         the buffers a method does not keep instead of refusing them (converting a checkpoint
         to other settings); the returned list names what was dropped."""
         check_saved(sd)
@@ -623,8 +620,8 @@ class Engine:
             raise ValueError(f"state has parameters this optimizer does not: {unknown[:5]}")
         dropped: list[str] = []
 
-        def kept(name: str, method: Any, owner: str) -> bool:
-            if name in method.state_names():
+        def kept(name: str, method: Any, owner: str, layout: str) -> bool:
+            if method.state_names().get(name) == layout:
                 return True
             if strict:
                 raise ValueError(f"{owner}: the checkpoint has a {name!r} buffer, which {method!r} does not "
@@ -636,14 +633,14 @@ class Engine:
         for bucket, state in zip(self.buckets, self.states):
             for m, offset in zip(bucket.members, bucket.offsets):
                 for name, tensor in sd["params"].get(m.name, {}).items():
-                    if not kept(name, m.method, m.name):
+                    if not kept(name, m.method, m.name, MEMBER):
                         continue
                     if tensor.numel() != m.numel:
                         raise ValueError(f"{m.name}: state {name!r} has {tensor.numel()} elements, "
                                          f"the parameter {m.numel}")
                     loads.append((state, name, offset, tensor))
             for name, saved in sd.get("buckets", {}).get(_bucket_key(bucket), {}).items():
-                if kept(name, bucket.method, f"bucket {bucket.index}"):
+                if kept(name, bucket.method, f"bucket {bucket.index}", BUCKET):
                     check_tensor(saved, f"bucket {bucket.index} {name!r}",
                                  finite=name not in bucket.method.nan_buffers)
                     loads.append((state, name, None, saved))

@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import torch
 
+#: where a state buffer lives (a method declares each of its buffers so): laid out like the
+#: bucket, saved per parameter; or one per bucket, saved per bucket
+MEMBER, BUCKET = "member", "bucket"
+
 
 class TxBuffer:
     """A committed fp32 tensor and the working copy a step writes."""
