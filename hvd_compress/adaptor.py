@@ -26,6 +26,7 @@ import time
 import warnings
 import weakref
 import zlib
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -396,9 +397,14 @@ def _await_headers(optimizer, engines: list[Any], compressor: str) -> bool:
     compressor at all: raise."""
     import horovod.torch as hvd
     headers = [h for h in (e.close() for e in engines) if h is not None]
+    # Horovod's handles, in the order they were started (roughly the order they complete): each
+    # poll looks at the first one still running only, so a wait costs O(1) calls per poll
+    running = deque(h for h, _ in optimizer._handles.values() if not callable(h))
     pause, horovod_done = _POLL_S[0], None
     while not all(h.done() for h in headers):
-        if horovod_done is None and all(callable(h) or hvd.poll(h) for h, _ in optimizer._handles.values()):
+        while running and hvd.poll(running[0]):
+            running.popleft()
+        if horovod_done is None and not running:
             horovod_done = time.monotonic()
         if horovod_done is not None:
             if any(getattr(e, "plan", None) is not None and e.plan.engine_buckets for e in engines):
