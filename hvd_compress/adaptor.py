@@ -104,15 +104,23 @@ class Compressor:
     Args:
         bucket_cap_mb: bucket cap in MiB of fp32 gradient (DDP's default 25; 0: one parameter
             per bucket, i.e. layer-wise).
-        link: ``"auto"`` (measure once at the first step), or a declared :class:`Link`.
+        link: ``"auto"`` (measure once at the first step), or a declared :class:`Link`: the
+            link between hosts (each host's share of the network), the only one on one host.
+        intra_link: the link inside a host, for jobs of several hosts with several ranks each:
+            ``"auto"`` (measured with ``link``; when ``link`` is declared: declared by
+            ``HVD_COMPRESS_INTRA_LINK_GBPS``, else :data:`~hvd_compress.engine.cost.ASSUMED_INTRA`),
+            or a declared :class:`Link`.
     """
 
-    def __init__(self, *, bucket_cap_mb: float = 25.0, link: Link | str = "auto") -> None:
+    def __init__(self, *, bucket_cap_mb: float = 25.0, link: Link | str = "auto",
+                 intra_link: Link | str = "auto") -> None:
         if not bucket_cap_mb >= 0:
             raise ValueError(f"bucket_cap_mb must be >= 0, got {bucket_cap_mb!r}")
         cost.declared_link(link)  # validates
+        cost.declared_intra_link(intra_link)
         self.bucket_cap_mb = float(bucket_cap_mb)
         self.link = link
+        self.intra_link = intra_link
         self._number = next(_CREATED)
         self._engines: list[tuple[Any, Any]] = []         # (weakref to optimizer, engine)
         self._members: dict[int, dict[int, int]] = {}     # id(engine) -> id(param) -> index
@@ -203,6 +211,7 @@ class Compressor:
 
         engine = Engine(members, comm, average=optimizer.op == hvd.Average,
                         cap_bytes=int(self.bucket_cap_mb * 2 ** 20), link=cost.declared_link(self.link),
+                        intra_link=cost.declared_intra_link(self.intra_link),
                         name=tag, external_dense=True, check_name=f"c{self._number}.{ordinal}")
         self._members[id(engine)] = ids
         return engine
@@ -301,9 +310,10 @@ class Compressor:
 
 
 def _settings(config: str) -> str:
-    """A compressor's settings less the bucket cap and the link, which a checkpoint may change
-    (its buffers are kept per parameter)."""
-    return re.sub(r", (bucket_cap_mb=[^,)]*|link=(Link\([^)]*\)|'[^']*'))", "", config)
+    """A compressor's settings less the bucket cap, the links and the hierarchy setting, which
+    a checkpoint may change (its buffers are kept per parameter)."""
+    return re.sub(r", (bucket_cap_mb=[^,)]*|hierarchy=[^,)]*|(intra_)?link=(Link\([^)]*\)|'[^']*'))", "",
+                  config)
 
 
 def _warn_owner(engines: list[dict]) -> None:

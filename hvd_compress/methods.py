@@ -42,7 +42,11 @@ class Method(Compressor):
         seed: 64-bit seed of the Philox streams (each rank draws its own stream from it).
         route: ``"auto"`` (cost model; dense where compression would not pay), ``"compressed"``
             (cost model among the compressed routes only), or a route name to force.
-        bucket_cap_mb, link: see :class:`~hvd_compress.adaptor.Compressor`.
+        hierarchy: on several hosts of several ranks each, ``"auto"`` lets the cost model pick
+            the hierarchical form of a route (exact inside a host, compressed between hosts:
+            :mod:`hvd_compress.routes.hierarchical`), ``True`` requires it where the topology
+            allows, ``False`` keeps the flat routes.
+        bucket_cap_mb, link, intra_link: see :class:`~hvd_compress.adaptor.Compressor`.
     """
 
     name = "method"
@@ -54,6 +58,10 @@ class Method(Compressor):
     #: prepare() sends something else than the gradient (DGC's momentum): dense buckets must
     #: then go through the engine, not straight to Horovod's allreduce
     transforms_gradients = False
+    #: its routes may run hierarchically (compress each host's sum): False where the method's
+    #: state follows each rank's own payload (DGC's momentum masks, eSGD, LAQ, DIANA) or its
+    #: route works on the members' shapes (PowerSGD)
+    hierarchical = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Every method's constructor checks its arguments against its type hints."""
@@ -64,11 +72,15 @@ class Method(Compressor):
 
     @checked
     def __init__(self, codec: Codec | None, *, error_feedback: bool, min_numel: int = 1024,
-                 seed: int = 0, route: str = AUTO, bucket_cap_mb: float = 25.0,
-                 link: Link | str = "auto") -> None:
-        super().__init__(bucket_cap_mb=bucket_cap_mb, link=link)
+                 seed: int = 0, route: str = AUTO, hierarchy: bool | str = AUTO,
+                 bucket_cap_mb: float = 25.0, link: Link | str = "auto",
+                 intra_link: Link | str = "auto") -> None:
+        super().__init__(bucket_cap_mb=bucket_cap_mb, link=link, intra_link=intra_link)
         if min_numel < 0 or not 0 <= seed < 2 ** 64:
             raise ValueError(f"need min_numel >= 0 and 0 <= seed < 2**64, got {min_numel}, {seed}")
+        if hierarchy not in (True, False, AUTO):
+            raise ValueError(f"{self.name}: hierarchy must be True, False or 'auto', got {hierarchy!r}")
+        self.hierarchy = hierarchy
         self.codec = codec
         if codec is not None and route not in (AUTO, COMPRESSED, "dense", *self.candidates()):
             raise ValueError(f"{self.name}: route must be 'auto', 'compressed', 'dense' or one of "
@@ -80,8 +92,13 @@ class Method(Compressor):
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.codec!r}, error_feedback={self.error_feedback}, "
-                f"min_numel={self.min_numel}, seed={self.seed}, route={self.route!r}, "
-                f"bucket_cap_mb={self.bucket_cap_mb}, link={self.link!r})")
+                f"{self._options()})")
+
+    def _options(self) -> str:
+        """The options every method shares, as its repr writes them."""
+        return (f"min_numel={self.min_numel}, seed={self.seed}, route={self.route!r}, "
+                f"hierarchy={self.hierarchy!r}, bucket_cap_mb={self.bucket_cap_mb}, link={self.link!r}, "
+                f"intra_link={self.intra_link!r}")
 
     def method_for(self, name: str) -> "Method":
         return self
@@ -159,17 +176,14 @@ class TernGrad(Method):
     name = "terngrad"
 
     def __init__(self, clip: float | str | None = "auto", bucket_size: int | None = None, *,
-                 shared_scale: bool = False, error_feedback: bool = False, min_numel: int = 1024,
-                 seed: int = 0, route: str = AUTO, bucket_cap_mb: float = 25.0,
-                 link: Link | str = "auto") -> None:
+                 shared_scale: bool = False, error_feedback: bool = False, **options: Any) -> None:
         from .codecs.terngrad import TernGradCodec, optimal_clip
         if isinstance(clip, str) and clip != "auto":
             raise ValueError(f"terngrad: clip must be a positive number, None or 'auto', got {clip!r}")
         self.shared_scale = shared_scale
         self.clip = clip
         codec = TernGradCodec(bucket_size=bucket_size, clip=optimal_clip(1) if clip == "auto" else clip)
-        super().__init__(codec, error_feedback=error_feedback, min_numel=min_numel, seed=seed, route=route,
-                         bucket_cap_mb=bucket_cap_mb, link=link)
+        super().__init__(codec, error_feedback=error_feedback, **options)
 
     def __repr__(self) -> str:
         return f"{super().__repr__()[:-1]}, clip={self.clip!r}, shared_scale={self.shared_scale})"
@@ -203,11 +217,10 @@ class QSGD(Method):
     scope = "bucket"
 
     def __init__(self, bits: int = 4, bucket_size: int = 512, norm: str = "max", *,
-                 error_feedback: bool = False, min_numel: int = 1024, seed: int = 0, route: str = AUTO,
-                 bucket_cap_mb: float = 25.0, link: Link | str = "auto") -> None:
+                 error_feedback: bool = False, **options: Any) -> None:
         from .codecs.qsgd import QSGDCodec
         super().__init__(QSGDCodec(bits=bits, bucket_size=bucket_size, norm=norm), error_feedback=error_feedback,
-                         min_numel=min_numel, seed=seed, route=route, bucket_cap_mb=bucket_cap_mb, link=link)
+                         **options)
 
 
 class TopK(Method):
@@ -222,16 +235,14 @@ class TopK(Method):
     def __init__(self, ratio: float = 0.01, sample_ratio: float = 0.01, *,
                  value_dtype: torch.dtype = torch.float16, exact_k: bool | None = None,
                  mode: str = "sampled", threshold: float | None = None, scope: str = "tensor",
-                 error_feedback: bool = True, min_numel: int = 1024, seed: int = 0,
-                 route: str = AUTO, bucket_cap_mb: float = 25.0, link: Link | str = "auto") -> None:
+                 error_feedback: bool = True, **options: Any) -> None:
         from .codecs.topk import TopKCodec
         if scope not in ("tensor", "bucket"):
             raise ValueError(f"scope must be 'tensor' or 'bucket', got {scope!r}")
         self.scope = scope
         super().__init__(TopKCodec(ratio=ratio, sample_ratio=sample_ratio, value_dtype=value_dtype,
                                    exact_k=exact_k, mode=mode, threshold=threshold),
-                         error_feedback=error_feedback, min_numel=min_numel, seed=seed, route=route,
-                         bucket_cap_mb=bucket_cap_mb, link=link)
+                         error_feedback=error_feedback, **options)
 
     def __repr__(self) -> str:
         return f"{super().__repr__()[:-1]}, scope={self.scope!r})"
@@ -260,6 +271,7 @@ class DGC(TopK):
     Momentum and residual are state: checkpoint them with ``state_dict()``.
     """
 
+    hierarchical = False
     name = "dgc"
     #: the wrapped optimizer must not apply momentum again (examples/ read this)
     owns_momentum = True
@@ -268,9 +280,7 @@ class DGC(TopK):
 
     def __init__(self, ratio: float = 0.001, momentum: float = 0.9, *, clip_norm: float | None = None,
                  warmup_steps: int = 0, warmup_ratio: float = 0.25, sample_ratio: float = 0.01,
-                 value_dtype: torch.dtype = torch.float16, scope: str = "tensor", min_numel: int = 1024,
-                 seed: int = 0, route: str = AUTO, bucket_cap_mb: float = 25.0,
-                 link: Link | str = "auto") -> None:
+                 value_dtype: torch.dtype = torch.float16, scope: str = "tensor", **options: Any) -> None:
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         if warmup_steps < 0 or not 0 < ratio <= 1 or (warmup_steps and not ratio <= warmup_ratio <= 1):
@@ -280,8 +290,7 @@ class DGC(TopK):
         if clip_norm is not None and not clip_norm > 0:
             raise ValueError(f"clip_norm must be > 0 or None, got {clip_norm}")
         super().__init__(ratio=ratio, sample_ratio=sample_ratio, value_dtype=value_dtype,
-                         scope=scope, error_feedback=True, min_numel=min_numel, seed=seed,
-                         route=route, bucket_cap_mb=bucket_cap_mb, link=link)
+                         scope=scope, error_feedback=True, **options)
         self.momentum = momentum
         self.clip_norm = clip_norm
         self.warmup_steps = warmup_steps
@@ -360,8 +369,7 @@ class GradDrop(TopK):
     name = "graddrop"
 
     def __init__(self, drop_ratio: float = 0.99, sample_ratio: float = 0.001, *, layer_norm: bool = True,
-                 value_dtype: torch.dtype = torch.float16, min_numel: int = 1024, seed: int = 0,
-                 route: str = AUTO, bucket_cap_mb: float = 25.0, link: Link | str = "auto") -> None:
+                 value_dtype: torch.dtype = torch.float16, **options: Any) -> None:
         from fractions import Fraction
 
         from .codecs.topk import GradDropCodec
@@ -371,8 +379,7 @@ class GradDrop(TopK):
         Method.__init__(self, GradDropCodec(ratio=float(1 - Fraction(str(float(drop_ratio)))),
                                             sample_ratio=sample_ratio, value_dtype=value_dtype,
                                             layer_norm=layer_norm),
-                        error_feedback=True, min_numel=min_numel, seed=seed, route=route,
-                        bucket_cap_mb=bucket_cap_mb, link=link)
+                        error_feedback=True, **options)
 
 
 class AdaComp(Method):
@@ -386,13 +393,10 @@ class AdaComp(Method):
 
     name = "adacomp"
 
-    def __init__(self, bin_size: int | None = None, conv_bin_size: int = 50, fc_bin_size: int = 500, *,
-                 min_numel: int = 1024, seed: int = 0, route: str = AUTO, bucket_cap_mb: float = 25.0,
-                 link: Link | str = "auto") -> None:
+    def __init__(self, bin_size: int | None = None, conv_bin_size: int = 50, fc_bin_size: int = 500, **options: Any) -> None:
         from .codecs.ternary import AdaCompCodec
         super().__init__(AdaCompCodec(bin_size=bin_size, conv_bin_size=conv_bin_size, fc_bin_size=fc_bin_size),
-                         error_feedback=True, min_numel=min_numel, seed=seed, route=route,
-                         bucket_cap_mb=bucket_cap_mb, link=link)
+                         error_feedback=True, **options)
 
     #: entries a bin sends per step, for the plan's byte estimate (about 3.8 averaged over the
     #: digits CNN's training, docs/methods-sparse-adaptive.md)
@@ -419,12 +423,10 @@ class STC(Method):
 
     name = "stc"
 
-    def __init__(self, ratio: float = 0.0025, sample_ratio: float = 0.01, *, min_numel: int = 1024,
-                 seed: int = 0, route: str = AUTO, bucket_cap_mb: float = 25.0,
-                 link: Link | str = "auto") -> None:
+    def __init__(self, ratio: float = 0.0025, sample_ratio: float = 0.01, **options: Any) -> None:
         from .codecs.ternary import STCCodec
         super().__init__(STCCodec(ratio=ratio, sample_ratio=sample_ratio), error_feedback=True,
-                         min_numel=min_numel, seed=seed, route=route, bucket_cap_mb=bucket_cap_mb, link=link)
+                         **options)
 
     def candidates(self) -> dict:
         return {"allgather": _FIXED_ROUTES["allgather"]}
@@ -441,16 +443,13 @@ class FP16(Method):
     name = "fp16"
     scope = "bucket"
 
-    def __init__(self, stochastic: bool = True, *, error_feedback: bool = False, min_numel: int = 1024,
-                 seed: int = 0, route: str = AUTO, bucket_cap_mb: float = 25.0,
-                 link: Link | str = "auto") -> None:
+    def __init__(self, stochastic: bool = True, *, error_feedback: bool = False, **options: Any) -> None:
         from .codecs.fp16 import HalfCodec, StochasticFP16Codec
         if error_feedback and not stochastic:
             raise ValueError("FP16(stochastic=False) has no error feedback")
         self.stochastic = stochastic
         super().__init__(StochasticFP16Codec() if stochastic else HalfCodec(),
-                         error_feedback=error_feedback, min_numel=min_numel, seed=seed, route=route,
-                         bucket_cap_mb=bucket_cap_mb, link=link)
+                         error_feedback=error_feedback, **options)
 
 
 class OneBit(Method):
@@ -463,11 +462,9 @@ class OneBit(Method):
 
     name = "onebit"
 
-    def __init__(self, bucket_size: int | None = None, *, min_numel: int = 1024, seed: int = 0,
-                 route: str = AUTO, bucket_cap_mb: float = 25.0, link: Link | str = "auto") -> None:
+    def __init__(self, bucket_size: int | None = None, **options: Any) -> None:
         from .codecs.sign import OneBitCodec
-        super().__init__(OneBitCodec(bucket_size=bucket_size), error_feedback=True, min_numel=min_numel,
-                         seed=seed, route=route, bucket_cap_mb=bucket_cap_mb, link=link)
+        super().__init__(OneBitCodec(bucket_size=bucket_size), error_feedback=True, **options)
 
 
 class EFSignSGD(Method):
@@ -477,11 +474,10 @@ class EFSignSGD(Method):
 
     name = "efsignsgd"
 
-    def __init__(self, bucket_size: int | None = None, *, min_numel: int = 1024, seed: int = 0,
-                 route: str = AUTO, bucket_cap_mb: float = 25.0, link: Link | str = "auto") -> None:
+    def __init__(self, bucket_size: int | None = None, **options: Any) -> None:
         from .codecs.sign import ScaledSignCodec
         super().__init__(ScaledSignCodec(bucket_size=bucket_size), error_feedback=True,
-                         min_numel=min_numel, seed=seed, route=route, bucket_cap_mb=bucket_cap_mb, link=link)
+                         **options)
 
 
 class SignSGD(Method):
@@ -494,11 +490,9 @@ class SignSGD(Method):
 
     name = "signsgd"
 
-    def __init__(self, *, min_numel: int = 1024, seed: int = 0, route: str = AUTO,
-                 bucket_cap_mb: float = 25.0, link: Link | str = "auto") -> None:
+    def __init__(self, **options: Any) -> None:
         from .codecs.sign import MajorityVoteCodec
-        super().__init__(MajorityVoteCodec(), error_feedback=False, min_numel=min_numel, seed=seed,
-                         route=route, bucket_cap_mb=bucket_cap_mb, link=link)
+        super().__init__(MajorityVoteCodec(), error_feedback=False, **options)
 
     def candidates(self) -> dict:
         return {"allgather": _FIXED_ROUTES["allgather"]}
@@ -513,12 +507,10 @@ class RandomK(Method):
 
     name = "randomk"
 
-    def __init__(self, ratio: float = 0.01, *, unbiased: bool = False, min_numel: int = 1024,
-                 seed: int = 0, route: str = AUTO, bucket_cap_mb: float = 25.0,
-                 link: Link | str = "auto") -> None:
+    def __init__(self, ratio: float = 0.01, *, unbiased: bool = False, **options: Any) -> None:
         from .codecs.randk import RandomKCodec
         super().__init__(RandomKCodec(ratio=ratio, unbiased=unbiased), error_feedback=not unbiased,
-                         min_numel=min_numel, seed=seed, route=route, bucket_cap_mb=bucket_cap_mb, link=link)
+                         **options)
 
     def candidates(self) -> dict:
         return {"allreduce": _SUMMABLE_ROUTES["allreduce"]}
@@ -538,12 +530,10 @@ class Sketch(Method):
     name = "sketch"
     scope = "bucket"
 
-    def __init__(self, bits: int = 4, block_size: int = 1024, ratio: float = 1.0, *,
-                 min_numel: int = 1024, seed: int = 0, route: str = AUTO, bucket_cap_mb: float = 25.0,
-                 link: Link | str = "auto") -> None:
+    def __init__(self, bits: int = 4, block_size: int = 1024, ratio: float = 1.0, **options: Any) -> None:
         from .codecs.sketch import SketchCodec
         super().__init__(SketchCodec(bits=bits, block_size=block_size, ratio=ratio), error_feedback=False,
-                         min_numel=min_numel, seed=seed, route=route, bucket_cap_mb=bucket_cap_mb, link=link)
+                         **options)
 
 
 class PowerSGD(Method):
@@ -554,26 +544,24 @@ class PowerSGD(Method):
     ``structured=True`` is seed 004's structured update: Q a fresh random basis from the shared
     seed each step, only P sent.  (n + m) r fp32 per n x m matrix."""
 
+    hierarchical = False
     name = "powersgd"
 
     def __init__(self, rank: int = 2, min_compression_rate: float = 2.0, *, structured: bool = False,
-                 min_numel: int = 1024, seed: int = 0, route: str = AUTO, bucket_cap_mb: float = 25.0,
-                 link: Link | str = "auto") -> None:
+                 **options: Any) -> None:
         from .routes.low_rank import PowerSGDRoute
         if rank < 1 or min_compression_rate < 1:
             raise ValueError(f"need rank >= 1 and min_compression_rate >= 1, got {rank}, {min_compression_rate}")
         self.rank, self.min_compression_rate, self.structured = rank, min_compression_rate, structured
         self._route = PowerSGDRoute(rank, min_compression_rate, structured)
-        super().__init__(None, error_feedback=True, min_numel=min_numel, seed=seed, route=route,
-                         bucket_cap_mb=bucket_cap_mb, link=link)
+        super().__init__(None, error_feedback=True, **options)
 
     def state_names(self) -> dict[str, str]:
         return {"residual": MEMBER, "powersgd_q": BUCKET}
 
     def __repr__(self) -> str:
         return (f"PowerSGD(rank={self.rank}, min_compression_rate={self.min_compression_rate}, "
-                f"structured={self.structured}, min_numel={self.min_numel}, seed={self.seed}, "
-                f"route={self.route!r}, bucket_cap_mb={self.bucket_cap_mb}, link={self.link!r})")
+                f"structured={self.structured}, {self._options()})")
 
     def candidates(self) -> dict:
         return {"powersgd": self._route}
@@ -599,14 +587,14 @@ class _AggregateMethod(Method):
 
     scope = "bucket"
 
-    def __init__(self, codec: Codec, *, min_numel: int, seed: int, route: str, bucket_cap_mb: float,
-                 link: Link | str) -> None:
+    hierarchical = False   # the state follows each rank's own payload
+
+    def __init__(self, codec: Codec, *, route: str, **options: Any) -> None:
         if route in (AUTO, "dense"):
             raise ValueError(f"{self.name}: route must be 'compressed' or one of {sorted(self.candidates())} "
                              f"(its state follows the decoded aggregate, which a dense bucket bypasses), "
                              f"got {route!r}")
-        super().__init__(codec, error_feedback=False, min_numel=min_numel, seed=seed, route=route,
-                         bucket_cap_mb=bucket_cap_mb, link=link)
+        super().__init__(codec, error_feedback=False, route=route, **options)
 
     def candidates(self) -> dict:
         return {"allgather": _FIXED_ROUTES["allgather"]}
@@ -654,23 +642,20 @@ class ESGD(_AggregateMethod):
     name = "esgd"
     nan_buffers = ("esgd",)
 
-    def __init__(self, ratio: float = 0.125, beta: float = 0.9, *, min_numel: int = 1024, seed: int = 0,
-                 route: str = COMPRESSED, bucket_cap_mb: float = 25.0, link: Link | str = "auto") -> None:
+    def __init__(self, ratio: float = 0.125, beta: float = 0.9, *, route: str = COMPRESSED, **options: Any) -> None:
         from .codecs.sparse import NonzeroCodec
         if not 0.0 < ratio <= 1.0 or not 0.0 <= beta < 1.0:
             raise ValueError(f"eSGD needs 0 < ratio <= 1 and 0 <= beta < 1, got ratio={ratio}, beta={beta}")
         self.ratio, self.beta = ratio, beta
         self._losses: dict[int | None, torch.Tensor | float] = {}
         self._warned = False
-        super().__init__(NonzeroCodec(), min_numel=min_numel, seed=seed, route=route,
-                         bucket_cap_mb=bucket_cap_mb, link=link)
+        super().__init__(NonzeroCodec(), route=route, **options)
 
     def state_names(self) -> dict[str, str]:
         return {"esgd": BUCKET, "importance": MEMBER, "selected": MEMBER, "memory": MEMBER}
 
     def __repr__(self) -> str:
-        return (f"ESGD(ratio={self.ratio}, beta={self.beta}, min_numel={self.min_numel}, seed={self.seed}, "
-                f"route={self.route!r}, bucket_cap_mb={self.bucket_cap_mb}, link={self.link!r})")
+        return f"ESGD(ratio={self.ratio}, beta={self.beta}, {self._options()})"
 
     def observe_loss(self, loss: torch.Tensor | float, rank: int | None = None) -> None:
         """This step's loss on this worker (call before ``backward()``); stored, never read here.
@@ -785,22 +770,19 @@ class LAQ(_AggregateMethod):
     name = "laq"
 
     def __init__(self, bits: int = 8, D: int = 10, xi: float = 0.8, t_bar: int = 100, *,
-                 min_numel: int = 1024, seed: int = 0, route: str = COMPRESSED, bucket_cap_mb: float = 25.0,
-                 link: Link | str = "auto") -> None:
+                 route: str = COMPRESSED, **options: Any) -> None:
         from .codecs.laq import InnovationCodec
         if D < 1 or not xi >= 0 or t_bar < 0:
             raise ValueError(f"LAQ needs D >= 1, xi >= 0 and t_bar >= 0, got D={D}, xi={xi}, t_bar={t_bar}")
         self.D, self.xi, self.t_bar = int(D), float(xi), int(t_bar)
-        super().__init__(InnovationCodec(bits=bits), min_numel=min_numel, seed=seed, route=route,
-                         bucket_cap_mb=bucket_cap_mb, link=link)
+        super().__init__(InnovationCodec(bits=bits), route=route, **options)
 
     def state_names(self) -> dict[str, str]:
         return {"quantized": MEMBER, "laq": BUCKET, "aggregate": MEMBER}
 
     def __repr__(self) -> str:
         return (f"LAQ(bits={self.codec.bits}, D={self.D}, xi={self.xi}, t_bar={self.t_bar}, "
-                f"min_numel={self.min_numel}, seed={self.seed}, route={self.route!r}, "
-                f"bucket_cap_mb={self.bucket_cap_mb}, link={self.link!r})")
+                f"{self._options()})")
 
     def payload_bytes(self, bucket: Bucket, codec: Codec) -> float:
         """Bytes of an upload (a skip costs only the block header)."""
@@ -864,8 +846,7 @@ class DIANA(_AggregateMethod):
     name = "diana"
 
     def __init__(self, codec: str = "qsgd", alpha: float | None = None, bits: int = 4,
-                 bucket_size: int = 512, *, min_numel: int = 1024, seed: int = 0, route: str = COMPRESSED,
-                 bucket_cap_mb: float = 25.0, link: Link | str = "auto") -> None:
+                 bucket_size: int = 512, *, route: str = COMPRESSED, **options: Any) -> None:
         if codec == "qsgd":
             from .codecs.qsgd import QSGDCodec
             c = QSGDCodec(bits=bits, bucket_size=bucket_size)
@@ -880,14 +861,13 @@ class DIANA(_AggregateMethod):
             raise ValueError(f"DIANA: alpha must lie in (0, 1], got {alpha}")
         self.codec_name = codec
         self.alpha = 1 / (self.omega + 1) if alpha is None else float(alpha)
-        super().__init__(c, min_numel=min_numel, seed=seed, route=route, bucket_cap_mb=bucket_cap_mb, link=link)
+        super().__init__(c, route=route, **options)
 
     def state_names(self) -> dict[str, str]:
         return {"shift": MEMBER, "shift_sum": MEMBER}
 
     def __repr__(self) -> str:
-        return (f"DIANA(codec={self.codec!r}, alpha={self.alpha!r}, min_numel={self.min_numel}, "
-                f"seed={self.seed}, route={self.route!r}, bucket_cap_mb={self.bucket_cap_mb}, link={self.link!r})")
+        return f"DIANA(codec={self.codec!r}, alpha={self.alpha!r}, {self._options()})"
 
     def prepare(self, bucket, grads, x, state, comm):
         x = super().prepare(bucket, grads, x, state, comm)

@@ -40,7 +40,7 @@ import torch
 from .engine.buckets import Member
 from .engine.engine import Engine
 from .engine.local import LocalWorld
-from .engine.cost import declared_link
+from .engine.cost import ASSUMED_INTRA, declared_intra_link, declared_link
 from .routes.base import Link
 
 #: the link a simulation plans for when the compressor declares none
@@ -57,23 +57,30 @@ class DataParallel:
         compression: an hvd_compress compressor (or a ``{pattern: compressor}`` map as
             :class:`~hvd_compress.optimizer.PerParameterCompressor` takes).
         workers: number of simulated ranks.
+        local_size: ranks per simulated host (hosts of consecutive ranks, as ``horovodrun -H
+            a:L,b:L`` places them): ``workers=4, local_size=2`` is the world of a 2-host job of 2
+            ranks each, hierarchical routes included.
         named_parameters: defaults to ``model.named_parameters()``.
         average: Horovod's ``op=Average`` (else Sum).
-        link: the link the plan is made for; default: the compressor's declared link, else
-            :data:`DEFAULT_LINK` (a measured in-process link would mean nothing).  Use
+        link: the link the plan is made for (between hosts); default: the compressor's declared
+            link, else :data:`DEFAULT_LINK` (a measured in-process link would mean nothing).
+            ``intra_link``: inside a host, likewise (default: the compressor's declared one, else
+            :data:`~hvd_compress.engine.cost.ASSUMED_INTRA`).  Use
             ``route="compressed"`` on the compressor to study compression's effect on training
             whatever its speed.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, compression: Any,
                  workers: int, *, named_parameters=None, average: bool = True,
-                 link: Link | None = None) -> None:
+                 link: Link | None = None, local_size: int = 1, intra_link: Link | None = None) -> None:
         if isinstance(compression, dict):
             from .optimizer import PerParameterCompressor
             compression = PerParameterCompressor(compression)
         if link is None:
             link = declared_link(getattr(compression, "link", "auto")) or DEFAULT_LINK
         self.link = link
+        if intra_link is None:
+            intra_link = declared_intra_link(getattr(compression, "intra_link", "auto")) or ASSUMED_INTRA
         self.model, self.optimizer, self.compression = model, optimizer, compression
         self.workers = workers
         names = {p: n for n, p in (named_parameters or model.named_parameters())}
@@ -84,10 +91,11 @@ class DataParallel:
             if not hasattr(method, "codec_at"):
                 raise TypeError(f"{names[p]}: the simulator runs hvd_compress methods only, got {method!r}")
             members.append(Member(len(members), names[p], p.shape, p.dtype, method))
-        self.world = LocalWorld(workers)
+        self.world = LocalWorld(workers, local_size)
         self.engines = [Engine(members, (lambda c: lambda: c)(comm), average=average,
                                cap_bytes=int(compression.bucket_cap_mb * 2 ** 20), link=link,
-                               name="sim", external_dense=True) for comm in self.world.comms]
+                               intra_link=intra_link, name="sim", external_dense=True)
+                        for comm in self.world.comms]
         self._average = average
         # methods that read the step's loss (eSGD): each simulated worker reports its own
         self._observers = [m for m in {id(m.method): m.method for m in members}.values()

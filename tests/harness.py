@@ -51,9 +51,16 @@ def horovodrun() -> str:
     return exe
 
 
+#: two "hosts" on this machine: horovodrun takes differently spelled local names for different
+#: hosts (local ranks, cross ranks) and starts both without ssh; ranks talk over loopback
+TWO_LOCAL_HOSTS = "127.0.0.1:{n},localhost:{n}"
+
+
 def run_job(fn: Callable[..., Any], np: int = 2, *, controller: str = "gloo", timeout: float = 120,
-            args: tuple = (), kwargs: dict | None = None, env: dict | None = None) -> list[Any]:
-    """Run ``fn(*args, **kwargs)`` on ``np`` ranks after ``hvd.init()``; return results by rank."""
+            args: tuple = (), kwargs: dict | None = None, env: dict | None = None,
+            hosts: str | None = None) -> list[Any]:
+    """Run ``fn(*args, **kwargs)`` on ``np`` ranks after ``hvd.init()``; return results by rank.
+    ``hosts``: horovodrun's ``-H`` (default ``localhost:np``)."""
     if controller not in ("gloo", "mpi"):
         raise ValueError(f"controller must be 'gloo' or 'mpi', got {controller!r}")
     # Test modules are not importable in the ranks: ship fn's module by value.
@@ -65,7 +72,7 @@ def run_job(fn: Callable[..., Any], np: int = 2, *, controller: str = "gloo", ti
         job.write_bytes(cloudpickle.dumps((fn, args, kwargs or {})))
         worker = Path(tmp, "worker.py")
         worker.write_text(_WORKER)
-        cmd = [horovodrun(), "-np", str(np), "-H", f"localhost:{np}", f"--{controller}"]
+        cmd = [horovodrun(), "-np", str(np), "-H", hosts or f"localhost:{np}", f"--{controller}"]
         run_env = dict(os.environ, **(env or {}))
         run_env.setdefault("OMP_NUM_THREADS", "1")
         if controller == "mpi":

@@ -579,7 +579,7 @@ def test_measured_trial_decides_between_compressed_and_uncompressed(monkeypatch)
     faster; every rank takes the same decision (from the step headers).  (The link measured
     between threads is memory-fast: a slow one is reported so that the model compresses.)"""
     from hvd_compress.engine import cost
-    monkeypatch.setattr(cost, "measure_link", lambda comm, device, tag: (Link.gbps(0.3), 1e12))
+    monkeypatch.setattr(cost, "measure_link", lambda comm, device, tag, world=None: (Link.gbps(0.3), 1e12))
     results = run_like_the_adaptor("terngrad", 2, 9, link=None)
     plans = [str(engine.plan) for _, engine in results]
     assert plans[0].splitlines()[0] == plans[1].splitlines()[0]

@@ -19,7 +19,7 @@ def test_switched_off_compression_is_a_warning_on_rank_0(monkeypatch, caplog):
     """A measured link fast enough that TernGrad would not pay: the settled plan sends
     everything uncompressed, and rank 0 says so (once) at WARNING, which Python's logging
     shows without any configuration; the first plan (assumed link) is an INFO line."""
-    monkeypatch.setattr(cost, "measure_link", lambda comm, device, tag: (FAST, 1e12))
+    monkeypatch.setattr(cost, "measure_link", lambda comm, device, tag, world=None: (FAST, 1e12))
     caplog.set_level(logging.INFO, logger="hvd_compress")
     results = run_like_the_adaptor("terngrad", 2, 4, link=None)
     assert results[0][1].plan.compressed_fraction == 0
@@ -63,7 +63,7 @@ def test_uncompressed_buckets_have_one_name_whoever_sends_them():
 def test_implausible_link_measurements_are_measured_again_then_replaced(monkeypatch):
     """Faster than memory copies, or latency <= 0: measured once more, then the assumed link."""
     answers = iter([(Link(1e-5, 1e15), 1e10), (Link(20e-6, 5e8), 1e10)])
-    monkeypatch.setattr(cost, "measure_link", lambda comm, device, tag: next(answers))
+    monkeypatch.setattr(cost, "measure_link", lambda comm, device, tag, world=None: next(answers))
     link, source = cost.measure_link_checked(None, None, "t")
     assert link == Link(20e-6, 5e8) and source.startswith("measured, again after an implausible 8e+06 Gbit/s")
     answers = iter([(Link(-1e-6, 5e8), 1e10), (Link(0.0, 5e8), 1e10)])

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from ..routes.base import Segment
+
 
 @dataclass(frozen=True)
 class Member:
@@ -34,14 +36,6 @@ class Member:
     def small(self) -> bool:
         """Below the method's ``min_numel``: sent uncompressed."""
         return self.numel < self.method.min_numel
-
-
-@dataclass(frozen=True)
-class Segment:
-    """A stretch of a bucket's flat buffer that is encoded as one tensor."""
-    offset: int
-    numel: int
-    tensor_id: int
 
 
 @dataclass

@@ -11,6 +11,8 @@ from typing import Any, Protocol
 
 import torch
 
+from .topology import Placement
+
 
 class Handle(Protocol):
     def wait(self) -> Any:
@@ -23,6 +25,8 @@ class Handle(Protocol):
 class Comm(Protocol):
     rank: int
     size: int
+    #: where this rank runs (host, local rank, ranks on the host): see engine.topology
+    placement: Placement
 
     def allreduce(self, tensor: torch.Tensor, name: str, op: str = "sum") -> Handle:
         """Out-of-place sum (``op="sum"``), mean (``"average"``) or maximum (``"max"``) over ranks."""
@@ -59,6 +63,9 @@ class HorovodComm:
         self.process_set = process_set if process_set is not None else hvd.global_process_set
         self.rank = self.process_set.rank()
         self.size = self.process_set.size()
+        # Horovod's own view: the host's index among hosts (homogeneous jobs) and the position
+        # on it, from the launcher's host list (-H, the MPI hostfile, Slurm's node list)
+        self.placement = Placement(hvd.cross_rank(), hvd.local_rank(), hvd.local_size())
 
     def allreduce(self, tensor: torch.Tensor, name: str, op: str = "sum") -> Handle:
         hvd_op = {"sum": self._hvd.Sum, "average": self._hvd.Average, "max": self._hvd.Max}[op]

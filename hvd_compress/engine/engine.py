@@ -33,14 +33,14 @@ from . import cost
 from .buckets import Bucket, Member, assign_buckets
 from .plan import DENSE, Plan, plan_bucket
 from .config_check import config_table, describe_differences
+from .header import Header
 from .persist import check_saved, check_tensor
 from .state import BUCKET, MEMBER, BucketState
+from .topology import Placement, Topology
 
 _MASK64 = (1 << 64) - 1
 #: the planner's log: one INFO line per plan on rank 0, a WARNING when compression is switched off
 log = logging.getLogger("hvd_compress")
-#: int32 words of the step header before the per-member finite flags
-_HEAD = 5
 #: what Horovod 0.28.1's allreduce takes (bf16 members stay in the engine, which casts to fp32)
 _HOROVOD_DTYPES = (torch.float16, torch.float32, torch.float64)
 
@@ -86,7 +86,7 @@ class _Step:
     finite: list[bool] = field(default_factory=list)                   # per member, this rank's input
     errors: list[str] = field(default_factory=list)
     header: Any = None
-    rows: list[list[int]] | None = None                                # every rank's header, read
+    rows: list[Header] | None = None                                   # every rank's header, read
     results: dict[int, torch.Tensor] | None = None                     # bucket index -> fp32 sum
     bad: set[int] = field(default_factory=set)                         # members non-finite anywhere
     reported: int = 0                                                  # external results seen
@@ -103,7 +103,9 @@ class Engine:
             start, so an elastic reset's new world is seen).
         average: divide the sum by the number of ranks (Horovod's ``op=Average``).
         cap_bytes: bucket cap (0: one member per bucket).
-        link: a declared :class:`Link`, or None to measure it at the first flush.
+        link: a declared :class:`Link` (between hosts), or None to measure it at the first flush.
+        intra_link: a declared :class:`Link` inside a host (several ranks per host), or None:
+            measured with ``link``, else :data:`~hvd_compress.engine.cost.ASSUMED_INTRA`.
         name: tag of this engine's collectives (the same on every rank).
         check_name: tag of the step header and the configuration check, the same on every rank
             whatever its model (default: ``name``); the Horovod adaptor names it after the
@@ -115,7 +117,7 @@ class Engine:
 
     def __init__(self, members: list[Member], comm_factory: Callable[[], Any], *, average: bool,
                  cap_bytes: int, link: Link | None, name: str, external_dense: bool = False,
-                 check_name: str | None = None) -> None:
+                 check_name: str | None = None, intra_link: Link | None = None) -> None:
         self.members = members
         self.buckets: list[Bucket] = assign_buckets(members, cap_bytes)
         self.cap_bytes = cap_bytes
@@ -132,6 +134,10 @@ class Engine:
         self.step = 0
         self.link: Link | None = link
         self.link_source = "declared" if link is not None else "assumed until measured"
+        self.intra_link: Link | None = intra_link
+        self._intra_declared = intra_link is not None
+        #: the hosts, learned from the first step header (every rank's placement); None: not yet
+        self.topology: Topology | None = None
         self.speeds: dict[int, Speed] = {}      # id(method) -> measured speed
         self.comm: Any = None
         self.plan: Plan | None = None
@@ -282,15 +288,21 @@ class Engine:
             self.finalize()
         comm = _Counted(self._comm_factory(), self.stats)
         replan = self._trial.next_step(self)
-        if replan or self.plan is None or (comm.size, comm.rank) != (self.plan.world, self.plan.rank):
+        topology_changed = self.plan is not None and self._planned_topology(comm.size) != self.plan.topology
+        if replan or topology_changed or self.plan is None or \
+                (comm.size, comm.rank) != (self.plan.world, self.plan.rank):
             owner = (self.plan.world, self.plan.rank) if self.plan is not None else self._loaded_owner
             if owner not in (None, (comm.size, comm.rank)):
                 # chunk ownership moved: the server residuals mean nothing now
                 for state in self.states:
                     state.buffers.pop("server", None)
+                if owner[0] != comm.size:
+                    self.topology = None       # another world (elastic): learned again
                 if self.link_source != "declared" and owner[0] != comm.size:
                     # another world (elastic): measure the link and run the trial again
                     self.link, self.link_source, self._trial = None, "assumed until measured", Trial()
+                    if not self._intra_declared:
+                        self.intra_link = None
             self.comm = comm
             self._replan()
         self.comm = comm
@@ -299,19 +311,27 @@ class Engine:
 
     def _replan(self) -> None:
         link = self.link or cost.ASSUMED
+        intra = self.intra_link or cost.ASSUMED_INTRA
+        topology = self._planned_topology(self.comm.size)
         plans = []
         dense = self._trial.dense_reason()
         for b in self.buckets:
             bplan = plan_bucket(b, self.comm.size, link, self.speeds.get(id(b.method), Speed()), self.step,
-                                dense_if_auto=dense)
+                                dense_if_auto=dense, topology=topology, intra=intra)
             bplan.external = (self.external_dense and bplan.route is DENSE and not b.method.transforms_gradients
                               and all(m.dtype in _HOROVOD_DTYPES for m in b.members))
             plans.append(bplan)
         self.plan = Plan(self.comm.size, self.comm.rank, link, self.link_source, self.cap_bytes, plans,
-                         decided=self._trial.summary())
+                         decided=self._trial.summary(), topology=topology, intra=intra)
         self._check_due = True
         self.plan.stateful = any(not p.external for p in plans) or any(s.buffers for s in self.states)
         self._announce()
+
+    def _planned_topology(self, size: int) -> Topology:
+        """The topology the plan is made for: the learned one where the hierarchical routes can
+        use it, else one rank per host (nothing else changes a route)."""
+        topo = self.topology
+        return topo if topo is not None and topo.size == size and topo.hierarchical else Topology.flat(size)
 
     def _announce(self) -> None:
         """Rank 0 logs each new plan once (not the alternating plans of a trial), and warns when
@@ -354,12 +374,12 @@ class Engine:
             residual = None
             if "residual" in state.buffers or (compressed and method.error_feedback):
                 residual = state.buffer("residual", device).begin()
-            job = Job(x, bucket.tensor_id, method.codec_at(self.step, self.comm.size), bucket.segments(method.scope),
+            job = Job(x, bucket.tensor_id, method.codec_at(self.step, bplan.workers), bucket.segments(method.scope),
                       residual, self.comm, f"{self.tag}.b{bucket.index}", self.step,
                       lambda r: rank_seed(method.seed, r), self._server_buffer(bucket, device),
                       state=lambda name, numel: state.buffer(name, device, numel).begin(),
                       members=bucket.members, shared_seed=splitmix64(method.seed), average=self.average,
-                      out=self._outputs[bucket.index])
+                      out=self._outputs[bucket.index], topology=self.plan.topology)
             try:
                 pending = bplan.route.start(job)
             except FloatingPointError:  # a codec overflowed on finite input (QSGD's norm)
@@ -398,26 +418,18 @@ class Engine:
                 part.zero_()
 
     def _start_header(self, step: _Step) -> None:
-        """This rank's step header, one int32 vector of any length (ranks with other models
-        still meet in it): its length, plan digest, error flag, the previous step's trial
-        variant and wall time (microseconds), one finite flag per member."""
-        digest = self.plan.digest
-        head = [digest & 0x7FFFFFFF, (digest >> 31) & 0x7FFFFFFF, int(bool(step.errors)),
-                *self._trial.last]
-        row = [1 + len(head) + len(step.finite)] + head + [int(f) for f in step.finite]
-        step.header = self.comm.allgather(torch.tensor(row, dtype=torch.int32), f"{self.check_tag}.header")
+        """This rank's step header (:mod:`.header`): plan digest, error flag, the previous
+        step's trial variant and time, placement, one finite flag per member."""
+        header = Header(self.plan.digest, bool(step.errors), *self._trial.last, self.comm.placement,
+                        tuple(step.finite))
+        step.header = self.comm.allgather(header.pack(), f"{self.check_tag}.header")
 
-    def _header_rows(self, step: _Step) -> list[list[int]]:
-        """Every rank's header (started if need be, waited once, checked once): rank r's row
-        without its length word."""
+    def _header_rows(self, step: _Step) -> list[Header]:
+        """Every rank's header (started if need be, waited once, checked once)."""
         if step.rows is None:
             if step.header is None:
                 self._start_header(step)
-            flat, rows = step.header.wait().tolist(), []
-            while flat:
-                rows.append(flat[1:flat[0]])
-                flat = flat[flat[0]:]
-            step.rows = rows
+            rows = step.rows = Header.unpack_all(step.header.wait())
             self._read_header(rows, step)
             self._check_due = False
         return step.rows
@@ -447,7 +459,7 @@ class Engine:
                 if self.plan.buckets[bucket.index].route is not DENSE:
                     bucket.method.after_decode(bucket, results[bucket.index], self.states[bucket.index],
                                                self.comm)
-            flagged = {i for i in range(len(self.members)) if any(row[_HEAD + i] == 0 for row in rows)}
+            flagged = {i for i in range(len(self.members)) if any(not h.finite[i] for h in rows)}
             for i in flagged:   # zeros went on the wire for them: every rank makes them NaN
                 bucket, pos = self._where[i]
                 offset = bucket.offsets[pos]
@@ -513,12 +525,15 @@ class Engine:
         finite = torch.isfinite(torch.stack([torch.stack(torch.aminmax(g)).float() for _, g in narrow])).all(1)
         return {index for (index, _), ok in zip(narrow, finite.tolist()) if not ok}
 
-    def _read_header(self, rows: list[list[int]], step: _Step) -> None:
+    def _read_header(self, rows: list[Header], step: _Step) -> None:
         self._check_header(rows, step)
         self._trial.record(rows, self)
+        # every rank's placement: the same topology on every rank; a new one is planned for
+        # from the next step on
+        self.topology = Topology.of([h.placement for h in rows])
 
-    def _check_header(self, rows: list[list[int]], step: _Step) -> None:
-        digests = [(r[0], r[1]) for r in rows]
+    def _check_header(self, rows: list[Header], step: _Step) -> None:
+        digests = [h.digest for h in rows]
         if len(set(digests)) != 1:
             groups: dict[tuple, list[int]] = {}
             for rank, d in enumerate(digests):
@@ -529,7 +544,7 @@ class Engine:
                 "hvd_compress: ranks use different compressor settings or models (ranks grouped by "
                 f"plan: {sorted(groups.values())}); every rank must pass the same compression= and "
                 f"the same parameters.\n{describe_differences(tables)}")
-        failed = [rank for rank, r in enumerate(rows) if r[2]]
+        failed = [rank for rank, h in enumerate(rows) if h.failed]
         if failed:
             mine = "\n".join(step.errors) if step.errors else "(this rank had no error)"
             raise RuntimeError(f"hvd_compress: compression failed on rank(s) {failed} in this step; "
@@ -545,7 +560,10 @@ class Engine:
         result of a step without flush: in synchronize(), where waiting is allowed; the new
         plan applies from the next step)."""
         device = next(iter(self._inputs.values())).device if self._inputs else torch.device("cpu")
-        self.link, self.link_source = cost.measure_link_checked(self.comm, device, f"{self.tag}.link")
+        topology = self.topology or Topology.flat(self.comm.size)
+        self.link, intra, self.link_source = cost.measure_links(self.comm, topology, device, f"{self.tag}.link")
+        if not self._intra_declared:
+            self.intra_link = intra
         methods = {id(b.method): b.method for b in self.buckets if not b.small and b.method.codec is not None}
         for i, method in enumerate(methods.values()):
             self.speeds[id(method)] = cost.measure_speed(self.comm, method.codec_at(self.step, self.comm.size),
@@ -578,6 +596,8 @@ class Engine:
                 "world": self.plan.world if self.plan else None,
                 "rank": self.plan.rank if self.plan else None,
                 "link": None if self.link is None else vars(self.link).copy(),
+                "intra_link": None if self.intra_link is None else vars(self.intra_link).copy(),
+                "topology": None if self.topology is None else [list(h) for h in self.topology.hosts],
                 "link_source": self.link_source, "speeds": speeds, "trial": self._trial.state()}
 
     def load_state_dict(self, sd: dict, strict: bool = True) -> list[str]:
@@ -597,6 +617,9 @@ class Engine:
         if restore.link is not None:
             self.link = restore.link
             self.link_source = sd.get("link_source", "declared")
+        if restore.intra_link is not None and not self._intra_declared:
+            self.intra_link = restore.intra_link
+        self.topology = restore.topology
         self._trial.load(sd.get("trial"))
         by_name = {b.method.config(): b.method for b in self.buckets}
         self.speeds = {id(by_name[k]): v for k, v in restore.speeds.items() if k in by_name}
@@ -645,11 +668,13 @@ class Engine:
                                  finite=name not in bucket.method.nan_buffers)
                     loads.append((state, name, None, saved))
         try:
-            link = Link(**sd["link"]) if sd.get("link") is not None else None
+            link, intra = (Link(**sd[k]) if sd.get(k) is not None else None for k in ("link", "intra_link"))
             speeds = {k: Speed(**v) for k, v in sd.get("speeds", {}).items()}
-        except TypeError as e:
-            raise ValueError(f"saved link or codec speeds do not fit: {e}") from None
-        return _Restore(loads, link, speeds, dropped)
+            topology = Topology(tuple(tuple(int(r) for r in h) for h in sd["topology"])) \
+                if sd.get("topology") is not None else None
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"saved link, topology or codec speeds do not fit: {e}") from None
+        return _Restore(loads, link, speeds, dropped, intra, topology)
 
 
 @dataclass
@@ -660,6 +685,8 @@ class _Restore:
     link: Link | None
     speeds: dict[str, Speed]
     dropped: list[str]
+    intra_link: Link | None = None
+    topology: Topology | None = None
 
 
 def _bucket_key(bucket: Bucket) -> str:
@@ -672,6 +699,7 @@ class _Counted:
     def __init__(self, comm: Any, stats: Stats) -> None:
         self._comm, self._stats = comm, stats
         self.rank, self.size = comm.rank, comm.size
+        self.placement = getattr(comm, "placement", None) or Placement(comm.rank, 0, 1)
 
     def allreduce(self, tensor: torch.Tensor, name: str, op: str = "sum"):
         self._stats.collectives += 1
@@ -753,11 +781,11 @@ class Trial:
         return (before == self._DENSE) != (self.current == self._DENSE) or \
             (self.phase == "done" and before != 0)
 
-    def record(self, rows: list[list[int]], engine: "Engine") -> None:
+    def record(self, rows: list[Header], engine: "Engine") -> None:
         """Every rank's time of the previous step (from the header); decide when complete."""
-        if not self.running or not rows or not rows[0][3]:
+        if not self.running or not rows or not rows[0].trial_variant:
             return
-        self.samples[rows[0][3]].append(max(r[4] for r in rows) / 1e6)
+        self.samples[rows[0].trial_variant].append(max(h.trial_us for h in rows) / 1e6)
         if all(len(v) >= self.STEPS - 1 for v in self.samples.values()) and not self.schedule:
             model, dense = (statistics.median(self.samples[k]) for k in (self._MODEL, self._DENSE))
             self.verdict = self._MODEL if model <= self.MARGIN * dense else self._DENSE

@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 import torch
 
+from .topology import Placement
+
 
 class _Rendezvous:
     def __init__(self, size: int) -> None:
@@ -70,8 +72,9 @@ class _Ticket:
 class LocalComm:
     """One rank's view of a :class:`LocalWorld`."""
 
-    def __init__(self, rv: _Rendezvous, rank: int) -> None:
+    def __init__(self, rv: _Rendezvous, rank: int, local_size: int = 1) -> None:
         self._rv, self.rank, self.size = rv, rank, rv.size
+        self.placement = Placement(rank // local_size, rank % local_size, local_size)
 
     def allreduce(self, tensor: torch.Tensor, name: str, op: str = "sum"):
         def combine(ts: list[torch.Tensor]) -> torch.Tensor:
@@ -98,15 +101,18 @@ class LocalComm:
 
 
 class LocalWorld:
-    """``size`` ranks in this process.  :meth:`run` calls ``fn(comm)`` on one thread per rank and
-    returns the results in rank order (re-raising the first rank's exception)."""
+    """``size`` ranks in this process, ``local_size`` per simulated host (ranks host by host, as
+    ``horovodrun -H a:L,b:L`` places them).  :meth:`run` calls ``fn(comm)`` on one thread per rank
+    and returns the results in rank order (re-raising the first rank's exception)."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, local_size: int = 1) -> None:
         if size < 1:
             raise ValueError(f"a world needs at least one rank, got {size}")
-        self.size = size
+        if local_size < 1 or size % local_size:
+            raise ValueError(f"local_size must divide the world size {size}, got {local_size}")
+        self.size, self.local_size = size, local_size
         self._rv = _Rendezvous(size)
-        self.comms = [LocalComm(self._rv, r) for r in range(size)]
+        self.comms = [LocalComm(self._rv, r, local_size) for r in range(size)]
 
     def run(self, fn: Callable[[LocalComm], Any]) -> list[Any]:
         results: list[Any] = [None] * self.size

@@ -44,6 +44,14 @@ class Link:
 
 
 @dataclass(frozen=True)
+class Segment:
+    """A stretch of a bucket's flat buffer that is encoded as one tensor."""
+    offset: int
+    numel: int
+    tensor_id: int
+
+
+@dataclass(frozen=True)
 class Speed:
     """A codec's throughput on this machine: elements per second encoded (error feedback
     included) and decoded-and-accumulated (per payload), plus the fixed cost of one call."""
@@ -58,7 +66,7 @@ class Job:
     x: torch.Tensor                      # flat fp32 input of the bucket (after the method's prepare)
     tensor_id: int                       # the bucket's Philox tensor id (chunked routes)
     codec: Codec
-    segments: list                       # engine.buckets.Segment, in order
+    segments: list[Segment]              # in order
     residual: torch.Tensor | None        # working error-feedback residual (flat), or None
     comm: Any                            # engine.comm.Comm
     tag: str                             # prefix of this bucket's collective names
@@ -70,6 +78,7 @@ class Job:
     shared_seed: int = 0                 # Philox seed every rank shares (shared masks, rotations)
     average: bool = False                # the engine wants the mean; a route may deliver it (dense)
     out: torch.Tensor | None = None      # the bucket's reused fp32 output buffer (see Route.finish)
+    topology: Any = None                 # engine.topology.Topology of comm's ranks (hierarchical routes)
 
     def key(self, tensor_id: int, rank: int | None = None) -> RandomKey:
         return RandomKey(self.seed_of(self.comm.rank if rank is None else rank), self.step & 0xFFFFFFFF,
