@@ -175,3 +175,30 @@ def test_two_host_job_is_bit_identical_to_its_simulation(spec):
         assert all(torch.equal(a, b) for a, b in zip(real[rank][0], real[0][0])), rank
     assert all(torch.equal(a, b.detach()) for a, b in zip(real[0][0], sim.model.parameters()))
     assert real[0][1]["bytes_sent"] == sim.stats()["bytes_sent"]
+
+
+@pytest.mark.horovod
+def test_amp_overflow_on_one_host_skips_the_step_on_every_rank():
+    """GradScaler's contract on the hierarchical route: an inf on rank 1 (host 0) at step 2 makes
+    all four ranks back off and skip, and leaves no trace in the state."""
+    from test_horovod_integration import _amp
+    spec = "terngrad:error_feedback=True,route='compressed',hierarchy=True"
+    results = run_job(_amp, np=4, args=(spec, False), timeout=180, env=LINK, hosts=TWO_LOCAL_HOSTS.format(n=2))
+    scales0, w0, stats0 = results[0]
+    assert scales0[2] == scales0[1] / 2 and torch.equal(w0[2], w0[1]) and not torch.equal(w0[3], w0[2])
+    for scales, w, stats in results:
+        assert scales == scales0 and all(torch.equal(a, b) for a, b in zip(w, w0))
+        assert stats["skipped_steps"] == 1
+
+
+@pytest.mark.horovod
+def test_resume_on_two_hosts_is_bit_exact(tmp_path):
+    from test_resume import STEPS, STOP, _train
+    spec = "topk:ratio=0.05,route='compressed',hierarchy=True,min_numel=0"
+    hosts = TWO_LOCAL_HOSTS.format(n=2)
+    full = run_job(_train, np=4, args=(spec, range(STEPS), None, "files"), timeout=180, env=LINK, hosts=hosts)
+    run_job(_train, np=4, args=(spec, range(STOP), str(tmp_path), "files"), timeout=180, env=LINK, hosts=hosts)
+    resumed = run_job(_train, np=4, args=(spec, range(STOP, STEPS), str(tmp_path), "files"), timeout=180,
+                      env=LINK, hosts=hosts)
+    for rank in range(4):
+        assert all(torch.equal(a, b) for a, b in zip(resumed[rank][0], full[rank][0])), rank
