@@ -1,6 +1,7 @@
 """The cost model's view of a world from 2 to 1024 ranks: per-rank bytes and predicted time of
 each route for ResNet-50's gradient (25.6M parameters in 25 MiB buckets), at 1 Gbit/s and
-10 Gbit/s, with the codec speeds measured on this machine (or the defaults).
+10 Gbit/s, with the codec speeds measured on this machine (or the defaults); then clusters of 2
+to 128 hosts of 8 ranks: flat against hierarchical routes, and the bytes entering each host.
 
     python examples/cost_table.py > docs/cost-model.md
 
@@ -23,12 +24,17 @@ import hvd_compress  # noqa: E402
 from bandwidth_bench import resnet50_shapes  # noqa: E402
 from hvd_compress.codecs import RandomKey  # noqa: E402
 from hvd_compress.engine.buckets import Member, assign_buckets  # noqa: E402
-from hvd_compress.engine.plan import DENSE, received_bytes  # noqa: E402
+from hvd_compress.engine.plan import DENSE, plan_bucket, received_bytes  # noqa: E402
+from hvd_compress.engine.topology import Topology  # noqa: E402
 from hvd_compress.routes.base import Link, Speed  # noqa: E402
 
 WORLDS = (2, 4, 8, 16, 64, 256, 1024)
 LINKS = {"1 Gbit/s": Link.gbps(1, 50), "10 Gbit/s": Link.gbps(10, 20)}
 SPECS = ("terngrad", "qsgd:bits=4", "topk:ratio=0.01")
+#: clusters of hosts of LOCAL ranks: links between hosts (each host's), and inside a host
+HOSTS, LOCAL = (2, 4, 16, 64, 128), 8
+CLUSTER_LINKS = {"1 Gbit/s": Link.gbps(1, 50), "10 Gbit/s": Link.gbps(10, 20), "100 Gbit/s": Link.gbps(100, 10)}
+INTRA = Link.gbps(400, 5)   # NVLink/shared-memory class
 
 
 def speed_of(method, n: int = 1 << 22) -> Speed:
@@ -88,7 +94,34 @@ def main() -> None:
                 cells.append(min(totals, key=totals.get))
                 lines.append("| " + " | ".join(cells) + " |")
             lines.append("")
+        lines += cluster_tables(spec, speed, members)
     print("\n".join(lines))
+
+
+def cluster_tables(spec: str, speed: Speed, members: list) -> list[str]:
+    """Hosts of :data:`LOCAL` ranks: the plan's total predicted exchange time and bytes entering
+    each host per step, flat (``hierarchy=False``) against hierarchical (``hierarchy=True``)."""
+    lines = [f"### `{spec}` on hosts of {LOCAL} ranks (inside a host {INTRA})", "",
+             "| hosts x ranks | between hosts | dense fp32 | flat: time, into each host | "
+             "hierarchical: time, into each host | hierarchical vs flat | routes |", "|---|---|---:|---:|---:|---:|---|"]
+    for label, link in CLUSTER_LINKS.items():
+        for hosts in HOSTS:
+            topo = Topology(tuple(tuple(range(h * LOCAL, (h + 1) * LOCAL)) for h in range(hosts)))
+            world = hosts * LOCAL
+            totals = {}
+            for hierarchy in (False, True):
+                method = hvd_compress.from_spec(f"{spec}{',' if ':' in spec else ':'}route='compressed',"
+                                                f"hierarchy={hierarchy}")
+                mine = [type(m)(m.index, m.name, m.shape, m.dtype, method) for m in members]
+                plans = [plan_bucket(b, world, link, speed, 0, topology=topo, intra=INTRA)
+                         for b in assign_buckets(mine, 25 * 2 ** 20) if not b.small]
+                totals[hierarchy] = (sum(p.seconds for p in plans), sum(p.crossing_bytes for p in plans),
+                                     sorted({p.route.name for p in plans}), sum(p.dense_seconds for p in plans))
+            (flat_s, flat_b, flat_r, dense_s), (hier_s, hier_b, hier_r, _) = totals[False], totals[True]
+            lines.append(f"| {hosts} x {LOCAL} | {label} | {dense_s * 1e3:.0f} ms | {flat_s * 1e3:.0f} ms, "
+                         f"{flat_b / 1e6:.1f} MB | {hier_s * 1e3:.0f} ms, {hier_b / 1e6:.1f} MB | "
+                         f"{flat_s / hier_s:.2f}x | {', '.join(flat_r)} / {', '.join(hier_r)} |")
+    return lines + [""]
 
 
 if __name__ == "__main__":

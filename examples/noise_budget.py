@@ -2,6 +2,7 @@
 
     python examples/noise_budget.py                  # writes docs/study/noise-budget.md (minutes)
     python examples/noise_budget.py --tasks charlm --workers 4 16
+    python examples/noise_budget.py --workers 4 32 --local-size 2 8 --out docs/study/noise-budget-hosts.md
 
 At a checkpoint of uncompressed training (the study's task, seed 0, ``--steps`` steps of SGD on
 the global batch), and for each worker count N (the study's global batch split over N workers,
@@ -65,14 +66,25 @@ def checkpoint(name: str, steps: int):
     return t, model, batches, loss_fn
 
 
-def budget(name: str, workers: list[int], steps: int, draws: int, reference: int) -> list[str]:
+def compressed_mean(codec, grads: list[torch.Tensor], i: int, d: int, local: int) -> torch.Tensor:
+    """(1/N) sum of the decoded payloads of tensor ``i``: one per worker, or with ``local`` > 1
+    one per host of ``local`` consecutive workers, each compressing its host's sum (the
+    hierarchical routes: one quantization per host, with the codec for the number of hosts)."""
+    n = len(grads)
+    terms = [sum(grads[h:h + local]) for h in range(0, n, local)] if local > 1 else grads
+    return torch.stack([codec.decode(codec.encode(t, RandomKey(seed=w + 1, step=d, tensor_id=i)))
+                        for w, t in enumerate(terms)]).sum(0) / n
+
+
+def budget(name: str, worlds: list[tuple[int, int]], steps: int, draws: int, reference: int) -> list[str]:
+    """Rows for each (workers, workers per host) of ``worlds``."""
     t, model, batches, loss_fn = checkpoint(name, steps)
     names = [n for n, _ in model.named_parameters()]
     # batches far past the training steps: data the checkpoint has not been trained on
     ref = [gradients(model, loss_fn, batches(10_000 + i, 1, t.global_batch)[0]) for i in range(reference)]
     G = [torch.stack(parts).mean(0) for parts in zip(*ref)]
     rows = []
-    for n in workers:
+    for n, local in worlds:
         sgd, codec_err = 0.0, {label: torch.zeros(len(G)) for label in CODECS}
         shrink, rescaled = dict.fromkeys(CODECS, 0.0), dict.fromkeys(CODECS, 0.0)
         draws_c = {label: [] for label in CODECS}
@@ -81,13 +93,12 @@ def budget(name: str, workers: list[int], steps: int, draws: int, reference: int
             gbar = [torch.stack(parts).mean(0) for parts in zip(*per_worker)]
             sgd += sum(float(((a - b) ** 2).sum()) for a, b in zip(gbar, G)) / draws
             for label, make in CODECS.items():
-                codec = make(n)
+                codec = make(n // local)
                 compressed = list(gbar)
                 for i, g in enumerate(gbar):
                     if g.numel() < MIN_NUMEL:
                         continue
-                    mean = torch.stack([codec.decode(codec.encode(grads[i], RandomKey(seed=w + 1, step=d, tensor_id=i)))
-                                        for w, grads in enumerate(per_worker)]).mean(0)
+                    mean = compressed_mean(codec, [grads[i] for grads in per_worker], i, d, local)
                     codec_err[label][i] += float(((mean - G[i]) ** 2).sum() - ((g - G[i]) ** 2).sum()) / draws
                     compressed[i] = mean
                 # projection on the true gradient, relative to the uncompressed average's: below 1 the
@@ -102,7 +113,8 @@ def budget(name: str, workers: list[int], steps: int, draws: int, reference: int
                                   for comp in cs) / draws / sgd - 1
         for label, err in codec_err.items():
             worst = int(err.argmax())
-            rows.append(f"| {name} | {n} | {label} | {float(err.sum()) / sgd:+.2f} | {shrink[label]:.2f} | "
+            hosts = f" ({n // local} hosts x {local})" if local > 1 else ""
+            rows.append(f"| {name} | {n}{hosts} | {label} | {float(err.sum()) / sgd:+.2f} | {shrink[label]:.2f} | "
                         f"{rescaled[label]:+.2f} | "
                         + (f"{names[worst]} ({float(err[worst]) / sgd:+.2f}) |" if err[worst] > 0 else "- |"))
         rows.append(f"| {name} | {n} | (uncompressed: E‖ḡ − G‖² / ‖G‖²) | {sgd / sum(float((g * g).sum()) for g in G):.2f} "
@@ -117,13 +129,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=500, help="uncompressed steps before measuring")
     parser.add_argument("--draws", type=int, default=8, help="batch draws per worker count")
     parser.add_argument("--reference", type=int, default=64, help="global batches averaged for G")
+    parser.add_argument("--local-size", nargs="+", type=int, default=[1], metavar="L",
+                        help="workers per host, one per --workers value (hierarchical: each host's sum "
+                             "compressed once)")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
+    if args.local_size == [1]:
+        args.local_size = [1] * len(args.workers)
+    if len(args.local_size) != len(args.workers) or any(n % l for n, l in zip(args.workers, args.local_size)):
+        parser.error("--local-size needs one value per --workers value, each dividing it")
     torch.set_num_threads(1)
     from tqdm import tqdm
     rows = []
     for name in tqdm(args.tasks, desc="tasks"):
-        rows += budget(name, args.workers, args.steps, args.draws, args.reference)
+        # a hierarchical world with the flat one of as many workers beside it
+        worlds = [w for n, local in zip(args.workers, args.local_size) for w in {(n, 1), (n, local)}]
+        rows += budget(name, sorted(worlds), args.steps, args.draws, args.reference)
     lines = ["# Noise budget: compression noise against SGD's own", "",
              f"Generated by `python examples/noise_budget.py` (checkpoint after {args.steps} uncompressed "
              f"steps, seed 0; {args.draws} batch draws per worker count; G from {args.reference} global "

@@ -223,9 +223,10 @@ def compressor(spec: str, seed: int, horovod: bool = False):
 # ---- one run ---------------------------------------------------------------------------------
 
 def train(task_name: str, spec: str, workers: int, seed: int, real: bool = False,
-          progress: bool = True, max_steps: int | None = None) -> dict:
+          progress: bool = True, max_steps: int | None = None, local_size: int = 1) -> dict:
     """Train to plateau (or ``max_steps``, default the task's cap); returns the run's record
-    (history of held-out evaluations included)."""
+    (history of held-out evaluations included).  ``local_size``: simulated ranks per host
+    (hosts of ``local_size`` workers: the hierarchical routes where the plan picks them)."""
     t = task(task_name)
     if max_steps is not None:
         t.max_steps = max_steps
@@ -266,7 +267,7 @@ def train(task_name: str, spec: str, workers: int, seed: int, real: bool = False
             optimizer.step()
     else:
         from hvd_compress.simulate import DataParallel
-        sim = DataParallel(model, optimizer, comp, workers)
+        sim = DataParallel(model, optimizer, comp, workers, local_size=local_size)
         rank = 0
 
         def step(batch_list) -> None:
@@ -311,7 +312,7 @@ def train(task_name: str, spec: str, workers: int, seed: int, real: bool = False
     finite = [h for h in history if math.isfinite(h["loss"])]
     at_best = min(finite, key=lambda h: h["loss"]) if finite else {"loss": math.inf, "step": steps}
     return {"task": task_name, "spec": spec, "workers": workers, "seed": seed, "real": real,
-            "steps": steps, "plateau": since_best >= t.patience, "diverged": len(finite) < len(history),
+            "local_size": local_size, "steps": steps, "plateau": since_best >= t.patience, "diverged": len(finite) < len(history),
             "best": at_best, "bytes_per_step": sent, "dense_bytes_per_step": dense, "plan": plan, "cpu": cpu(),
             "wall_s": wall, "history": history}
 
@@ -328,7 +329,8 @@ def cpu() -> str:
 # ---- the study -------------------------------------------------------------------------------
 
 def _key(record: dict) -> tuple:
-    return record["task"], record["label"], record["workers"], record["seed"], record["real"]
+    return (record["task"], record["label"], record["workers"], record["seed"], record["real"],
+            record.get("local_size", 1))
 
 
 def load(path: Path = RESULTS) -> list[dict]:
@@ -342,7 +344,7 @@ def run_study(args) -> None:
     done = {_key(r) for r in load(args.results) if "error" not in r}   # failed cells run again
     cells = [(tk, label, n, seed) for tk in args.tasks for n in args.workers for label in args.specs
              for seed in range(args.seeds if tk == "digits" else args.lm_seeds)]
-    todo = [c for c in cells if args.rerun or (c[0], c[1], c[2], c[3], args.real) not in done]
+    todo = [c for c in cells if args.rerun or (c[0], c[1], c[2], c[3], args.real, args.local_size) not in done]
     print(f"{len(cells)} cells, {len(cells) - len(todo)} already in {args.results}", flush=True)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     for tk, label, n, seed in tqdm(todo, desc="study", unit="run"):
@@ -351,7 +353,8 @@ def run_study(args) -> None:
             if args.real:
                 record = _real_run(tk, SPECS[label], n, seed, args.timeout, args.max_steps)
             else:
-                record = train(tk, SPECS[label], n, seed, progress=False, max_steps=args.max_steps)
+                record = train(tk, SPECS[label], n, seed, progress=False, max_steps=args.max_steps,
+                               local_size=args.local_size)
         except Exception as e:   # noqa: BLE001 - a failed cell is recorded, the study goes on
             record = {"task": tk, "spec": SPECS[label], "workers": n, "seed": seed, "real": args.real,
                       "error": f"{type(e).__name__}: {e}"[:2000]}
@@ -394,6 +397,8 @@ def main() -> None:
     r.add_argument("--seeds", type=int, default=5, help="seeds per digits cell")
     r.add_argument("--lm-seeds", type=int, default=1, help="seeds per LM cell")
     r.add_argument("--real", action="store_true", help="real horovodrun jobs instead of the simulator")
+    r.add_argument("--local-size", type=int, default=1,
+                   help="simulated workers per host (e.g. 8 with --workers 32: 4 hosts x 8)")
     r.add_argument("--timeout", type=float, default=1800, help="seconds per real run")
     r.add_argument("--results", type=Path, default=RESULTS)
     r.add_argument("--max-steps", type=int, help="cap every run at this many steps (a quick look)")

@@ -366,8 +366,9 @@ def plots(groups: dict, out: Path) -> list[str]:
 
 def report(results: Path, docs: Path = DOCS, readme: Path = DOCS.parent / "README.md") -> None:
     """Write convergence.md, time-to-accuracy.md and study/*.png under ``docs``, and the
-    headline table between ``readme``'s markers."""
-    records = load(results)
+    headline table between ``readme``'s markers (one rank per host: the hierarchical runs,
+    ``--local-size``, are docs/multinode.md's)."""
+    records = [r for r in load(results) if r.get("local_size", 1) == 1]
     groups = group(records)
     tables, verdicts = convergence_tables(groups, records)
     (docs / "study").mkdir(parents=True, exist_ok=True)
