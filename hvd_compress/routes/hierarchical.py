@@ -65,11 +65,9 @@ class HierarchicalRoute(Route):
         if job.residual is not None:
             # what the residual holds outside this rank's shard goes into the node sum once,
             # exactly; the shard's part is the codec's error feedback in phase 2
-            kept = job.residual[mine].clone()
-            x.add_(job.residual)
-            x[mine].sub_(job.residual[mine])
-            job.residual.zero_()
-            job.residual[mine].copy_(kept)
+            for outside in (slice(0, mine.start), slice(mine.stop, x.numel())):
+                x[outside].add_(job.residual[outside])
+                job.residual[outside].zero_()
         splits = [bounds[c + 1] - bounds[c] for c in range(host.size)]
         handle = host.alltoall(x, splits, f"{job.tag}.rs")
         own = splits[host.rank] * FP32
