@@ -447,8 +447,11 @@ class Engine:
                 if bucket.index not in step.pending:     # members that never came: zeros
                     self._launch(bucket, step)
             rows = self._header_rows(step)
-            for bucket in live:
-                self.plan.buckets[bucket.index].route.advance(step.pending[bucket.index])
+            routes = {b.index: self.plan.buckets[b.index].route for b in live}
+            for phase in range(max((r.phases for r in routes.values()), default=0)):
+                for bucket in live:     # every bucket's next phase starts before any waits on it
+                    if phase < routes[bucket.index].phases:
+                        routes[bucket.index].advance(step.pending[bucket.index])
             results = {}
             for bucket in live:
                 pending = step.pending[bucket.index]

@@ -219,7 +219,9 @@ def received_bytes(route: Route, payload: float, n: int, world: int, topology: T
     """Bytes each rank receives per step on ``route`` (payload: this rank's bytes)."""
     if isinstance(route, HierarchicalRoute):
         local, hosts = topology.local_size, topology.n_hosts
-        return 2 * (local - 1) / local * 4 * n + received_bytes(route.inner, payload / local, n // local, hosts)
+        gather = hosts * payload / local if route.gathers_payloads else 4 * n / local
+        return ((local - 1) / local * 4 * n + (local - 1) * gather
+                + received_bytes(route.inner, payload / local, n // local, hosts))
     if route.name == "dense":
         return 2 * (world - 1) / world * 4 * n
     if route.name == "allgather":

@@ -4,8 +4,9 @@ returns, the link and codec speeds its cost formula reads, and segment encoding.
 A route is a small stateless object chosen once per bucket at plan time:
 
 * ``start(job)`` runs in Horovod's backward hook: encode, start phase 1, never wait;
-* ``advance(pending)`` runs in the flush (``synchronize()``), in bucket order on every rank:
-  wait phase 1 and start phase 2 (multi-phase routes only);
+* ``advance(pending)`` runs in the flush (``synchronize()``) ``phases`` times, each time for
+  every bucket in bucket order on every rank: wait one phase and start the next (multi-phase
+  routes only); every bucket's next phase is on the wire before any bucket waits for it;
 * ``finish(pending)`` runs in the flush, in bucket order: wait, and decode the sum over ranks
   into the job's ``out`` buffer (fp32, the bucket's size, reused from step to step: no fresh
   memory to fault in), or return a tensor the collective produced.
@@ -111,12 +112,14 @@ class Route:
     name = "route"
     #: payload kinds it can carry: "fixed" (quantizers), "sparse" (top-k), "summable", "any"
     carries = "any"
+    #: how many times the flush calls :meth:`advance`
+    phases = 0
 
     def start(self, job: Job) -> Pending:
         raise NotImplementedError
 
     def advance(self, pending: Pending) -> None:
-        """Wait phase 1 and start phase 2 (single-phase routes: nothing)."""
+        """Wait the phase in flight and start the next (called :attr:`phases` times)."""
 
     def finish(self, pending: Pending) -> torch.Tensor:
         """The sum (or, with ``pending.averaged``, the mean) over ranks as flat fp32."""

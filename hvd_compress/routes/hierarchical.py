@@ -14,7 +14,11 @@ at most one); the rank at local index j owns shard j:
    (``derived_id(bucket id, 3, j)``), and the codec is the method's codec for H workers (one
    quantization per host: TernGrad's clip for H, QSGD's variance summed over H terms, not
    H x L);
-3. **intra-node allgather** of the decoded shards, exact.
+3. **intra-node allgather**, exact: of the decoded shards (4 bytes per element); or, when the
+   inner route is the allgather, of the H payloads each rank gathered for its shard (H
+   payloads' bytes instead of fp32: 16x less for TernGrad at two hosts), which every rank then
+   decodes in host order -- the same operations in the same order as the shard's owner would
+   do, so the same bits, at the cost of decoding H payloads of the whole bucket.
 
 Per host and step, the inter-node link carries L shards of n/L elements exchanged among H
 hosts: the bytes of one rank's flat exchange among H ranks, ``L`` times fewer than every rank
@@ -28,23 +32,27 @@ lost.  All collectives are the whole world's alltoalls with splits zero outside 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from .base import FP32, Job, Link, Pending, Route, Segment, Speed, chunk_bounds, derived_id
+from . import wire
+from .base import FP32, Job, Link, Pending, Route, Segment, Speed, chunk_bounds, derived_id, segment_codec
 
 _SHARD_PHASE = 3
 
 
 @dataclass
 class HierarchicalPending(Pending):
-    """A hierarchical bucket in flight: its groups, shard bounds and the inner route's step."""
+    """A hierarchical bucket in flight: its groups, shard bounds, the inner route's step, the
+    stage reached (advance calls so far) and the decoded shard."""
     host: Any = None
     peers: Any = None
     bounds: list[int] | None = None
     inner: Pending | None = None
+    stage: int = 0
+    shard: torch.Tensor | None = None
 
 
 class HierarchicalRoute(Route):
@@ -54,6 +62,11 @@ class HierarchicalRoute(Route):
         self.inner = inner
         self.name = f"hier_{inner.name}"
         self.carries = inner.carries
+        # the flush's rounds: the host sum and the inner start; the inner route's own phases;
+        # the inner finish and the start of the intra-host allgather (waited in finish())
+        self.phases = inner.phases + 2
+        #: the host gathers the inner payloads (decoded by every rank), not decoded shards
+        self.gathers_payloads = inner.name == "allgather"
 
     def start(self, job: Job) -> HierarchicalPending:
         from ..engine.topology import GroupComm
@@ -75,11 +88,31 @@ class HierarchicalRoute(Route):
                                    bounds=bounds)
 
     def advance(self, pending: HierarchicalPending) -> None:
+        pending.stage += 1
+        if pending.stage == 1:
+            self._exchange(pending)
+        elif pending.stage < self.phases:
+            self.inner.advance(pending.inner)
+        else:
+            inner, host = pending.inner, pending.host
+            if self.gathers_payloads:      # this shard's H payloads, as the inner allgather brought them
+                pending.shard = inner.handle.wait()
+                inner.received = pending.shard.numel() - inner.sent
+                width = 1
+            else:
+                pending.shard = self.inner.finish(inner)
+                width = FP32
+            pending.sent += inner.sent + (host.size - 1) * pending.shard.numel() * width
+            pending.received += inner.received
+            pending.handle = host.allgather(pending.shard, f"{pending.job.tag}.ag")
+
+    def _exchange(self, pending: HierarchicalPending) -> None:
+        """Wait the reduce-scatter, add the host's pieces, start the inner route among peers."""
         job, host = pending.job, pending.host
         j = host.rank
         received, splits = pending.handle.wait()
         pending.received += received.numel() * FP32 - splits[j] * FP32
-        shard_sum = received[:splits[0]].clone()
+        shard_sum = received[:splits[0]]     # (the collective's own output: summed in place)
         pos = splits[0]
         for n in splits[1:]:                 # the host's sum, in local-index order
             shard_sum.add_(received[pos:pos + n])
@@ -92,18 +125,23 @@ class HierarchicalRoute(Route):
                     job.step, lambda r: job.seed_of(peers.group[r]), job.server, state=job.state,
                     members=[], shared_seed=job.shared_seed, out=job.out[lo:hi])
         pending.inner = self.inner.start(inner)
-        self.inner.advance(pending.inner)
 
     def finish(self, pending: HierarchicalPending) -> torch.Tensor:
-        inner = pending.inner
-        shard = self.inner.finish(inner)
-        pending.sent += inner.sent
-        pending.received += inner.received
-        host = pending.host
-        gathered = host.allgather(shard, f"{pending.job.tag}.ag").wait()
-        pending.sent += (host.size - 1) * shard.numel() * FP32
-        pending.received += gathered.numel() * FP32 - shard.numel() * FP32
-        return gathered
+        gathered = pending.handle.wait()
+        width = 1 if self.gathers_payloads else FP32
+        pending.received += (gathered.numel() - pending.shard.numel()) * width
+        if not self.gathers_payloads:
+            return gathered
+        job, bounds, hosts = pending.job, pending.bounds, pending.peers.size
+        numels = [bounds[c + 1] - bounds[c] for c in range(pending.host.size)]
+        blocks = wire.unpack(gathered, job.codec, [[n] for n in numels for _ in range(hosts)])
+        out = job.out.zero_()
+        flat = replace(job, members=[])
+        for c, n in enumerate(numels):
+            shard_id = derived_id(job.tensor_id, _SHARD_PHASE, c)
+            codec = segment_codec(flat, Segment(0, n, shard_id))
+            codec.decode_accumulate([b[0] for b in blocks[c * hosts:(c + 1) * hosts]], out[bounds[c]:bounds[c + 1]])
+        return out
 
     def seconds(self, n: int, world: int, payload_bytes: float, segments: int, link: Link,
                 speed: Speed) -> float:
@@ -111,11 +149,18 @@ class HierarchicalRoute(Route):
 
     def network_seconds(self, n: int, hosts: int, local: int, payload_bytes: float, inter: Link,
                         intra: Link, speed: Speed) -> float:
-        """Reduce-scatter and allgather inside the host (intra link, per rank), the host sum of
-        the shard, and the inner route among ``hosts`` on a shard of n / L elements whose
-        payload is ``payload_bytes`` / L, each rank with 1/L of the host's inter-node link."""
+        """Reduce-scatter inside the host (intra link, per rank), the host sum of the shard, the
+        inner route among ``hosts`` on a shard of n / L elements whose payload is
+        ``payload_bytes`` / L, each rank with 1/L of the host's inter-node link, and the allgather
+        inside the host: of decoded shards, or of the payloads plus their decoding (the other
+        L - 1 shards' H payloads)."""
         shard = n / local
-        intra_s = 2 * (intra.latency_s + (local - 1) / local * FP32 * n / intra.bytes_per_s)
+        scatter_s = intra.latency_s + (local - 1) / local * FP32 * n / intra.bytes_per_s
         per_rank = Link(inter.latency_s, inter.bytes_per_s / local)
         inner_s = self.inner.seconds(int(shard), hosts, payload_bytes / local, 1, per_rank, speed)
-        return intra_s + inner_s + local * shard / speed.decode   # the host sum: L adds of a shard
+        if self.gathers_payloads:
+            gather_s = (intra.latency_s + (local - 1) * hosts * payload_bytes / local / intra.bytes_per_s
+                        + (local - 1) * hosts * shard / speed.decode)
+        else:
+            gather_s = scatter_s
+        return scatter_s + inner_s + gather_s + local * shard / speed.decode   # (+ the host sum)

@@ -56,6 +56,7 @@ def orthonormalize(p: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 class PowerSGDRoute(Route):
     name = "powersgd"
     carries = "lowrank"
+    phases = 1
 
     def __init__(self, rank: int = 2, min_compression_rate: float = 2.0, structured: bool = False) -> None:
         self.rank, self.min_rate, self.structured = rank, min_compression_rate, structured

@@ -29,6 +29,7 @@ from .two_phase import TwoPhaseRoute
 class SparseTwoPhaseRoute(Route):
     name = "sparse_two_phase"
     carries = "sparse"
+    phases = 1
 
     def start(self, job: Job) -> Pending:
         payloads = encode_segments(job)

@@ -50,6 +50,7 @@ class SummableRoute(Route):
 class SharedScaleRoute(Route):
     name = "allreduce"
     carries = "shared_scale"
+    phases = 1
 
     def start(self, job: Job) -> Pending:
         scales = [job.codec.local_scales(job.x[_span(s)], _part(job.residual, s), check_finite=False)

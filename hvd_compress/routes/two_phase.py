@@ -25,6 +25,7 @@ from .base import (Job, Link, Pending, Route, Speed, chunk_bounds, codec_seconds
 class TwoPhaseRoute(Route):
     name = "two_phase"
     carries = "fixed"
+    phases = 1
 
     def start(self, job: Job) -> Pending:
         bounds = chunk_bounds(job.x.numel(), job.comm.size)
