@@ -86,8 +86,7 @@ done
 if [ -n "$MARKDOWN" ]; then
     commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
     git diff --quiet HEAD -- . ":(exclude)$MARKDOWN" 2>/dev/null || commit="$commit (+ uncommitted changes)"
-    "$PY" examples/bandwidth_bench.py --report "$RESULTS" --markdown "$MARKDOWN" \
-        --command "bash ci/multinode_bench.sh ($NODES hosts x $SLOTS ranks, ci/cluster.sh)" --commit "$commit"
+    "$PY" examples/multinode_report.py "$RESULTS" "$MARKDOWN" "bash ci/multinode_bench.sh" "$commit"
     echo "wrote $MARKDOWN"
 fi
 echo "results: $RESULTS"
