@@ -12,6 +12,7 @@ import os
 import pickle
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -102,3 +103,20 @@ def run_job(fn: Callable[..., Any], np: int = 2, *, controller: str = "gloo", ti
                 raise JobFailed(f"rank {rank} returned nothing\n{log[-4000:]}")
             results.append(pickle.loads(path.read_bytes()))
         return results
+
+
+def free_port_pair(address: str = "") -> int:
+    """A port p with p and p + 1 free on ``address`` (all addresses by default): the test
+    clusters' slurmctld and slurmd, away from a cluster started by hand with default ports."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind((address, 0))
+            port = s.getsockname()[1]
+        with socket.socket() as s1, socket.socket() as s2:
+            try:
+                s1.bind((address, port))
+                s2.bind((address, port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two consecutive free ports")

@@ -14,12 +14,13 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from harness import free_port_pair
 
 pytestmark = [pytest.mark.cluster, pytest.mark.horovod, pytest.mark.slow]
 
@@ -69,6 +70,11 @@ if os.environ.get("JOB_TERNGRAD"):
     every = hvd.allgather(flat.unsqueeze(0))
     out["param_spread"] = float((every - every[0]).abs().max())
     out["param_moved"] = float((flat - start).abs().max())
+if os.environ.get("JOB_HIER_SPEC"):                 # tests/test_hierarchical.py's training
+    import test_hierarchical
+    params, stats, plan, _ = test_hierarchical._hier_job(os.environ["JOB_HIER_SPEC"])
+    torch.save({"params": params, "stats": stats, "plan": plan},
+               f"{os.environ['JOB_HIER_OUT']}/rank{hvd.rank()}.pt")
 print("RESULT " + json.dumps(out), flush=True)
 '''
 
@@ -131,22 +137,6 @@ def _namespaces() -> list[str]:
     return [line.split()[0] for line in out.splitlines() if line.strip()]
 
 
-def _free_port_pair() -> int:
-    """p with p and p + 1 free here (slurmctld binds p in this namespace)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        with socket.socket() as s1, socket.socket() as s2:
-            try:
-                s1.bind(("", port))
-                s2.bind(("", port + 1))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no two consecutive free ports")
-
-
 def _ssh_config() -> Path:
     import pwd
     return Path(pwd.getpwuid(0).pw_dir) / ".ssh" / "config"
@@ -171,7 +161,7 @@ def cluster(tmp_path_factory):
     (job.parent / "pipe.py").write_text(PIPE)
     try:
         up = cluster_sh("up", "--nodes", 2, "--slots", 2, "--inter", "1gbit", "--slurm",
-                        timeout=300, env=_env(HVDC_CLUSTER_SLURM_PORT=str(_free_port_pair())))
+                        timeout=300, env=_env(HVDC_CLUSTER_SLURM_PORT=str(free_port_pair())))
         lines = up.stdout.strip().splitlines()
         info = dict(line.split("=", 1) for line in lines if "=" in line)
         info.update(job=str(job), pipe=str(job.parent / "pipe.py"), up_stdout=up.stdout,
@@ -291,6 +281,23 @@ def test_horovodrun_one_host_sends_nothing_between_hosts(cluster):
     # Only the launcher's ssh sessions and the rendezvous: ~50 kB, nothing of the payload.
     print(f"{PAYLOAD_MB} MB allreduce within one host: {moved} bytes between hosts")
     assert moved < 2**20, moved
+
+
+def test_two_host_job_is_bit_identical_to_its_simulation(cluster, tmp_path):
+    """Hierarchical TernGrad across the two hosts (tc-limited link, ssh-launched ranks) gives the
+    weights of the simulator's 2 x 2 world, bit for bit, on every rank."""
+    import torch
+    from test_hierarchical import _simulate
+    spec = "terngrad:min_numel=0,route='compressed',hierarchy=True"
+    horovodrun(cluster, 4, cluster["HOSTS"], JOB_HIER_SPEC=spec, JOB_HIER_OUT=str(tmp_path),
+               PYTHONPATH=str(ROOT / "tests"), HVD_COMPRESS_LINK_GBPS="1")
+    real = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(4)]
+    assert "2 hosts x 2 ranks" in real[0]["plan"] and "hier_" in real[0]["plan"], real[0]["plan"]
+    torch.set_num_threads(1)
+    sim = _simulate(spec, 4, 2)
+    for r in real:
+        assert all(torch.equal(a, b.detach()) for a, b in zip(r["params"], sim.model.parameters()))
+    assert real[0]["stats"]["bytes_sent"] == sim.stats()["bytes_sent"]
 
 
 def test_terngrad_through_distributed_optimizer(cluster):

@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+
+from harness import free_port_pair
 
 pytestmark = [pytest.mark.slurm, pytest.mark.horovod, pytest.mark.slow]
 
@@ -29,23 +30,6 @@ MIN_ACCURACY = 0.8  # top-k 1% reaches 0.87 after 4 epochs here (0.83 after 3)
 JOB_TIMEOUT = 150   # seconds; jobs take 15-40 s on a busy 2-core machine
 
 
-def _free_port_pair() -> int:
-    """A port p with p and p + 1 free (slurmctld, slurmd), so a cluster started by hand with the
-    script's default ports does not clash with the test's."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        with socket.socket() as s1, socket.socket() as s2:
-            try:
-                s1.bind(("127.0.0.1", port))
-                s2.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no two consecutive free ports")
-
-
 @pytest.fixture(scope="module")
 def cluster():
     """Environment for Slurm clients talking to a private cluster; stopped whatever happens."""
@@ -56,7 +40,7 @@ def cluster():
     # Short path: PMIx and munge put Unix sockets under it (108-byte limit).
     cluster_dir = tempfile.mkdtemp(prefix="hvdc-slurm-", dir="/tmp")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}  # not a job's
-    env.update(HVDC_SLURM_DIR=cluster_dir, HVDC_SLURM_PORT=str(_free_port_pair()),
+    env.update(HVDC_SLURM_DIR=cluster_dir, HVDC_SLURM_PORT=str(free_port_pair("127.0.0.1")),
                SLURM_CONF=f"{cluster_dir}/slurm.conf")
     try:
         start = subprocess.run(["bash", str(SCRIPT), "start"], env=env, capture_output=True,
