@@ -19,6 +19,7 @@ Nothing here imports Horovod at module level.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import re
 import sys
@@ -167,6 +168,8 @@ class Compressor:
             if ref() is optimizer:
                 return engine
         ordinal = len(self._engines)
+        if not self._engines and horovod_version_note():   # (a log line: nothing raises in a hook)
+            logging.getLogger("hvd_compress").warning("%s", horovod_version_note())
         engine = self._build(optimizer, ordinal)
         if self._loaded is not None and ordinal < len(self._loaded) and not isinstance(engine, _FailedEngine):
             try:        # (in the hook: a checkpoint that does not fit fails the backward pass)
@@ -430,12 +433,30 @@ def _await_headers(optimizer, engines: list[Any], compressor: str) -> bool:
     return True
 
 
+#: the Horovod releases whose DistributedOptimizer calls compress() as _calling_optimizer reads it
+HOROVOD_TESTED = ("0.28.",)
+
+
+def horovod_version_note() -> str:
+    """Empty on a tested Horovod; else a sentence naming the version (checked once, warned once)."""
+    import horovod
+    version = getattr(horovod, "__version__", "unknown")
+    if version.startswith(HOROVOD_TESTED):
+        return ""
+    return (f"Horovod {version} is not one hvd_compress was tested with ({', '.join(v + 'x' for v in HOROVOD_TESTED)}): "
+            "it finds the parameter being compressed in DistributedOptimizer's own frames, which "
+            "another release may lay out differently")
+
+
 def _calling_optimizer() -> tuple[Any, torch.Tensor]:
     """(optimizer, parameter) whose gradient Horovod is compressing.
 
     Horovod 0.28.1 calls ``compress(p.grad)`` from ``_allreduce_grad_async`` or from a
     comprehension in ``_grouped_allreduce_grad_async``; both bind the parameter as ``p``, with
-    the optimizer (holding ``_parameter_names``) as ``self`` at most one frame up.
+    the optimizer (holding ``_parameter_names``) as ``self`` at most one frame up.  The only
+    place in the package that reads Horovod's frames; on another release (see
+    :data:`HOROVOD_TESTED`) it is tried as well, after a warning, and fails with the version
+    named when the layout differs.
     """
     frame = sys._getframe(2)
     param = None
@@ -449,7 +470,8 @@ def _calling_optimizer() -> tuple[Any, torch.Tensor]:
         if param is not None and isinstance(names, dict) and param in names:
             return local["self"], param
         frame = frame.f_back
+    note = horovod_version_note()
     raise RuntimeError(
         "hvd_compress compressors must be called by horovod.torch.DistributedOptimizer "
         "(compression=...) or hvd_compress.DistributedOptimizer; could not find the parameter "
-        "being compressed in the caller")
+        "being compressed in the caller" + (f" ({note})" if note else ""))

@@ -241,3 +241,17 @@ def test_misuse_known_from_the_optimizer_fails_in_the_first_backward_on_every_ra
     """Before: the stock optimizer's misuse surfaced in synchronize() (op=3, not Min)."""
     for out in run_job(_misuse_in_backward, np=2, args=(case,), timeout=60, env=LINK):
         assert out.startswith("backward: ") and message in out, out
+
+
+def test_another_horovod_release_is_named(monkeypatch):
+    """The parameter lookup reads Horovod 0.28's frames: on another release the compressor says
+    which release it is (a log line when the first engine is built; in the error if the lookup
+    fails), instead of failing without a reason."""
+    import horovod
+    import hvd_compress
+    from hvd_compress import adaptor
+    assert adaptor.horovod_version_note() == ""          # the installed, tested release
+    monkeypatch.setattr(horovod, "__version__", "0.29.0", raising=False)
+    assert "Horovod 0.29.0 is not one hvd_compress was tested with" in adaptor.horovod_version_note()
+    with pytest.raises(RuntimeError, match="could not find the parameter.*Horovod 0.29.0"):
+        hvd_compress.TernGrad().compress(torch.zeros(3))
