@@ -102,6 +102,10 @@ def cluster_tables(spec: str, speed: Speed, members: list) -> list[str]:
     """Hosts of :data:`LOCAL` ranks: the plan's total predicted exchange time and bytes entering
     each host per step, flat (``hierarchy=False``) against hierarchical (``hierarchy=True``)."""
     lines = [f"### `{spec}` on hosts of {LOCAL} ranks (inside a host {INTRA})", "",
+             "Every bucket compressed (`route='compressed'`; with the default `route='auto'` the plan "
+             "sends uncompressed where dense fp32 is predicted faster), flat (`hierarchy=False`) "
+             "against hierarchical (`hierarchy=True`): predicted exchange time per step and bytes "
+             "entering each host.", "",
              "| hosts x ranks | between hosts | dense fp32 | flat: time, into each host | "
              "hierarchical: time, into each host | hierarchical vs flat | routes |", "|---|---|---:|---:|---:|---:|---|"]
     for label, link in CLUSTER_LINKS.items():
