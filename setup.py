@@ -1,9 +1,10 @@
-"""hvd_compress: gradient compression for Horovod (TernGrad, QSGD, DGC / top-k) with CUDA kernels.
+"""hvd_compress: gradient compression for Horovod, with C and CUDA kernels.
 
 The CPU reference codecs are a small C library (csrc/, sharing kernels/hvdc_common.h with the CUDA
 kernels) built here; the CUDA sources in kernels/ are installed as package data
 (hvd_compress/kernels) and compiled by CuPy/NVRTC at run time.
 """
+import re
 from glob import glob
 
 from setuptools import Extension, setup
@@ -21,8 +22,10 @@ cpu_library = Extension(
 
 setup(
     name="hvd_compress",
-    version="0.1.0",
-    description="Gradient compression for Horovod: TernGrad, QSGD, DGC/top-k with CUDA kernels",
+    version=re.search(r'__version__ = "([^"]+)"', open("hvd_compress/__init__.py", encoding="utf-8").read())[1],
+    description=("Gradient compression for Horovod: 17 methods (TernGrad, QSGD, top-k/DGC, sign, low-rank, "
+                 "lazy) over a bucketed engine with cost-model routes, topology-aware across hosts; "
+                 "bit-identical C and CUDA kernels"),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",

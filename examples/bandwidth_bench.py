@@ -372,7 +372,7 @@ def _rate_tables(results: list[dict]) -> list[str]:
     return lines
 
 
-#: issue 9 targets: (spec, workers, rate, compared with, minimum speed-up)
+#: the speed targets: (spec, workers, rate, compared with, minimum speed-up)
 TARGETS = [("terngrad", 2, "1gbit", "hvd-fp16", 4.0), ("topk:ratio=0.01", 2, "1gbit", "hvd-fp16", 6.0),
            ("qsgd:bits=4", 2, "1gbit", "hvd-fp16", 2.5)]
 #: the default never above this factor of uncompressed on the fast link

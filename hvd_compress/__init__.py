@@ -17,7 +17,7 @@ Layers, bottom to top (each usable without the ones above it):
   ``hvd.DistributedOptimizer`` that average less often (``LocalSGD``) or late
   (``DelayedAveraging``), optionally through a compressor.
 """
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 _LAZY = {"TernGrad": "methods", "QSGD": "methods", "TopK": "methods", "DGC": "methods",
          "FP16": "methods", "OneBit": "methods", "EFSignSGD": "methods", "SignSGD": "methods",

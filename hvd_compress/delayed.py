@@ -1,4 +1,4 @@
-"""Delayed gradient averaging (issue 11, item 8)."""
+"""Delayed gradient averaging (Zhu et al., DGA, NeurIPS 2021)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

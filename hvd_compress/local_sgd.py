@@ -1,4 +1,4 @@
-"""Local SGD: local steps, models averaged every ``period`` steps (issue 11, item 7)."""
+"""Local SGD: local steps, models averaged every ``period`` steps (Stich, ICLR 2019; Lin et al., ICLR 2020)."""
 from __future__ import annotations
 
 from typing import Any, Callable, Iterable

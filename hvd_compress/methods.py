@@ -458,7 +458,7 @@ class OneBit(Method):
     non-negative and of the negative entries of v = g + e; error feedback always on (the
     method's point).  On the two-phase route the owner re-encodes the sum with its own error
     feedback: the compressed allreduce of DeepSpeed's 1-bit Adam and DoubleSqueeze (Tang et al.
-    2019, seed 002).  1 bit per element + 8 bytes per tensor."""
+    2019).  1 bit per element + 8 bytes per tensor."""
 
     name = "onebit"
 
@@ -499,7 +499,7 @@ class SignSGD(Method):
 
 
 class RandomK(Method):
-    """Random-k (Konečný et al. 2016's random mask, seed 004; Stich et al. 2018): each step every
+    """Random-k (Konečný et al. 2016's random mask; Stich et al. 2018): each step every
     rank keeps the same ``ratio`` of each tensor's entries, chosen by a key all ranks share, so
     only the k values travel and an fp32 allreduce sums them (no indices on the wire).  Error
     feedback (default) keeps the rest; ``unbiased=True`` scales the values by n/k instead.
@@ -520,7 +520,7 @@ class RandomK(Method):
 
 
 class Sketch(Method):
-    """Sketched update (Konečný et al. 2016, seed 004): a randomized Hadamard rotation (random
+    """Sketched update (Konečný et al. 2016): a randomized Hadamard rotation (random
     signs from a key every rank shares), optional subsampling of the rotated coordinates
     (``ratio``), and stochastic ``bits``-bit quantization between each block's min and max; decode
     sums the workers in the rotated domain and rotates back once.  The rotation spreads a few
@@ -541,7 +541,7 @@ class PowerSGD(Method):
     weight matrix by one power iteration with warm start, P = M Q and Q = M^T orth(P) summed by
     two allreduces, error feedback always on; tensors whose matrix view would not shrink by
     ``min_compression_rate`` (PyTorch's hook's rule) travel dense in the same bucket.
-    ``structured=True`` is seed 004's structured update: Q a fresh random basis from the shared
+    ``structured=True`` is Konečný et al.'s structured update: Q a fresh random basis from the shared
     seed each step, only P sent.  (n + m) r fp32 per n x m matrix."""
 
     hierarchical = False
@@ -607,7 +607,7 @@ class _AggregateMethod(Method):
 
 class ESGD(_AggregateMethod):
     """eSGD (Tao & Li, "eSGD: Communication Efficient Distributed Deep Learning on the Edge",
-    USENIX HotEdge 2018; seed 003): each step every worker sends ``ratio`` of its bucket's
+    USENIX HotEdge 2018): each step every worker sends ``ratio`` of its bucket's
     coordinates (k = ceil(ratio n)), chosen by importance, with a momentum residual for the rest.
 
     * **Importance updating** (the paper's Algorithm 1): at the first two steps the k

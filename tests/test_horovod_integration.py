@@ -160,7 +160,7 @@ def test_adaptive_sparsifiers_amp_overflow_skips_the_step_on_every_rank():
         assert stats0["skipped_steps"] == stats1["skipped_steps"] == 1, spec
 
 
-#: issue 11's methods whose state follows the decoded aggregate (after_decode)
+#: the methods whose state follows the decoded aggregate (after_decode)
 AGGREGATE_METHODS = ["esgd:ratio=0.05", "laq", "diana", "diana:codec='terngrad'"]
 
 

@@ -1,4 +1,4 @@
-"""eSGD, LAQ and DIANA (issue 11): the codecs' mathematics against plain-torch statements of the
+"""eSGD, LAQ and DIANA: the codecs' mathematics against plain-torch statements of the
 papers' formulas, the engine (LocalWorld, 2 and 3 ranks) bit for bit against hand simulations of
 each method, wire bytes, every rank's shared state identical, AMP rollback and resume."""
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""The seed methods of issue 10 through the engine (LocalWorld): 1-bit SGD, EF-signSGD, signSGD
-with majority vote, random-k with a shared mask, the sketched update and PowerSGD, bit for bit
-against hand-written simulations of each route, with their wire sizes.  The codecs' own
-mathematics are tested in test_sign.py, test_randk.py and test_sketch.py."""
+"""Sign, random-k, sketch and low-rank methods through the engine (LocalWorld): 1-bit SGD,
+EF-signSGD, signSGD with majority vote, random-k with a shared mask, the sketched update and
+PowerSGD, bit for bit against hand-written simulations of each route, with their wire sizes. The
+codecs' own mathematics are tested in test_sign.py, test_randk.py and test_sketch.py."""
 from __future__ import annotations
 
 import zlib

@@ -1,4 +1,4 @@
-"""LocalSGD and DelayedAveraging (issue 11, items 7-8): the update rules against plain-torch
+"""LocalSGD and DelayedAveraging: the update rules against plain-torch
 simulations (bit for bit where the simulation computes in the wrappers' order, and against the
 paper's formula in float64), LocalWorld at 2 and 3 ranks, real horovodrun jobs at 2 and 3
 ranks, wire bytes, AMP with one rank overflowing, unused and sparse parameters, and resume."""

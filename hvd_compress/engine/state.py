@@ -4,7 +4,7 @@ Every stateful tensor of a bucket (the error-feedback residual, DGC's momentum, 
 owner's server residual) is a :class:`TxBuffer`: a committed tensor plus a working tensor.  A
 step writes only working tensors; :meth:`BucketState.commit` swaps them in once every rank's
 every member of the step was finite, :meth:`BucketState.rollback` drops them.  So a step that
-GradScaler skips leaves no trace (issue 8, AMP).
+GradScaler skips leaves no trace (AMP).
 
 Buffers are flat over the bucket; :meth:`BucketState.member_views` cuts them per member, which is
 how ``state_dict`` keys them (by parameter name: a checkpoint survives a change of bucket cap).

@@ -13,7 +13,7 @@ step's (warm start; the first one random from the seed every rank shares, orthon
 3. the aggregate is P^ Q^T (the sum over workers of P^ P^^T M_w); the worker's error becomes
    e = M - P^ Q^T / W, and Q / W is kept for the next step's warm start.
 
-``structured=True`` is seed 004's structured update (Konečný et al. 2016): Q is a fresh random
+``structured=True`` is the structured update of Konečný et al. 2016: Q is a fresh random
 orthonormal basis from the shared seed every step and only P = M Q is sent (one allreduce);
 the aggregate is P Q^T.  Matrix products stay torch's (the issue: what torch does optimally
 stays torch); sums over workers are Horovod's allreduce.
