@@ -1,21 +1,10 @@
 """hvd_compress: gradient compression for Horovod.
 
-Layers, bottom to top (each usable without the ones above it):
-
-* :mod:`hvd_compress.codecs`: pure tensor transforms (TernGrad, QSGD, top-k with sampled
-  thresholds, stochastic fp16) with a C reference on the CPU and CuPy/NVRTC kernels on the GPU,
-  bit-identical to each other.  Needs neither Horovod nor a GPU nor CuPy.
-* :mod:`hvd_compress.routes`: how one bucket's payloads travel (dense, summable allreduce,
-  allgather, two-phase quantized, two-phase sparse).
-* :mod:`hvd_compress.engine`: buckets, the plan (a route per bucket), transactional state, the
-  step lifecycle.
-* :mod:`hvd_compress.adaptor` / :mod:`hvd_compress.methods`: Horovod ``Compressor`` objects for
-  ``hvd.DistributedOptimizer(compression=...)``: ``TernGrad``, ``QSGD``, ``TopK``, ``DGC``,
-  ``FP16``, and ``from_spec("topk:ratio=0.01")``; ``DistributedOptimizer`` adds per-parameter
-  maps and the compressor state in ``state_dict()``.  Horovod is imported on first use only.
-* :mod:`hvd_compress.local_sgd` / :mod:`hvd_compress.delayed`: optimizers used in place of
-  ``hvd.DistributedOptimizer`` that average less often (``LocalSGD``) or late
-  (``DelayedAveraging``), optionally through a compressor.
+Codecs (:mod:`hvd_compress.codecs`, usable alone: no Horovod, no GPU needed) under routes
+(:mod:`hvd_compress.routes`) under the engine (:mod:`hvd_compress.engine`) under the Horovod
+adaptor and the compressors users name (``TernGrad()``, ``QSGD()``, ``TopK()``, ... and
+``from_spec("topk:ratio=0.01")``); docs/design.md ("Layers") has the map.  Horovod is imported
+on first use only.
 """
 __version__ = "0.3.0"
 
