@@ -680,7 +680,7 @@ class ESGD(_AggregateMethod):
             return x
         from .codecs.esgd import momentum_step
         from .codecs.sign import ScaledSignCodec
-        from .engine.engine import rank_seed
+        from .codecs.rng import rank_seed
         device, n, k = x.device, x.numel(), self.k(x.numel())
         meta = state.buffer("esgd", device, 2)
         t, last = meta.committed.tolist()

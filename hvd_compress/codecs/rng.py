@@ -67,3 +67,19 @@ def random_u32(n: int, key: RandomKey = RandomKey(), device: torch.device | str 
     else:
         raise ValueError(f"random_u32: unsupported device {device}")
     return out
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def splitmix64(x: int) -> int:
+    """SplitMix64's finalizer (Steele, Lea, Flood 2014): a bijection of 64-bit integers."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The Philox key of ``rank``: independent streams per rank, reproducible per (seed, world)."""
+    return splitmix64((seed + (rank + 1) * 0x9E3779B97F4A7C15) & _MASK64)

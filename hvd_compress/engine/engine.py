@@ -19,8 +19,6 @@ See docs/design.md ("The engine") for the reasoning.
 from __future__ import annotations
 
 import logging
-import statistics
-import time
 import traceback
 import zlib
 from dataclasses import dataclass, field
@@ -28,6 +26,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..codecs.rng import rank_seed, splitmix64
 from ..routes.base import Job, Link, Pending, Speed
 from . import cost
 from .buckets import Bucket, Member, assign_buckets
@@ -36,9 +35,9 @@ from .config_check import config_table, describe_differences
 from .header import Header
 from .persist import check_saved, check_tensor
 from .state import BUCKET, MEMBER, BucketState
+from .trial import Trial
 from .topology import Placement, Topology
 
-_MASK64 = (1 << 64) - 1
 #: the planner's log: one INFO line per plan on rank 0, a WARNING when compression is switched off
 log = logging.getLogger("hvd_compress")
 #: what Horovod 0.28.1's allreduce takes (bf16 members stay in the engine, which casts to fp32)
@@ -48,19 +47,6 @@ _HOROVOD_DTYPES = (torch.float16, torch.float32, torch.float64)
 def _finite(t: torch.Tensor) -> bool:
     """One min/max pass (NaN propagates into both, +-inf is the max or the min), read on the host."""
     return not t.numel() or bool(torch.isfinite(torch.stack(torch.aminmax(t))).all())
-
-
-def splitmix64(x: int) -> int:
-    """SplitMix64's finalizer (Steele, Lea, Flood 2014): a bijection of 64-bit integers."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def rank_seed(seed: int, rank: int) -> int:
-    """The Philox key of ``rank``: independent streams per rank, reproducible per (seed, world)."""
-    return splitmix64((seed + (rank + 1) * 0x9E3779B97F4A7C15) & _MASK64)
 
 
 @dataclass
@@ -715,109 +701,3 @@ class _Counted:
     def alltoall(self, tensor: torch.Tensor, splits: list[int], name: str):
         self._stats.collectives += 1
         return self._comm.alltoall(tensor, splits, name)
-
-
-class Trial:
-    """Selective compression decided by measurement (with a measured link only).
-
-    The cost model decides where compression should pay; on a machine where the "link" is
-    really memory bandwidth or shared cores, it can be wrong.  So once the link is measured and
-    the model compresses something (without a decisive margin), the engine alternates
-    :data:`STEPS` steps with the model's plan and :data:`STEPS` with every ``route="auto"``
-    bucket uncompressed (Horovod's own allreduce) -- alternating, so that a change in the
-    machine's background load hits both alike -- times every step from start to start on every
-    rank, and keeps compression only if its median step (the slowest rank's) is at least
-    :data:`MARGIN` shorter.  The step header carries the times, so every rank takes the same
-    decision without another collective.  The verdict is part of the state (a resumed run
-    keeps it)."""
-
-    STEPS = 3
-    #: compression is kept only if its median step is at most this fraction of uncompressed
-    MARGIN = 0.95
-    #: no trial when the model predicts compression at least this many times faster: it would
-    #: have to be that wrong (a slow link's uncompressed steps are also the costliest to time)
-    DECISIVE = 10.0
-    _MODEL, _DENSE = 1, 2
-
-    def __init__(self) -> None:
-        self.phase = "off"          # off -> running -> done
-        self.schedule: list[int] = []
-        self.samples: dict[int, list[float]] = {self._MODEL: [], self._DENSE: []}
-        self.verdict: int | None = None
-        self.current = 0            # variant of the step in progress (0: not a trial step)
-        self.note = ""              # how the verdict was reached, when not by timing
-        self._started: float | None = None
-        self.last = [0, 0]          # (variant, microseconds) of the previous step, for the header
-
-    @property
-    def running(self) -> bool:
-        return self.phase == "running"
-
-    def settled(self, engine: "Engine") -> bool:
-        """The plan will not change any more (link known, no trial in progress)."""
-        return engine.link is not None and not self.running
-
-    def start(self, engine: "Engine") -> None:
-        """After the link is measured: run the trial if the model compresses something the
-        trial may turn off, unless the model's margin is decisive."""
-        auto = [b for b in engine.plan.buckets if b.route is not DENSE and b.bucket.method.route == "auto"]
-        if self.phase != "off" or not auto:
-            return
-        predicted = sum(b.seconds for b in auto)
-        if sum(b.dense_seconds for b in auto) >= self.DECISIVE * predicted:
-            self.phase, self.verdict = "done", self._MODEL
-            self.note = f"model: compressed {predicted * 1e3:.1f} ms vs uncompressed " \
-                        f"{sum(b.dense_seconds for b in auto) * 1e3:.1f} ms per step, no trial needed"
-            return
-        self.phase = "running"
-        self.schedule = [self._MODEL, self._DENSE] * self.STEPS
-
-    def next_step(self, engine: "Engine") -> bool:
-        """At a step's start: time the previous step; pick this step's variant.  True when the
-        plan must change."""
-        now = time.perf_counter()
-        self.last = [self.current, int(min((now - self._started) * 1e6, 2 ** 31 - 1))] \
-            if self.current and self._started is not None else [0, 0]
-        self._started = now
-        before = self.current
-        self.current = self.schedule.pop(0) if self.running and self.schedule else 0
-        return (before == self._DENSE) != (self.current == self._DENSE) or \
-            (self.phase == "done" and before != 0)
-
-    def record(self, rows: list[Header], engine: "Engine") -> None:
-        """Every rank's time of the previous step (from the header); decide when complete."""
-        if not self.running or not rows or not rows[0].trial_variant:
-            return
-        self.samples[rows[0].trial_variant].append(max(h.trial_us for h in rows) / 1e6)
-        if all(len(v) >= self.STEPS - 1 for v in self.samples.values()) and not self.schedule:
-            model, dense = (statistics.median(self.samples[k]) for k in (self._MODEL, self._DENSE))
-            self.verdict = self._MODEL if model <= self.MARGIN * dense else self._DENSE
-            self.phase = "done"
-
-    def dense_reason(self) -> str | None:
-        if self.current == self._DENSE:
-            return "trial: timing uncompressed steps"
-        if self.phase == "done" and self.verdict == self._DENSE:
-            return "measured: uncompressed steps were faster"
-        return None
-
-    def summary(self) -> str:
-        if self.phase != "done":
-            return "trial running" if self.running else ""
-        if self.note:
-            return self.note
-        model, dense = (statistics.median(self.samples[k]) if self.samples[k] else float("nan")
-                        for k in (self._MODEL, self._DENSE))
-        kept = "uncompressed" if self.verdict == self._DENSE else "compressed"
-        return f"measured {model:.3f} s/step compressed vs {dense:.3f} s/step uncompressed: {kept} kept"
-
-    def state(self) -> dict:
-        return {"phase": self.phase, "verdict": self.verdict, "note": self.note,
-                "samples": {str(k): v for k, v in self.samples.items()}}
-
-    def load(self, saved: dict | None) -> None:
-        if not saved or saved.get("phase") != "done":
-            return  # an unfinished trial starts again
-        self.phase, self.verdict, self.note = "done", saved["verdict"], saved.get("note", "")
-        self.samples = {int(k): v for k, v in saved["samples"].items()}
-        self.current = 0
