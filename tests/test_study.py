@@ -75,7 +75,7 @@ def test_noise_budget_separates_the_qsgd_norms():
     """examples/noise_budget.py: the L2-normalized QSGD adds far more noise to the averaged
     gradient than the max-normalized one (the study's explanation of QSGD-L2's miss)."""
     import noise_budget
-    rows = noise_budget.budget("charlm", [2], steps=20, draws=2, reference=4)
+    rows = noise_budget.budget("charlm", [(2, 1)], steps=20, draws=2, reference=4)
     added = {row.split(" | ")[2]: float(row.split(" | ")[3]) for row in rows if "qsgd" in row}
     assert added["qsgd 4-bit L2 (paper)"] > 0.5 > 0.2 > added["qsgd 4-bit max (default)"]
     assert any("(uncompressed" in row for row in rows)
