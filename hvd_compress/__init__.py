@@ -8,18 +8,30 @@ on first use only.
 """
 __version__ = "0.3.0"
 
-_LAZY = {"TernGrad": "methods", "QSGD": "methods", "TopK": "methods", "DGC": "methods",
-         "FP16": "methods", "OneBit": "methods", "EFSignSGD": "methods", "SignSGD": "methods",
-         "RandomK": "methods", "Sketch": "methods", "PowerSGD": "methods", "GradDrop": "methods",
-         "AdaComp": "methods", "STC": "methods", "from_spec": "methods", "Compressor": "adaptor",
-         "Link": "routes.base", "DistributedOptimizer": "optimizer", "LocalSGD": "local_sgd",
-         "DelayedAveraging": "delayed",
-         "ESGD": "methods", "LAQ": "methods", "DIANA": "methods"}
-__all__ = sorted(_LAZY)
+#: names exported lazily (importing them needs torch; Horovod only on first use) -> module;
+#: the compressors come from the methods' registry (:data:`hvd_compress.methods.REGISTRY`)
+_LAZY = {"from_spec": "methods", "Compressor": "adaptor", "Link": "routes.base",
+         "DistributedOptimizer": "optimizer", "LocalSGD": "local_sgd", "DelayedAveraging": "delayed"}
+
+
+def _compressors() -> dict:
+    """Class name -> method class, for every registered method."""
+    from .methods import REGISTRY
+    return {cls.__name__: cls for cls in REGISTRY.values()}
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         import importlib
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    if name == "__all__":
+        return sorted([*_LAZY, *_compressors()])
+    if not name.startswith("_"):
+        compressors = _compressors()
+        if name in compressors:
+            return compressors[name]
     raise AttributeError(f"module 'hvd_compress' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY, *_compressors()])
