@@ -96,12 +96,12 @@ class Job:
 
 @dataclass
 class Pending:
-    """A bucket's collective(s) in flight."""
+    """A bucket's collective(s) in flight; multi-phase routes subclass it with what their later
+    phases need (typed fields, not a dict)."""
     job: Job
     handle: Any
     sent: int                            # bytes this rank put on the wire
     payloads: list[Payload] = field(default_factory=list)   # this rank's phase-1 payloads
-    extra: dict = field(default_factory=dict)
     received: int = 0
     averaged: bool = False               # finish() returns the mean over ranks, not the sum
 

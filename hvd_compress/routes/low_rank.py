@@ -21,6 +21,8 @@ stays torch); sums over workers are Horovod's allreduce.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -51,6 +53,17 @@ def orthonormalize(p: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
             rest = p[:, i + 1:]
             rest.sub_(col @ (col.t() @ rest))
     return p
+
+
+@dataclass
+class PowerSGDPending(Pending):
+    """A PowerSGD bucket in flight: its members' plan (slice, matrix shape, rank, Q offset), the
+    Q factors used, the warm-start state, and after phase 1 the summed P and the P factors."""
+    plan: list = field(default_factory=list)
+    qs: list = field(default_factory=list)
+    q_state: torch.Tensor | None = None
+    first: torch.Tensor | None = None
+    ps: list[Any] = field(default_factory=list)
 
 
 class PowerSGDRoute(Route):
@@ -105,15 +118,15 @@ class PowerSGDRoute(Route):
             pieces.append((job.x[part].view(n, cols) @ q).reshape(-1))
         first = torch.cat(pieces)
         nbytes = first.numel() * FP32
-        return Pending(job, job.comm.allreduce(first, f"{job.tag}.p"), sent=nbytes, received=nbytes,
-                       extra={"plan": plan, "qs": qs, "q_state": q_state})
+        return PowerSGDPending(job, job.comm.allreduce(first, f"{job.tag}.p"), sent=nbytes, received=nbytes,
+                               plan=plan, qs=qs, q_state=q_state)
 
-    def advance(self, pending: Pending) -> None:
+    def advance(self, pending: PowerSGDPending) -> None:
         if self.structured:
             return
-        job, plan = pending.job, pending.extra["plan"]
+        job, plan = pending.job, pending.plan
         total = pending.handle.wait()
-        pending.extra["first"] = total
+        pending.first = total
         pieces, ps, pos = [], [], 0
         for part, shape, r, _ in plan:
             size = (part.stop - part.start) if shape is None else shape[0] * r
@@ -125,20 +138,20 @@ class PowerSGDRoute(Route):
             p = orthonormalize(chunk.view(shape[0], r).clone())
             ps.append(p)
             pieces.append((job.x[part].view(*shape).t() @ p).reshape(-1))
-        pending.extra["ps"] = ps
+        pending.ps = ps
         second = torch.cat(pieces) if pieces else torch.zeros(0, device=job.x.device)
         pending.sent += second.numel() * FP32
         pending.received += second.numel() * FP32
         pending.handle = job.comm.allreduce(second, f"{job.tag}.q")
 
-    def finish(self, pending: Pending) -> torch.Tensor:
-        job, plan = pending.job, pending.extra["plan"]
+    def finish(self, pending: PowerSGDPending) -> torch.Tensor:
+        job, plan = pending.job, pending.plan
         world = job.comm.size
         out = job.out
         if self.structured:
             first, second = pending.handle.wait(), None
         else:
-            first, second = pending.extra["first"], pending.handle.wait()
+            first, second = pending.first, pending.handle.wait()
         pos_first = pos_second = 0
         for i, (part, shape, r, q_pos) in enumerate(plan):
             if shape is None:
@@ -151,12 +164,12 @@ class PowerSGDRoute(Route):
             n, cols = shape
             if self.structured:
                 p = first[pos_first:pos_first + n * r].view(n, r)
-                q = pending.extra["qs"][i]
+                q = pending.qs[i]
             else:
-                p = pending.extra["ps"][i]
+                p = pending.ps[i]
                 q = second[pos_second:pos_second + cols * r].view(cols, r)
                 pos_second += cols * r
-                pending.extra["q_state"][q_pos:q_pos + cols * r].copy_((q / world).reshape(-1))
+                pending.q_state[q_pos:q_pos + cols * r].copy_((q / world).reshape(-1))
             pos_first += n * r
             torch.matmul(p, q.t(), out=out[part].view(n, cols))
             if job.residual is not None:   # e = M - (the aggregate's mean), the mean exactly sum / W

@@ -23,7 +23,7 @@ import torch
 from ..codecs.base import Payload
 from . import wire
 from .base import Job, Link, Pending, Route, Speed, chunk_bounds, codec_seconds, encode_segments
-from .two_phase import TwoPhaseRoute
+from .two_phase import TwoPhasePending, TwoPhaseRoute
 
 
 class SparseTwoPhaseRoute(Route):
@@ -47,8 +47,8 @@ class SparseTwoPhaseRoute(Route):
                                              {"indices": local, "values": values[run]})], device))
         splits = [b.numel() for b in blocks]
         handle = job.comm.alltoall(torch.cat(blocks), splits, f"{job.tag}.p1")
-        return Pending(job, handle, sent=sum(splits) - splits[job.comm.rank], payloads=payloads,
-                       extra={"bounds": bounds})
+        return TwoPhasePending(job, handle, sent=sum(splits) - splits[job.comm.rank], payloads=payloads,
+                               bounds=bounds)
 
     # Phase 2 and the final decode are the quantized two-phase route's, with the top-k codec:
     # the owner's decode_accumulate is a scatter-add in rank order, its re-encode a top-k with

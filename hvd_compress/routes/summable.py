@@ -11,6 +11,8 @@
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from ..codecs.base import Payload
@@ -47,6 +49,13 @@ class SummableRoute(Route):
                 + codec_seconds(n, 1, segments, speed))
 
 
+@dataclass
+class SharedScalePending(Pending):
+    """A shared-scale bucket in flight: scales per segment, then the per-element scale."""
+    counts: list[int] = field(default_factory=list)
+    scale: torch.Tensor | None = None
+
+
 class SharedScaleRoute(Route):
     name = "allreduce"
     carries = "shared_scale"
@@ -57,14 +66,14 @@ class SharedScaleRoute(Route):
                   for s in job.segments]   # (the engine checked the bucket once)
         local = torch.cat(scales)
         handle = job.comm.allreduce(local, f"{job.tag}.scale", op="max")
-        return Pending(job, handle, sent=local.numel() * 4, received=local.numel() * 4,
-                       extra={"counts": [t.numel() for t in scales]})
+        return SharedScalePending(job, handle, sent=local.numel() * 4, received=local.numel() * 4,
+                                  counts=[t.numel() for t in scales])
 
-    def advance(self, pending: Pending) -> None:
+    def advance(self, pending: SharedScalePending) -> None:
         job = pending.job
         shared = pending.handle.wait()
         codes, per_element, payloads, pos = [], [], [], 0
-        for seg, count in zip(job.segments, pending.extra["counts"]):
+        for seg, count in zip(job.segments, pending.counts):
             scales = shared[pos:pos + count]
             pos += count
             payload = job.codec.with_scales(scales).encode(job.x[_span(seg)], job.key(seg.tensor_id),
@@ -78,13 +87,13 @@ class SharedScaleRoute(Route):
                                else scales.repeat_interleave(bucket)[:seg.numel])
         ternary = torch.cat(codes)
         pending.payloads = payloads
-        pending.extra["scale"] = torch.cat(per_element)
+        pending.scale = torch.cat(per_element)
         pending.handle = job.comm.allreduce(ternary, f"{job.tag}.codes")
         pending.sent += ternary.numel() * _FP16
         pending.received += ternary.numel() * _FP16
 
-    def finish(self, pending: Pending) -> torch.Tensor:
-        return torch.mul(pending.handle.wait(), pending.extra["scale"], out=pending.job.out)
+    def finish(self, pending: SharedScalePending) -> torch.Tensor:
+        return torch.mul(pending.handle.wait(), pending.scale, out=pending.job.out)
 
     def seconds(self, n: int, world: int, payload_bytes: float, segments: int, link: Link,
                 speed: Speed) -> float:

@@ -16,10 +16,19 @@ Each rank receives about 2 (P - 1)/P payload sizes instead of the allgather's P 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from . import wire
 from .base import (Job, Link, Pending, Route, Speed, chunk_bounds, codec_seconds, derived_id)
+
+
+@dataclass
+class TwoPhasePending(Pending):
+    """A two-phase bucket in flight: the chunks' bounds, and this rank's phase-2 block size."""
+    bounds: list[int] = field(default_factory=list)
+    own_phase2: int = 0
 
 
 class TwoPhaseRoute(Route):
@@ -39,11 +48,11 @@ class TwoPhaseRoute(Route):
             blocks.append(wire.pack(payloads[-1:], job.x.device))
         splits = [b.numel() for b in blocks]
         handle = job.comm.alltoall(torch.cat(blocks), splits, f"{job.tag}.p1")
-        return Pending(job, handle, sent=sum(splits) - splits[job.comm.rank], payloads=payloads,
-                       extra={"bounds": bounds})
+        return TwoPhasePending(job, handle, sent=sum(splits) - splits[job.comm.rank], payloads=payloads,
+                               bounds=bounds)
 
-    def advance(self, pending: Pending) -> None:
-        job, bounds = pending.job, pending.extra["bounds"]
+    def advance(self, pending: TwoPhasePending) -> None:
+        job, bounds = pending.job, pending.bounds
         rank, size = job.comm.rank, job.comm.size
         received, splits = pending.handle.wait()
         pending.received += received.numel() - splits[rank]
@@ -56,13 +65,13 @@ class TwoPhaseRoute(Route):
                                                check_finite=False)
         block = wire.pack([again], job.x.device)
         pending.sent += block.numel()
-        pending.extra["own_phase2"] = block.numel()
+        pending.own_phase2 = block.numel()
         pending.handle = job.comm.allgather(block, f"{job.tag}.p2")
 
-    def finish(self, pending: Pending) -> torch.Tensor:
-        job, bounds = pending.job, pending.extra["bounds"]
+    def finish(self, pending: TwoPhasePending) -> torch.Tensor:
+        job, bounds = pending.job, pending.bounds
         data = pending.handle.wait()
-        pending.received += data.numel() - pending.extra["own_phase2"]
+        pending.received += data.numel() - pending.own_phase2
         size = job.comm.size
         chunks = wire.unpack(data, job.codec, [[bounds[c + 1] - bounds[c]] for c in range(size)])
         out = job.out.zero_()
