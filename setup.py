@@ -32,7 +32,7 @@ setup(
     packages=["hvd_compress", "hvd_compress.codecs", "hvd_compress.backends", "hvd_compress.routes",
               "hvd_compress.engine", "hvd_compress.methods", "hvd_compress.kernels"],
     package_dir={"hvd_compress.kernels": "kernels"},
-    package_data={"hvd_compress.kernels": ["*.cu", "*.h", "*.cuh", "emu/*.h"]},
+    package_data={"hvd_compress.kernels": ["*.cu", "*.h", "*.cuh"]},
     ext_modules=[cpu_library],
     install_requires=["numpy>=1.24", "torch>=2.0"],
     extras_require={

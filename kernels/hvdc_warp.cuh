@@ -1,6 +1,6 @@
 /*
  * hvdc_warp.cuh: warp-level helpers shared by the CUDA kernels (NVRTC, and the SIMT emulator of
- * kernels/emu/simt.h): the butterfly of hvdc_warp_sum (hvdc_common.h) and the global thread index.
+ * tests/emu_kernels/simt.h): the butterfly of hvdc_warp_sum (hvdc_common.h) and the global thread index.
  */
 #ifndef HVDC_WARP_CUH
 #define HVDC_WARP_CUH

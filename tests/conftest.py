@@ -23,7 +23,8 @@ import zlib
 import pytest
 import torch
 
-from hvd_compress.backends import cuda, emulate, emulator
+import emulator
+from hvd_compress.backends import cuda, emulate
 
 EMU_MAX_NUMEL = int(os.environ.get("HVD_COMPRESS_EMU_MAX_NUMEL", 2_100_000)) or float("inf")
 EMU_SEED = int(os.environ.get("HVD_COMPRESS_EMU_SEED", "0"), 0)

@@ -1,4 +1,4 @@
-"""The SIMT emulator itself (kernels/emu/simt.h, hvd_compress/backends/emulator.py): warp
+"""The SIMT emulator itself (tests/emu_kernels/simt.h, tests/emulator.py): warp
 collectives against their CUDA definitions, block geometry, argument passing and checking, and
 the mistakes it must catch: races (a missing __syncthreads() in the real top-k kernels and in a
 small probe), barrier divergence, deadlock, inconsistent warp collectives, out-of-bounds and
@@ -20,7 +20,7 @@ import torch
 
 import hvd_compress
 from hvd_compress.backends import cuda, emulate, kernel_backend
-from hvd_compress.backends.emulator import SCHEDULES, EmulatedBackend, EmulatorError, kernel_names
+from emulator import SCHEDULES, EmulatedBackend, EmulatorError, kernel_names
 from hvd_compress.codecs import (OneBitCodec, QSGDCodec, RandomKCodec, RandomKey, ScaledSignCodec,
                                   SignCodec, SketchCodec, StochasticFP16Codec, TernGradCodec, TopKCodec)
 from hvd_compress.codecs.base import Payload
@@ -330,7 +330,7 @@ TOPK_BARRIERS = len(re.findall(r"__syncthreads\(\);", (cuda.kernel_dir() / "topk
 TOPK_RUN = """
 import json, sys, torch
 from hvd_compress.backends import emulate
-from hvd_compress.backends.emulator import EmulatedBackend, EmulatorError
+from emulator import EmulatedBackend, EmulatorError
 from hvd_compress.codecs import RandomKey, TopKCodec
 kernel_dir, seeds = sys.argv[1] if sys.argv[1] != "-" else None, int(sys.argv[2])
 key, codec = RandomKey(1, 2, 3), TopKCodec(ratio=0.02)
@@ -355,7 +355,8 @@ print(json.dumps(outcomes))
 def run_topk(kernel_dir: Path | None, seeds: int, cwd: Path) -> list[str]:
     """TOPK_RUN in a child process that imports the hvd_compress this session tests."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        filter(None, [str(Path(hvd_compress.__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])))
+        filter(None, [str(Path(hvd_compress.__file__).resolve().parents[1]), str(Path(__file__).resolve().parent),
+                      os.environ.get("PYTHONPATH")])))
     result = subprocess.run([sys.executable, "-c", TOPK_RUN, str(kernel_dir or "-"), str(seeds)],
                             capture_output=True, text=True, timeout=240, cwd=cwd, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -385,7 +386,7 @@ def test_every_kernel_runs_on_the_emulator():
     declared = {name for src in sorted(cuda.kernel_dir().glob("*.cu"))
                 for name, _, _ in kernel_names(src.read_text())}
     g, r = torch.randn(20_000), torch.randn(20_000) * 0.1
-    with emulate(seed=1) as backend:
+    with emulate(EmulatedBackend(seed=1)) as backend:
         assert kernel_backend("cpu") is backend and kernel_backend("cuda") is cuda
         random_u32(1000, RandomKey(1, 2, 3))
         for codec in (TernGradCodec(), TernGradCodec(bucket_size=64, clip=None), QSGDCodec(),

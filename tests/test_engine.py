@@ -511,13 +511,14 @@ def test_link_is_measured_once_and_kept_in_the_state():
 def test_engine_over_the_cuda_code_path_is_bit_identical(spec):
     """Every rank's codecs on their CUDA code path (the SIMT emulator, kernels/*.cu compiled for
     the CPU) through the engine and routes: the same bits as the C reference."""
+    from emulator import EmulatedBackend
     from hvd_compress.backends import emulate
     reference = run_engines(spec, 2)
     method = hvd_compress.from_spec(spec)
     members = members_of(method)
 
     def fn(comm):
-        with emulate(seed=comm.rank, fill_uninitialized=False):
+        with emulate(EmulatedBackend(seed=comm.rank), fill_uninitialized=False):
             engine = Engine(members, lambda: comm, average=True, cap_bytes=25 * 2 ** 20, link=SLOW, name="t")
             outs = []
             for step in range(2):

@@ -6,7 +6,8 @@ Both implement the numeric contract of ``kernels/hvdc_common.h``; neither needs 
 that launches the CUDA kernels for tensors on a device (``kernel``, ``launch``, ``grid_size``,
 ``ptr_array``), or None when the C reference library does the work.  CUDA devices get the
 CuPy/NVRTC loader (:mod:`.cuda`); CPU tensors get the C library, except inside :func:`emulate`,
-where they get the SIMT emulator (:mod:`.emulator`) and so take the codecs' CUDA code path.
+where they get the backend it is given (the test suite's SIMT emulator, ``tests/emulator.py``)
+and so take the codecs' CUDA code path.
 """
 from __future__ import annotations
 
@@ -33,21 +34,15 @@ def kernel_backend(device: torch.device | str) -> Any | None:
 
 
 @contextmanager
-def emulate(backend: Any = None, *, fill_uninitialized: bool = True, **options: Any) -> Iterator[Any]:
-    """Run the codecs' CUDA code path on CPU tensors through the SIMT emulator within the block
-    (this thread / async context only).  ``backend`` is an
-    :class:`~hvd_compress.backends.emulator.EmulatedBackend`, else one is made from ``options``
-    (``seed=...``, ``schedule=...``, ``sm_count=...``).  Yields the backend.
+def emulate(backend: Any, *, fill_uninitialized: bool = True) -> Iterator[Any]:
+    """Run the codecs' CUDA code path on CPU tensors through ``backend`` (an object with the CUDA
+    loader's interface: the test suite's SIMT emulator, ``tests/emulator.py``) within the block
+    (this thread / async context only).  Yields the backend.
 
     With ``fill_uninitialized`` (default), ``torch.empty`` returns NaN / the largest integer
     inside the block instead of stale memory (``torch.use_deterministic_algorithms(True,
     warn_only=True)``, restored on exit), so an output element a kernel fails to write shows up,
     and an index read from one points far outside every buffer (a reported fault)."""
-    if backend is None:
-        from .emulator import EmulatedBackend
-        backend = EmulatedBackend(**options)
-    elif options:
-        raise TypeError("pass either a backend or options, not both")
     before = (torch.are_deterministic_algorithms_enabled(),
               torch.is_deterministic_algorithms_warn_only_enabled())
     if fill_uninitialized:

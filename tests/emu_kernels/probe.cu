@@ -1,5 +1,5 @@
 /*
- * probe.cu: small kernels that exercise the SIMT emulator (kernels/emu/simt.h) itself:
+ * probe.cu: small kernels that exercise the SIMT emulator (tests/emu_kernels/simt.h) itself:
  * warp collectives against their CUDA definitions, block dimensions, argument passing, and the
  * mistakes it must report (races, barrier divergence, deadlock, inconsistent warp collectives,
  * out-of-bounds and const writes, faults).  Used by tests/test_emulator.py only; plain CUDA, so

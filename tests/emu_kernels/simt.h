@@ -1,6 +1,6 @@
 /*
- * kernels/emu/simt.h: a small SIMT emulator, so that the CUDA kernels (kernels/NAME.cu) run on the
- * CPU, compiled by the host C++ compiler (hvd_compress/backends/emulator.py force-includes this
+ * tests/emu_kernels/simt.h: a small SIMT emulator, so that the CUDA kernels (kernels/NAME.cu) run on the
+ * CPU, compiled by the host C++ compiler (tests/emulator.py force-includes this
  * header; docs/emulator.md).
  *
  * It provides the subset of CUDA our kernels use, with CUDA's semantics where it matters:
