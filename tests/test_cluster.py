@@ -175,6 +175,18 @@ def bytes_between_hosts() -> int:
     return int(cluster_sh("bytes", timeout=30).stdout.strip())
 
 
+def payload_across_hosts(launch) -> tuple[list[dict], int]:
+    """The ranks' reports of ``launch()`` (a job with JOB_PAYLOAD_MB), checked as 2 x 2 with the
+    payload summed right, and the bytes that crossed between hosts meanwhile."""
+    before = bytes_between_hosts()
+    out = launch()
+    moved = bytes_between_hosts() - before
+    ranks = results(out)
+    check_two_by_two(ranks, out)
+    assert all(r["payload_ok"] for r in ranks)
+    return ranks, moved
+
+
 def ns_name_of(netns_link: str) -> str:
     """'net:[4026532242]' -> the name of the namespace with that inode ('hvdc-n0')."""
     ino = int(re.fullmatch(r"net:\[(\d+)\]", netns_link).group(1))
@@ -255,12 +267,7 @@ def test_links_limited_between_hosts_not_within(cluster):
 # ---- 2-3. horovodrun across hosts; bytes ---------------------------------------------------------
 
 def test_horovodrun_two_hosts_and_bytes(cluster):
-    before = bytes_between_hosts()
-    out = horovodrun(cluster, 4, cluster["HOSTS"], JOB_PAYLOAD_MB=str(PAYLOAD_MB))
-    moved = bytes_between_hosts() - before
-    ranks = results(out)
-    check_two_by_two(ranks, out)
-    assert all(r["payload_ok"] for r in ranks)
+    _, moved = payload_across_hosts(lambda: horovodrun(cluster, 4, cluster["HOSTS"], JOB_PAYLOAD_MB=str(PAYLOAD_MB)))
     # Gloo's ring allreduce puts 2 (P - 1) / P of the payload on each of the 2 links that cross
     # between the hosts: 3 x 8 MB here, plus ssh and rendezvous traffic (~0.2 MB).
     print(f"{PAYLOAD_MB} MB allreduce over 2 hosts x 2 ranks: {moved} bytes between hosts")
@@ -283,16 +290,17 @@ def test_horovodrun_one_host_sends_nothing_between_hosts(cluster):
     assert moved < 2**20, moved
 
 
-def test_two_host_job_is_bit_identical_to_its_simulation(cluster, tmp_path):
-    """Hierarchical TernGrad across the two hosts (tc-limited link, ssh-launched ranks) gives the
-    weights of the simulator's 2 x 2 world, bit for bit, on every rank."""
+@pytest.mark.parametrize("hierarchy", [True, False])
+def test_two_host_job_is_bit_identical_to_its_simulation(cluster, tmp_path, hierarchy):
+    """TernGrad across the two hosts (tc-limited link, ssh-launched ranks), hierarchical and flat,
+    gives the weights of the simulator's 2 x 2 world, bit for bit, on every rank."""
     import torch
     from test_hierarchical import _simulate
-    spec = "terngrad:min_numel=0,route='compressed',hierarchy=True"
+    spec = f"terngrad:min_numel=0,route='compressed',hierarchy={hierarchy}"
     horovodrun(cluster, 4, cluster["HOSTS"], JOB_HIER_SPEC=spec, JOB_HIER_OUT=str(tmp_path),
                PYTHONPATH=str(ROOT / "tests"), HVD_COMPRESS_LINK_GBPS="1")
     real = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(4)]
-    assert "2 hosts x 2 ranks" in real[0]["plan"] and "hier_" in real[0]["plan"], real[0]["plan"]
+    assert "2 hosts x 2 ranks" in real[0]["plan"] and ("hier_" in real[0]["plan"]) == hierarchy, real[0]["plan"]
     torch.set_num_threads(1)
     sim = _simulate(spec, 4, 2)
     for r in real:
@@ -317,16 +325,11 @@ def test_mpirun_two_hosts(cluster):
     if not re.search(r"\[X\] MPI", build):
         pytest.skip("Horovod here is built without MPI")
     iface = cluster["IFACE"]
-    before = bytes_between_hosts()
-    out = run(["mpirun", "--allow-run-as-root", "-np", 4, "-H", cluster["HOSTS"],
-               "--mca", "btl_tcp_if_include", iface, "--mca", "oob_tcp_if_include", iface,
-               "-x", "OMP_NUM_THREADS", "-x", "JOB_PAYLOAD_MB",
-               sys.executable, cluster["job"]], timeout=JOB_TIMEOUT,
-              env=_env(JOB_PAYLOAD_MB=str(PAYLOAD_MB))).stdout
-    moved = bytes_between_hosts() - before
-    ranks = results(out)
-    check_two_by_two(ranks, out)
-    assert all(r["payload_ok"] for r in ranks)
+    _, moved = payload_across_hosts(lambda: run(
+        ["mpirun", "--allow-run-as-root", "-np", 4, "-H", cluster["HOSTS"],
+         "--mca", "btl_tcp_if_include", iface, "--mca", "oob_tcp_if_include", iface,
+         "-x", "OMP_NUM_THREADS", "-x", "JOB_PAYLOAD_MB", sys.executable, cluster["job"]],
+        timeout=JOB_TIMEOUT, env=_env(JOB_PAYLOAD_MB=str(PAYLOAD_MB))).stdout)
     print(f"mpirun: {PAYLOAD_MB} MB allreduce over 2 hosts x 2 ranks: {moved} bytes between hosts")
     assert moved >= PAYLOAD_MB * 2**20, moved
 

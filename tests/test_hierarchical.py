@@ -202,3 +202,20 @@ def test_resume_on_two_hosts_is_bit_exact(tmp_path):
                       env=LINK, hosts=hosts)
     for rank in range(4):
         assert all(torch.equal(a, b) for a, b in zip(resumed[rank][0], full[rank][0])), rank
+
+
+@pytest.mark.horovod
+def test_rank_dependent_graphs_and_a_shared_compressor_on_two_hosts():
+    """Horovod's own situations on the hierarchical routes (2 x 2): losses that reach different
+    layers on odd ranks (their gradients come in synchronize(), hooks in another order), and one
+    compressor serving a GAN's two optimizers; every rank ends with the same weights."""
+    from test_horovod_integration import _rank_dependent_graph, _two_optimizers
+    hosts = TWO_LOCAL_HOSTS.format(n=2)
+    spec = "topk:ratio=0.1,min_numel=64,route='compressed',hierarchy=True,bucket_cap_mb=0"
+    results = run_job(_rank_dependent_graph, np=4, args=(spec,), timeout=180, env=LINK, hosts=hosts)
+    for params in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], params))
+    shared = run_job(_two_optimizers, np=4, args=((3000,), (2000,)), timeout=180, env=LINK, hosts=hosts)
+    for d_weight, g_weight, state in shared:
+        assert len(state["optimizers"]) == 2
+        assert torch.equal(d_weight, shared[0][0]) and torch.equal(g_weight, shared[0][1])

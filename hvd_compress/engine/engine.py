@@ -549,8 +549,8 @@ class Engine:
         result of a step without flush: in synchronize(), where waiting is allowed; the new
         plan applies from the next step)."""
         device = next(iter(self._inputs.values())).device if self._inputs else torch.device("cpu")
-        topology = self.topology or Topology.flat(self.comm.size)
-        self.link, intra, self.link_source = cost.measure_links(self.comm, topology, device, f"{self.tag}.link")
+        self.link, intra, self.link_source = cost.measure_links(self.comm, self._planned_topology(self.comm.size),
+                                                                device, f"{self.tag}.link")
         if not self._intra_declared:
             self.intra_link = intra
         methods = {id(b.method): b.method for b in self.buckets if not b.small and b.method.codec is not None}

@@ -190,15 +190,12 @@ def plan_bucket(bucket: Bucket, world: int, link: Link, speed: Speed, step: int,
                       crossing_bytes=crossing_bytes(route, payload, n, topology))
 
 
-_HIERARCHICAL: dict[int, HierarchicalRoute] = {}
-
-
 def routes_for(method, topology: Topology) -> tuple[dict[str, Route], str]:
     """The compressed candidates of ``method`` on ``topology`` (flat, hierarchical or both, as
     its ``hierarchy`` setting says), and a note for the plan when hierarchy was asked for but
     cannot be had."""
     flat = method.candidates()
-    wanted = getattr(method, "hierarchy", False)
+    wanted = method.hierarchy
     if wanted is False:
         return flat, ""
     if not method.hierarchical:
@@ -206,8 +203,7 @@ def routes_for(method, topology: Topology) -> tuple[dict[str, Route], str]:
                       "payload)" if wanted is True else "")
     if not topology.hierarchical:
         return flat, f"; flat: no hierarchy on {topology.describe()}" if wanted is True else ""
-    hier = {f"hier_{name}": _HIERARCHICAL.setdefault(id(route), HierarchicalRoute(route))
-            for name, route in flat.items()}
+    hier = {f"hier_{name}": HierarchicalRoute(route) for name, route in flat.items()}   # (stateless)
     return (hier if wanted is True else {**flat, **hier}), ""
 
 
