@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import hvd_compress  # noqa: E402
+import hvd_compress.methods  # noqa: E402
 from bandwidth_bench import resnet50_shapes  # noqa: E402
 from hvd_compress.codecs import RandomKey  # noqa: E402
 from hvd_compress.engine.buckets import Member, assign_buckets  # noqa: E402
@@ -66,7 +66,7 @@ def main() -> None:
              "(25.6M parameters) in 25 MiB buckets; per rank and step: bytes received, and predicted "
              "time of the exchange (codec work included, compute not).", ""]
     for spec in SPECS:
-        method = hvd_compress.from_spec(spec)
+        method = hvd_compress.methods.from_spec(spec)
         speed = speed_of(method)
         members = [Member(i, n, torch.Size(s), torch.float32, method) for i, (n, s) in enumerate(shapes)]
         buckets = [b for b in assign_buckets(members, 25 * 2 ** 20) if not b.small]
@@ -114,7 +114,7 @@ def cluster_tables(spec: str, speed: Speed, members: list) -> list[str]:
             world = hosts * LOCAL
             totals = {}
             for hierarchy in (False, True):
-                method = hvd_compress.from_spec(f"{spec}{',' if ':' in spec else ':'}route='compressed',"
+                method = hvd_compress.methods.from_spec(f"{spec}{',' if ':' in spec else ':'}route='compressed',"
                                                 f"hierarchy={hierarchy}")
                 mine = [type(m)(m.index, m.name, m.shape, m.dtype, method) for m in members]
                 plans = [plan_bucket(b, world, link, speed, 0, topology=topo, intra=INTRA)

@@ -1,23 +1,26 @@
 """hvd_compress: gradient compression for Horovod.
 
 Codecs (:mod:`hvd_compress.codecs`, usable alone: no Horovod, no GPU needed) under routes
-(:mod:`hvd_compress.routes`) under the engine (:mod:`hvd_compress.engine`) under the Horovod
-adaptor and the compressors users name (``TernGrad()``, ``QSGD()``, ``TopK()``, ... and
-``from_spec("topk:ratio=0.01")``); docs/design.md ("Layers") has the map.  Horovod is imported
-on first use only.
+(:mod:`hvd_compress.routes`) under the engine (:mod:`hvd_compress.engine`), which runs the
+methods (:mod:`hvd_compress.methods`, the algorithms); the framework adaptor
+(:mod:`hvd_compress.horovod`) serves them to Horovod.  The names exported here are what a
+Horovod script passes as ``compression=``: ``TernGrad()``, ``QSGD()``, ``TopK()``, ... (each the
+Horovod compressor of the method of that name) and ``from_spec("topk:ratio=0.01")``;
+docs/design.md ("Layers") has the map.  Horovod is imported on first use only.
 """
 __version__ = "0.3.0"
 
 #: names exported lazily (importing them needs torch; Horovod only on first use) -> module;
 #: the compressors come from the methods' registry (:data:`hvd_compress.methods.REGISTRY`)
-_LAZY = {"from_spec": "methods", "Compressor": "adaptor", "Link": "routes.base",
-         "DistributedOptimizer": "optimizer", "LocalSGD": "local_sgd", "DelayedAveraging": "delayed"}
+_LAZY = {"from_spec": "horovod", "Compressor": "horovod", "Link": "routes.base",
+         "DistributedOptimizer": "horovod", "LocalSGD": "local_sgd", "DelayedAveraging": "delayed"}
 
 
 def _compressors() -> dict:
-    """Class name -> method class, for every registered method."""
+    """Class name -> Horovod compressor class, for every registered method."""
+    from .horovod import compressor_class
     from .methods import REGISTRY
-    return {cls.__name__: cls for cls in REGISTRY.values()}
+    return {cls.__name__: compressor_class(cls) for cls in REGISTRY.values()}
 
 
 def __getattr__(name: str):

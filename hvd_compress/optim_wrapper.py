@@ -56,6 +56,7 @@ class OptimizerWrapper(torch.optim.Optimizer):
     def __init__(self, optimizer: torch.optim.Optimizer,
                  named_parameters: Iterable[tuple[str, torch.Tensor]] | None, *,
                  compression: Any = None, process_set: Any = None, comm: Any = None) -> None:
+        from .horovod.compressor import MethodCompressor
         from .methods import Dense, Method
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"{type(self).__name__} wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -65,6 +66,8 @@ class OptimizerWrapper(torch.optim.Optimizer):
         if named_parameters is None:
             raise ValueError(f"{type(self).__name__} needs named_parameters=model.named_parameters(): "
                              "names key the saved state and the collectives")
+        if isinstance(compression, MethodCompressor):
+            compression = compression.method
         if compression is not None and not isinstance(compression, Method):
             raise ValueError(f"compression must be an hvd_compress method (e.g. hvd_compress.QSGD()) or "
                              f"None, got {compression!r}")
@@ -182,7 +185,7 @@ class OptimizerWrapper(torch.optim.Optimizer):
 
 
 def _horovod_comm(process_set: Any) -> Any:
-    from .engine.comm import HorovodComm
+    from .horovod.comm import HorovodComm
     return HorovodComm(process_set)
 
 

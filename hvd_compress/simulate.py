@@ -40,6 +40,8 @@ import torch
 from .engine.buckets import Member
 from .engine.engine import Engine
 from .engine.local import LocalWorld
+from .horovod.compressor import as_compressor
+from .methods.base import Method
 from .engine.cost import ASSUMED_INTRA, declared_intra_link, declared_link
 from .routes.base import Link
 
@@ -54,8 +56,8 @@ class DataParallel:
         model: the model (its parameters are the workers' common weights).
         optimizer: a torch optimizer over the model's parameters, as the script would wrap with
             ``hvd.DistributedOptimizer`` (its state is the same on every worker).
-        compression: an hvd_compress compressor (or a ``{pattern: compressor}`` map as
-            :class:`~hvd_compress.optimizer.PerParameterCompressor` takes).
+        compression: an hvd_compress compressor or method (or a ``{pattern: compressor}`` map
+            as :class:`~hvd_compress.horovod.optimizer.PerParameterCompressor` takes).
         workers: number of simulated ranks.
         local_size: ranks per simulated host (hosts of consecutive ranks, as ``horovodrun -H
             a:L,b:L`` places them): ``workers=4, local_size=2`` is the world of a 2-host job of 2
@@ -73,9 +75,7 @@ class DataParallel:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, compression: Any,
                  workers: int, *, named_parameters=None, average: bool = True,
                  link: Link | None = None, local_size: int = 1, intra_link: Link | None = None) -> None:
-        if isinstance(compression, dict):
-            from .optimizer import PerParameterCompressor
-            compression = PerParameterCompressor(compression)
+        compression = as_compressor(compression)
         if link is None:
             link = declared_link(getattr(compression, "link", "auto")) or DEFAULT_LINK
         self.link = link
@@ -88,7 +88,7 @@ class DataParallel:
         members = []
         for p in self._params:
             method = compression.method_for(names[p])
-            if not hasattr(method, "codec_at"):
+            if not isinstance(method, Method):
                 raise TypeError(f"{names[p]}: the simulator runs hvd_compress methods only, got {method!r}")
             members.append(Member(len(members), names[p], p.shape, p.dtype, method))
         self.world = LocalWorld(workers, local_size)

@@ -249,9 +249,9 @@ def test_another_horovod_release_is_named(monkeypatch):
     fails), instead of failing without a reason."""
     import horovod
     import hvd_compress
-    from hvd_compress import adaptor
-    assert adaptor.horovod_version_note() == ""          # the installed, tested release
+    from hvd_compress.horovod import lookup
+    assert lookup.horovod_version_note() == ""          # the installed, tested release
     monkeypatch.setattr(horovod, "__version__", "0.29.0", raising=False)
-    assert "Horovod 0.29.0 is not one hvd_compress was tested with" in adaptor.horovod_version_note()
+    assert "Horovod 0.29.0 is not one hvd_compress was tested with" in lookup.horovod_version_note()
     with pytest.raises(RuntimeError, match="could not find the parameter.*Horovod 0.29.0"):
         hvd_compress.TernGrad().compress(torch.zeros(3))

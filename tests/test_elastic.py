@@ -23,7 +23,7 @@ _TRAIN = textwrap.dedent('''
     import torch
     import horovod.torch as hvd
     import hvd_compress
-    import hvd_compress.elastic  # noqa: F401  (registers the compressor's state handler)
+    import hvd_compress.horovod.elastic  # noqa: F401  (registers the compressor's state handler)
 
     hosts, out, spec, schedule = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
     hvd.init()

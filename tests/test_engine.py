@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import hvd_compress
+from hvd_compress import methods
 from hvd_compress.codecs import RandomKey
 from hvd_compress.engine.buckets import Member, assign_buckets
 from hvd_compress.engine.engine import Engine, rank_seed, splitmix64
@@ -42,7 +43,7 @@ def run_engines(spec: str, world: int, steps: int = 2, *, shapes=SHAPES, cap_mb:
     """Every rank runs an engine over ``steps`` steps; returns per rank (per step the members'
     results, the engine).  (The engine writes each result into the gradient tensor handed over,
     so ``grad_fn`` must return a tensor of its own for every rank and step.)"""
-    method = hvd_compress.from_spec(spec) if isinstance(spec, str) else spec
+    method = methods.from_spec(spec) if isinstance(spec, str) else spec
     members = members_of(method, shapes)
 
     def fn(comm):
@@ -92,7 +93,7 @@ def test_rank_seed_is_the_documented_splitmix():
 
 
 def test_buckets_reverse_order_cap_methods_and_small_members():
-    a, b = hvd_compress.TernGrad(), hvd_compress.QSGD()
+    a, b = methods.TernGrad(), methods.QSGD()
     members = [Member(i, f"m{i}", torch.Size((n,)), torch.float32, meth)
                for i, (n, meth) in enumerate([(5000, a), (10, a), (3000, b), (6000, a), (2000, a), (20, a)])]
     buckets = assign_buckets(members, cap_bytes=4 * 9000)
@@ -108,7 +109,7 @@ def test_buckets_reverse_order_cap_methods_and_small_members():
 
 
 def test_segments_by_scope():
-    method = hvd_compress.TernGrad()
+    method = methods.TernGrad()
     members = [Member(i, n, torch.Size((k,)), torch.float32, method)
                for i, (n, k) in enumerate([("x", 4000), ("y", 2000)])]
     (bucket,) = assign_buckets(members, 2 ** 30)
@@ -123,7 +124,7 @@ def test_segments_by_scope():
 
 @pytest.mark.parametrize("spec", ["terngrad", "qsgd:bits=2", "topk:ratio=0.1", "fp16"])
 def test_wire_round_trip_with_empty_and_uneven_segments(spec):
-    codec = hvd_compress.from_spec(spec).codec
+    codec = methods.from_spec(spec).codec
     sizes = [[7, 0, 1001], [7, 0, 1001]]
     payloads = [[codec.encode(torch.randn(n) * (r + 1), RandomKey(r, 0, s)) for s, n in enumerate(row)]
                 for r, row in enumerate(sizes)]
@@ -143,7 +144,7 @@ def test_wire_round_trip_with_empty_and_uneven_segments(spec):
 # -- the plan -------------------------------------------------------------------------------------
 
 def test_plan_leaves_buckets_dense_where_compression_would_not_pay():
-    method = hvd_compress.TernGrad()
+    method = methods.TernGrad()
     (bucket,) = assign_buckets(members_of(method, [(25_000_000,)]), 2 ** 30)
     slow, fast = Link.gbps(1), Link.gbps(100, latency_us=20)
     speed = Speed(encode=3e8, decode=6e8)
@@ -151,15 +152,15 @@ def test_plan_leaves_buckets_dense_where_compression_would_not_pay():
     assert plan_bucket(bucket, 16, slow, speed, 0).route.name == "two_phase"
     fast_plan = plan_bucket(bucket, 4, fast, speed, 0)
     assert fast_plan.route is DENSE and "would not pay" in fast_plan.why
-    forced = hvd_compress.TernGrad(route="compressed")
+    forced = methods.TernGrad(route="compressed")
     (bucket,) = assign_buckets(members_of(forced, [(25_000_000,)]), 2 ** 30)
     assert plan_bucket(bucket, 4, fast, speed, 0).route.name in ("allgather", "two_phase")
-    topk = hvd_compress.TopK()
+    topk = methods.TopK()
     (bucket,) = assign_buckets(members_of(topk, [(25_000_000,)]), 2 ** 30)
     assert plan_bucket(bucket, 2, slow, speed, 0).route.name == "allgather"
     assert plan_bucket(bucket, 64, slow, speed, 0).route.name == "sparse_two_phase"
     with pytest.raises(ValueError, match="route must be"):
-        hvd_compress.TopK(route="two_phase")
+        methods.TopK(route="two_phase")
 
 
 def test_plan_is_printable_and_its_digest_covers_routes():
@@ -177,7 +178,7 @@ def simulate_gather(spec: str, world: int, steps: int = 2) -> list[list[torch.Te
     """Members p1, p0 in one bucket (p2 dense): tensor scope encodes each with id crc32(name),
     bucket scope the concatenation with id crc32("p1\\0p0"); rank r keys with rank_seed(seed, r);
     rank order sums; / world."""
-    method = hvd_compress.from_spec(spec)
+    method = methods.from_spec(spec)
     members = members_of(method)
     big = [members[1], members[0]]
     residual = [{m.name: torch.zeros(m.numel) for m in big} for _ in range(world)]
@@ -218,7 +219,7 @@ def test_allgather_route_matches_simulation(spec, world):
 
 def simulate_two_phase(spec: str, world: int, steps: int = 2, sparse: bool = False):
     """The two-phase routes by hand over the bucket [p1, p0] (5000 elements)."""
-    method = hvd_compress.from_spec(spec)
+    method = methods.from_spec(spec)
     codec, seed = method.codec_at(0, world), method.seed
     members = members_of(method)
     big = [members[1], members[0]]
@@ -297,7 +298,7 @@ def test_sparse_two_phase_bytes_stay_flat_as_the_world_grows():
 def test_allreduce_routes(spec):
     results = run_engines(spec_with(spec, "route='allreduce'"), 3)
     assert_ranks_agree(results)
-    method = hvd_compress.from_spec(spec)
+    method = methods.from_spec(spec)
     exact = [sum(grad(r, 0, m) for r in range(3)) / 3 for m in members_of(method)]
     got = results[0][0][0]
     for g, e in zip(got[:2], exact[:2]):   # unbiased quantizers: close to the mean, not equal
@@ -390,7 +391,7 @@ def states_after(spec: str, world: int, steps: int) -> dict[int, dict]:
 def resume_engines(spec: str, world: int, saved: dict[int, dict], steps, cap_mb: float = 25):
     """Fresh engines (bucket cap ``cap_mb``) load ``saved`` and run ``steps``: per rank, per
     step, the members' results."""
-    members = members_of(hvd_compress.from_spec(spec))
+    members = members_of(methods.from_spec(spec))
 
     def resume(comm):
         engine = Engine(members, lambda: comm, average=True, cap_bytes=int(cap_mb * 2 ** 20), link=SLOW,
@@ -435,7 +436,7 @@ def test_state_dict_resume_two_phase_keeps_server_residuals():
 
 
 def test_load_state_dict_rejects_foreign_state():
-    members = members_of(hvd_compress.TopK())
+    members = members_of(methods.TopK())
     engine = Engine(members, lambda: None, average=True, cap_bytes=0, link=SLOW, name="t")
     with pytest.raises(ValueError, match="missing step, params"):
         engine.load_state_dict({})
@@ -462,7 +463,7 @@ def test_hook_order_and_absent_members_do_not_matter(spec):
 
 
 def test_failure_on_one_rank_raises_on_every_rank_without_hanging():
-    class Boom(hvd_compress.TopK):
+    class Boom(methods.TopK):
         def prepare(self, bucket, grads, x, state, comm):
             if comm.rank == 1:
                 raise RuntimeError("boom on rank 1")
@@ -472,10 +473,10 @@ def test_failure_on_one_rank_raises_on_every_rank_without_hanging():
 
 
 def test_different_plans_fail_clearly():
-    methods = [hvd_compress.TopK(ratio=0.05, route="compressed"), hvd_compress.TopK(ratio=0.01, route="compressed")]
+    per_rank = [methods.TopK(ratio=0.05, route="compressed"), methods.TopK(ratio=0.01, route="compressed")]
 
     def fn(comm):
-        members = members_of(methods[comm.rank])
+        members = members_of(per_rank[comm.rank])
         engine = Engine(members, lambda: comm, average=True, cap_bytes=2 ** 20, link=SLOW, name="t")
         for m in members:
             engine.add(m.index, grad(comm.rank, 0, m))
@@ -485,7 +486,7 @@ def test_different_plans_fail_clearly():
 
 
 def test_bf16_gradients_round_trip_in_their_dtype():
-    method = hvd_compress.TopK(ratio=0.05, route="compressed")
+    method = methods.TopK(ratio=0.05, route="compressed")
     members = members_of(method, dtype=torch.bfloat16)
 
     def fn(comm):
@@ -514,7 +515,7 @@ def test_engine_over_the_cuda_code_path_is_bit_identical(spec):
     from emulator import EmulatedBackend
     from hvd_compress.backends import emulate
     reference = run_engines(spec, 2)
-    method = hvd_compress.from_spec(spec)
+    method = methods.from_spec(spec)
     members = members_of(method)
 
     def fn(comm):
@@ -536,7 +537,7 @@ def run_like_the_adaptor(spec: str, world: int, steps: int, *, link=SLOW, grad_f
     """Engines with external dense buckets, driven as the Horovod adaptor drives them: members
     the engine returns are allreduced by the caller (here LocalWorld's Average) and reported
     back; all add() calls of a step come before any result."""
-    method = hvd_compress.from_spec(spec)
+    method = methods.from_spec(spec)
     members = members_of(method)
 
     def fn(comm):

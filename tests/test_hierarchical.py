@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import hvd_compress
+from hvd_compress import methods
 from harness import TWO_LOCAL_HOSTS, run_job
 from hvd_compress.engine.buckets import Member, assign_buckets
 from hvd_compress.engine.local import LocalWorld
@@ -63,18 +64,18 @@ def _bucket(method, numel=40_000):
 
 def test_plan_picks_hierarchy_where_it_pays_and_says_why_not():
     slow, fast = Link.gbps(1), Link.gbps(100, 5)
-    bucket = _bucket(hvd_compress.TernGrad(route="compressed"))
+    bucket = _bucket(methods.TernGrad(route="compressed"))
     plan = plan_bucket(bucket, 4, slow, Speed(), 0, topology=TWO_BY_TWO, intra=fast)
     assert plan.route.name.startswith("hier_") and plan.workers == 2
-    flat = plan_bucket(_bucket(hvd_compress.TernGrad(route="compressed", hierarchy=False)), 4, slow, Speed(), 0,
+    flat = plan_bucket(_bucket(methods.TernGrad(route="compressed", hierarchy=False)), 4, slow, Speed(), 0,
                        topology=TWO_BY_TWO, intra=fast)
     assert not flat.route.name.startswith("hier_") and flat.workers == 4
     assert plan.crossing_bytes <= 0.55 * flat.crossing_bytes
     one_host = Topology(((0, 1, 2, 3),))
-    forced = plan_bucket(_bucket(hvd_compress.TernGrad(route="compressed", hierarchy=True)), 4, slow, Speed(), 0,
+    forced = plan_bucket(_bucket(methods.TernGrad(route="compressed", hierarchy=True)), 4, slow, Speed(), 0,
                          topology=one_host, intra=fast)
     assert not forced.route.name.startswith("hier_") and "no hierarchy on 1 host x 4 ranks" in forced.why
-    dgc = plan_bucket(_bucket(hvd_compress.DGC(route="compressed", hierarchy=True)), 4, slow, Speed(), 0,
+    dgc = plan_bucket(_bucket(methods.DGC(route="compressed", hierarchy=True)), 4, slow, Speed(), 0,
                       topology=TWO_BY_TWO, intra=fast)
     assert "not hierarchical" in dgc.why
     assert crossing_bytes(flat.route, flat.payload_bytes, bucket.numel, one_host) == 0
@@ -84,7 +85,7 @@ def _simulate(spec: str, workers: int, local_size: int, steps: int = 3, inject: 
     from hvd_compress.simulate import DataParallel
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(40, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
-    sim = DataParallel(model, torch.optim.SGD(model.parameters(), lr=0.1), hvd_compress.from_spec(spec),
+    sim = DataParallel(model, torch.optim.SGD(model.parameters(), lr=0.1), methods.from_spec(spec),
                        workers, local_size=local_size, link=Link.gbps(1))
     for step in range(steps):
         batches = [(torch.randn(16, 40, generator=torch.Generator().manual_seed(100 * r + step)),
@@ -99,7 +100,7 @@ def test_hierarchical_sum_is_the_exact_sum_for_a_lossless_codec():
     world's sum (up to fp32 summation order)."""
     def body(comm):
         from hvd_compress.engine.engine import Engine
-        method = hvd_compress.TopK(ratio=1.0, value_dtype=torch.float32, route="compressed", hierarchy=True,
+        method = methods.TopK(ratio=1.0, value_dtype=torch.float32, route="compressed", hierarchy=True,
                                    min_numel=0)
         engine = Engine([Member(0, "w", torch.Size([1001]), torch.float32, method)], lambda: comm,
                         average=False, cap_bytes=25 << 20, link=Link.gbps(1), name="t")
@@ -124,7 +125,7 @@ def test_error_feedback_keeps_everything_across_a_change_of_topology():
     the inputs, on every step."""
     def body(comm):
         from hvd_compress.engine.engine import Engine
-        method = hvd_compress.TopK(ratio=0.05, value_dtype=torch.float32, route="compressed", min_numel=0)
+        method = methods.TopK(ratio=0.05, value_dtype=torch.float32, route="compressed", min_numel=0)
         engine = Engine([Member(0, "w", torch.Size([4000]), torch.float32, method)], lambda: comm,
                         average=False, cap_bytes=25 << 20, link=Link.gbps(1), name="t")
         delivered, inputs = torch.zeros(4000), torch.zeros(4000)

@@ -56,12 +56,12 @@ def _train(spec: str, steps: int = 2, op: str = "Average", predivide: float = 1.
 
 def _local(spec: str, world: int, steps: int = 2, average: bool = True):
     """The same engines in one process (LocalWorld), members in the optimizer's order."""
-    import hvd_compress
+    from hvd_compress import methods
     from hvd_compress.engine.buckets import Member
     from hvd_compress.engine.engine import Engine
     from hvd_compress.engine.local import LocalWorld
     from hvd_compress.routes.base import Link
-    method = hvd_compress.from_spec(spec)
+    method = methods.from_spec(spec)
     members = [Member(i, name, torch.Size(shape), torch.float32, method)
                for i, (name, shape) in enumerate(SHAPES.items())]
 

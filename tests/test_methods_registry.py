@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 import hvd_compress
+from hvd_compress import methods
+from hvd_compress.horovod import MethodCompressor
 from hvd_compress.methods import REGISTRY, Method
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -18,10 +20,14 @@ def test_every_method_is_exported_and_built_by_its_spec_name():
     assert len(REGISTRY) == 17
     for name, cls in REGISTRY.items():
         assert issubclass(cls, Method) and cls.name == name
-        assert getattr(hvd_compress, cls.__name__) is cls and cls.__name__ in hvd_compress.__all__
+        exported = getattr(hvd_compress, cls.__name__)      # the method's Horovod compressor
+        assert cls.__name__ in hvd_compress.__all__ and exported.__name__ == cls.__name__
+        assert issubclass(exported, MethodCompressor) and exported.method_class is cls
         route = "compressed" if name in ("esgd", "laq", "diana") else "auto"
         built = hvd_compress.from_spec(f"{name}:route='{route}'")
-        assert type(built) is cls and built.route == route
+        assert type(built) is exported and type(built.method) is cls and built.route == route
+        assert type(methods.from_spec(f"{name}:route='{route}'")) is cls
+        assert repr(built) == repr(built.method)
 
 
 def test_every_method_has_a_row_in_the_readme():

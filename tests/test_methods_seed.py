@@ -9,7 +9,7 @@ import zlib
 import pytest
 import torch
 
-import hvd_compress
+from hvd_compress import methods
 from hvd_compress.codecs import Payload, RandomKey
 from hvd_compress.engine.engine import rank_seed, splitmix64
 from hvd_compress.routes import wire
@@ -29,7 +29,7 @@ def simulate_gather(spec: str, world: int, steps: int = 2):
     """[p1, p0] through the allgather route: per segment (tensor scope: each member, id
     crc32(name); bucket scope: the concatenation, id crc32("p1\\0p0")), each rank encodes with its
     own key (and residual), the ranks' payloads are decoded together in rank order; / world."""
-    method = hvd_compress.from_spec(spec)
+    method = methods.from_spec(spec)
     codec, seed = method.codec_at(0, world), method.seed
     if method.scope == "tensor":
         segments = [(f"p{i}", zlib.crc32(f"p{i}".encode()), torch.Size(s).numel()) for i, s in BIG]
@@ -75,7 +75,7 @@ def test_onebit_two_phase_with_server_error_feedback(world):
 def test_randomk_sums_values_under_a_shared_mask(spec, world):
     """Every rank keeps the same k positions (shared key), the values are summed in fp32 (rank
     order here), decoded once: no index on the wire."""
-    method = hvd_compress.from_spec(spec)
+    method = methods.from_spec(spec)
     results = run_engines(spec_with(spec, "route='allreduce'"), world, steps=2)
     assert_ranks_agree(results)
     codec, ef = method.codec_at(0, world), method.error_feedback
@@ -165,8 +165,8 @@ def test_wire_sizes_follow_the_formats():
 def test_from_spec_builds_the_seed_methods():
     for spec in ("onebit", "efsignsgd", "signsgd", "randomk:ratio=0.001", "sketch:bits=2",
                  "powersgd:rank=4", "powersgd:structured=True"):
-        assert hvd_compress.from_spec(spec).name == spec.split(":")[0]
+        assert methods.from_spec(spec).name == spec.split(":")[0]
     with pytest.raises(ValueError, match="route must be"):
-        hvd_compress.from_spec("signsgd:route='two_phase'")
+        methods.from_spec("signsgd:route='two_phase'")
     with pytest.raises(ValueError):
-        hvd_compress.from_spec("powersgd:rank=0")
+        methods.from_spec("powersgd:rank=0")

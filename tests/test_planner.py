@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-import hvd_compress
+from hvd_compress import methods
 from hvd_compress.engine import cost
 from hvd_compress.engine.plan import plan_bucket
 from hvd_compress.routes.base import Link, Speed
@@ -42,11 +42,11 @@ def test_a_compressing_plan_is_one_info_line(caplog):
 
 def test_forced_routes_are_labelled_forced_even_when_predicted_slower():
     for route, label in (("compressed", "fastest compressed (forced)"), ("allgather", "forced")):
-        method = hvd_compress.from_spec(f"terngrad:route='{route}'")
+        method = methods.from_spec(f"terngrad:route='{route}'")
         bucket = next(b for b in assign_buckets(members_of(method), 25 * 2 ** 20) if not b.small)
         plan = plan_bucket(bucket, 2, FAST, Speed(), 0)
         assert plan.why.startswith(label) and "predicted slower than dense" in plan.why, plan.why
-    bucket = next(b for b in assign_buckets(members_of(hvd_compress.TernGrad()), 25 * 2 ** 20) if not b.small)
+    bucket = next(b for b in assign_buckets(members_of(methods.TernGrad()), 25 * 2 ** 20) if not b.small)
     assert plan_bucket(bucket, 2, Link.gbps(0.1), Speed(), 0).why == "fastest"
 
 

@@ -19,7 +19,7 @@ def _train(spec: str, steps: range, ckpt: str | None, mode: str):
     one at the end when ``ckpt`` is given and the run stops early."""
     import horovod.torch as hvd
     import hvd_compress
-    from hvd_compress.checkpoint import gather_state, scatter_state
+    from hvd_compress.horovod.checkpoint import gather_state, scatter_state
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(40, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
     compression = hvd_compress.from_spec(spec)

@@ -1,9 +1,10 @@
 """The collectives the routes need, behind one small interface.
 
-:class:`HorovodComm` issues Horovod's asynchronous collectives on a process set; everything is
-named (every rank may start them in any order) and nothing blocks until :meth:`Handle.wait`.
-Keeping Horovod behind this interface lets the routes run unchanged over any implementation with
-the same semantics (the tests' single-process simulator, for instance).
+Every collective is named (every rank may start them in any order) and nothing blocks until
+:meth:`Handle.wait`.  Implementations: :class:`~hvd_compress.horovod.comm.HorovodComm`
+(Horovod's asynchronous collectives on a process set) and
+:class:`~hvd_compress.engine.local.LocalWorld`'s ranks (the simulator); the routes run
+unchanged over any implementation with the same semantics.
 """
 from __future__ import annotations
 
@@ -37,46 +38,3 @@ class Comm(Protocol):
     def alltoall(self, tensor: torch.Tensor, splits: list[int], name: str) -> Handle:
         """Rank r sends ``tensor[sum(splits[:c]):...+splits[c]]`` to rank c; ``wait()`` gives
         (received tensor, received splits)."""
-
-
-class _HorovodHandle:
-    def __init__(self, handle: int, transform=None) -> None:
-        self._handle = handle
-        self._transform = transform
-
-    def wait(self) -> Any:
-        import horovod.torch as hvd
-        out = hvd.synchronize(self._handle)
-        return out if self._transform is None else self._transform(out)
-
-    def done(self) -> bool:
-        import horovod.torch as hvd
-        return hvd.poll(self._handle)
-
-
-class HorovodComm:
-    """Horovod's collectives on ``process_set`` (None: the global set)."""
-
-    def __init__(self, process_set=None) -> None:
-        import horovod.torch as hvd
-        self._hvd = hvd
-        self.process_set = process_set if process_set is not None else hvd.global_process_set
-        self.rank = self.process_set.rank()
-        self.size = self.process_set.size()
-        # Horovod's own view: the host's index among hosts (homogeneous jobs) and the position
-        # on it, from the launcher's host list (-H, the MPI hostfile, Slurm's node list)
-        self.placement = Placement(hvd.cross_rank(), hvd.local_rank(), hvd.local_size())
-
-    def allreduce(self, tensor: torch.Tensor, name: str, op: str = "sum") -> Handle:
-        hvd_op = {"sum": self._hvd.Sum, "average": self._hvd.Average, "max": self._hvd.Max}[op]
-        return _HorovodHandle(self._hvd.allreduce_async(tensor, name=name, op=hvd_op,
-                                                        process_set=self.process_set))
-
-    def allgather(self, tensor: torch.Tensor, name: str) -> Handle:
-        return _HorovodHandle(self._hvd.allgather_async(tensor, name=name,
-                                                        process_set=self.process_set))
-
-    def alltoall(self, tensor: torch.Tensor, splits: list[int], name: str) -> Handle:
-        handle = self._hvd.alltoall_async(tensor, splits=torch.tensor(splits, dtype=torch.int32),
-                                          name=name, process_set=self.process_set)
-        return _HorovodHandle(handle, lambda out: (out[0], [int(s) for s in out[1].tolist()]))

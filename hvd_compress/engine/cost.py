@@ -158,3 +158,13 @@ def _sync(result: Any) -> Any:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return result
+
+
+def check_engine_options(bucket_cap_mb: float, link: Any, intra_link: Any) -> float:
+    """Validate the options every engine takes (a method's or a compressor map's): the bucket cap
+    (returned as a float) and the two links."""
+    if not bucket_cap_mb >= 0:
+        raise ValueError(f"bucket_cap_mb must be >= 0, got {bucket_cap_mb!r}")
+    declared_link(link)
+    declared_intra_link(intra_link)
+    return float(bucket_cap_mb)

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from ..adaptor import Compressor
 from ..codecs.base import Codec
+from ..engine import cost
 from ..engine.buckets import Bucket
 from ..engine.plan import AUTO, COMPRESSED
 from ..engine.state import BUCKET, MEMBER, BucketState
@@ -44,7 +44,7 @@ def register(cls: type) -> type:
     return cls
 
 
-class Method(Compressor):
+class Method:
     """A compression method: one codec (with error feedback or not) for every parameter.
 
     Args (common to every method):
@@ -58,7 +58,18 @@ class Method(Compressor):
             the hierarchical form of a route (exact inside a host, compressed between hosts:
             :mod:`hvd_compress.routes.hierarchical`), ``True`` requires it where the topology
             allows, ``False`` keeps the flat routes.
-        bucket_cap_mb, link, intra_link: see :class:`~hvd_compress.adaptor.Compressor`.
+        bucket_cap_mb: bucket cap in MiB of fp32 gradient (DDP's default 25; 0: one parameter
+            per bucket, i.e. layer-wise).
+        link: ``"auto"`` (measure once at the first step), or a declared :class:`Link`: the
+            link between hosts (each host's share of the network), the only one on one host.
+        intra_link: the link inside a host, for jobs of several hosts with several ranks each:
+            ``"auto"`` (measured with ``link``; when ``link`` is declared: declared by
+            ``HVD_COMPRESS_INTRA_LINK_GBPS``, else :data:`~hvd_compress.engine.cost.ASSUMED_INTRA`),
+            or a declared :class:`Link`.
+
+    A method knows nothing of the framework: :mod:`hvd_compress.horovod` serves it to Horovod
+    (``hvd_compress.TernGrad()`` is the Horovod compressor of this package's
+    ``methods.TernGrad``).
     """
 
     name = "method"
@@ -87,7 +98,9 @@ class Method(Compressor):
                  seed: int = 0, route: str = AUTO, hierarchy: bool | str = AUTO,
                  bucket_cap_mb: float = 25.0, link: Link | str = "auto",
                  intra_link: Link | str = "auto") -> None:
-        super().__init__(bucket_cap_mb=bucket_cap_mb, link=link, intra_link=intra_link)
+        self.bucket_cap_mb = cost.check_engine_options(bucket_cap_mb, link, intra_link)
+        self.link = link
+        self.intra_link = intra_link
         if min_numel < 0 or not 0 <= seed < 2 ** 64:
             raise ValueError(f"need min_numel >= 0 and 0 <= seed < 2**64, got {min_numel}, {seed}")
         if hierarchy not in (True, False, AUTO):
@@ -106,14 +119,15 @@ class Method(Compressor):
         return (f"{type(self).__name__}({self.codec!r}, error_feedback={self.error_feedback}, "
                 f"{self._options()})")
 
+    def config(self) -> str:
+        """Deterministic description of the settings (compared across ranks via the plan)."""
+        return repr(self)
+
     def _options(self) -> str:
         """The options every method shares, as its repr writes them."""
         return (f"min_numel={self.min_numel}, seed={self.seed}, route={self.route!r}, "
                 f"hierarchy={self.hierarchy!r}, bucket_cap_mb={self.bucket_cap_mb}, link={self.link!r}, "
                 f"intra_link={self.intra_link!r}")
-
-    def method_for(self, name: str) -> "Method":
-        return self
 
     # -- what the engine asks ------------------------------------------------------------------
 

@@ -23,31 +23,45 @@ whole map runs in one engine (buckets per method).  Compared with the stock opti
 from __future__ import annotations
 
 import fnmatch
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 
-from .adaptor import Compressor, _FailedEngine
-from .methods import FP16, Dense, Method
-from .routes.base import Link
+from ..methods import FP16, Dense, Method
+from ..routes.base import Link
+from .compressor import Compressor, MethodCompressor, _FailedEngine
+
+
+def _horovod_builtins() -> tuple[Any, Any]:
+    """Horovod's ``Compression.none`` and ``Compression.fp16`` (None, None without Horovod)."""
+    try:
+        from horovod.torch.compression import Compression
+    except ImportError:
+        return None, None
+    return Compression.none, Compression.fp16
 
 
 class PerParameterCompressor(Compressor):
-    """Serves each parameter with the compressor of the first pattern its name matches."""
+    """Serves each parameter with the compressor of the first pattern its name matches: an
+    hvd_compress method (given as ``hvd_compress.TopK(...)`` or ``hvd_compress.methods.TopK(...)``)
+    or any other Horovod compressor, used as it is."""
 
     def __init__(self, mapping: Mapping[str, object], *, bucket_cap_mb: float = 25.0,
                  link: Link | str = "auto") -> None:
-        from horovod.torch.compression import Compression
         if not mapping:
             raise ValueError("compression map is empty")
         super().__init__(bucket_cap_mb=bucket_cap_mb, link=link)
         self._none = Dense(bucket_cap_mb=bucket_cap_mb)
         self._fp16 = FP16(stochastic=False, min_numel=0, route="allreduce", bucket_cap_mb=bucket_cap_mb)
-        builtin = {id(Compression.none): self._none, id(Compression.fp16): self._fp16}
-        self.mapping = {pattern: builtin.get(id(c), c) for pattern, c in mapping.items()}
+        none, fp16 = _horovod_builtins()
+        builtin = {id(none): self._none, id(fp16): self._fp16}
+        self.mapping = {pattern: c.method if isinstance(c, MethodCompressor) else builtin.get(id(c), c)
+                        for pattern, c in mapping.items()}
         for pattern, c in self.mapping.items():
-            if not (isinstance(c, Method) or hasattr(c, "compress") and hasattr(c, "decompress")):
-                raise TypeError(f"compression map entry {pattern!r}: {c!r} is not a compressor")
+            if isinstance(c, Compressor) or not (isinstance(c, Method) or hasattr(c, "compress")
+                                                 and hasattr(c, "decompress")):
+                raise TypeError(f"compression map entry {pattern!r}: {c!r} is not a compressor of one "
+                                "method (or another Horovod compressor)")
 
     def __repr__(self) -> str:
         return f"PerParameterCompressor({self.mapping!r}, bucket_cap_mb={self.bucket_cap_mb})"
