@@ -140,7 +140,7 @@ step cuda-available 60 "$LOGS/cuda_available.log" "$PY" -c \
 # ---- 3. GPU tests -----------------------------------------------------------------------------
 # Test files that need neither Horovod nor the multi-process harness.
 test_files=()
-for f in tests/test_*.py; do
+for f in tests/*/test_*.py; do
     grep -qE '^(from|import) (harness|horovod)' "$f" || test_files+=("$f")
 done
 step "pytest -m gpu" 300 "$LOGS/gpu_pytest.log" "$PY" -m pytest -m gpu -q -rfEs -p no:cacheprovider \
@@ -156,7 +156,7 @@ echo "pytest -m gpu: $gpu_summary"
 
 # ---- 4. NVRTC compile check ---------------------------------------------------------------------
 rm -f build/nvrtc_report.txt
-step "NVRTC compile test" 150 "$LOGS/nvrtc_pytest.log" "$PY" -m pytest tests/test_nvrtc_compile.py -q -rfE \
+step "NVRTC compile test" 150 "$LOGS/nvrtc_pytest.log" "$PY" -m pytest tests/kernels/test_nvrtc_compile.py -q -rfE \
     -p no:cacheprovider
 nvrtc_summary=$(summary "$LOGS/nvrtc_pytest.log")
 echo "NVRTC compile test: $nvrtc_summary"

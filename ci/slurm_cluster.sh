@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A throwaway one-node Slurm cluster on this machine, for tests/test_slurm.py and for trying the
+# A throwaway one-node Slurm cluster on this machine, for tests/system/test_slurm.py and for trying the
 # batch files in examples/slurm/ without a real cluster.
 #
 #   ci/slurm_cluster.sh start    install (Debian packages, idempotent), configure, start, wait idle

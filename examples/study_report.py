@@ -169,7 +169,7 @@ def real_vs_sim(groups: dict) -> list[str]:
             "`min_numel`, and all of them for `none`) are summed in Horovod's ring order, which rounds "
             "differently from the simulator's rank order, so the trajectories drift apart while the "
             "statistics agree (the compressed routes' own sums are bit-identical at any N, tested in "
-            "tests/test_horovod_integration.py). "
+            "tests/horovod/test_horovod_integration.py). "
             "`hvd-fp16` is Horovod's own `Compression.fp16` in the real job and hvd_compress's "
             "round-to-nearest fp16 in the simulator: the same format, but Horovod scales and rounds "
             "its fp16 sum in another order, so it differs even at 2 workers. "

@@ -22,23 +22,36 @@ from typing import Any, Callable
 
 import cloudpickle
 
+#: how each launcher's ranks start: Horovod, or torch.distributed (gloo) under torchrun
+_INIT = {
+    "horovodrun": "import horovod.torch as hvd\nhvd.init()\nrank = hvd.rank()\nfinish = lambda: None",
+    # (a barrier before destroy_process_group: without it a rank may abort at exit, "terminate
+    # called without an active exception", about one run in three with PyTorch's own
+    # allreduce_hook as well as with hvd_compress.ddp.hook)
+    "torchrun": "import torch.distributed as dist\ndist.init_process_group('gloo')\nrank = dist.get_rank()\n"
+                "finish = lambda: (dist.barrier(), dist.destroy_process_group())",
+}
+
 _WORKER = textwrap.dedent("""
     import pickle, sys, traceback
-    import horovod.torch as hvd
     job, out = sys.argv[1], sys.argv[2]
-    hvd.init()
-    rank = hvd.rank()
+    {init}
     try:
         with open(job, "rb") as f:
             fn, args, kwargs = pickle.load(f)
         result = fn(*args, **kwargs)
-        with open(f"{out}/rank{rank}.pkl", "wb") as f:
+        with open(f"{{out}}/rank{{rank}}.pkl", "wb") as f:
             pickle.dump(result, f)
     except BaseException:
-        with open(f"{out}/rank{rank}.err", "w") as f:
+        with open(f"{{out}}/rank{{rank}}.err", "w") as f:
             f.write(traceback.format_exc())
         raise
+    finish()
 """)
+
+
+#: the tests' directory: modules from here are shipped to the ranks by value
+TESTS = Path(__file__).resolve().parent
 
 
 class JobFailed(RuntimeError):
@@ -59,21 +72,25 @@ TWO_LOCAL_HOSTS = "127.0.0.1:{n},localhost:{n}"
 
 def run_job(fn: Callable[..., Any], np: int = 2, *, controller: str = "gloo", timeout: float = 120,
             args: tuple = (), kwargs: dict | None = None, env: dict | None = None,
-            hosts: str | None = None) -> list[Any]:
-    """Run ``fn(*args, **kwargs)`` on ``np`` ranks after ``hvd.init()``; return results by rank.
+            hosts: str | None = None, launcher: str = "horovodrun") -> list[Any]:
+    """Run ``fn(*args, **kwargs)`` on ``np`` ranks after ``hvd.init()`` (``launcher="torchrun"``:
+    after ``torch.distributed.init_process_group("gloo")``); return results by rank.
     ``hosts``: horovodrun's ``-H`` (default ``localhost:np``)."""
     if controller not in ("gloo", "mpi"):
         raise ValueError(f"controller must be 'gloo' or 'mpi', got {controller!r}")
-    # Test modules are not importable in the ranks: ship fn's module by value.
-    module = sys.modules.get(fn.__module__)
-    if module is not None and fn.__module__ not in ("__main__",) and not fn.__module__.startswith("hvd_compress"):
-        cloudpickle.register_pickle_by_value(module)
+    if launcher not in _INIT:
+        raise ValueError(f"launcher must be one of {sorted(_INIT)}, got {launcher!r}")
+    _ship_test_modules()
     with tempfile.TemporaryDirectory(prefix="hvdjob-") as tmp:
         job = Path(tmp, "job.pkl")
         job.write_bytes(cloudpickle.dumps((fn, args, kwargs or {})))
         worker = Path(tmp, "worker.py")
-        worker.write_text(_WORKER)
-        cmd = [horovodrun(), "-np", str(np), "-H", hosts or f"localhost:{np}", f"--{controller}"]
+        worker.write_text(_WORKER.format(init=_INIT[launcher]))
+        if launcher == "torchrun":
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(np),
+                   "--master_port", str(free_port_pair("127.0.0.1")), "--max_restarts", "0"]
+        else:
+            cmd = [horovodrun(), "-np", str(np), "-H", hosts or f"localhost:{np}", f"--{controller}"]
         run_env = dict(os.environ, **(env or {}))
         run_env.setdefault("OMP_NUM_THREADS", "1")
         if controller == "mpi":
@@ -81,7 +98,7 @@ def run_job(fn: Callable[..., Any], np: int = 2, *, controller: str = "gloo", ti
             # ranks than cores on small machines.
             run_env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                            OMPI_MCA_rmaps_base_oversubscribe="1")
-        cmd += [sys.executable, str(worker), str(job), tmp]
+        cmd += ([] if launcher == "torchrun" else [sys.executable]) + [str(worker), str(job), tmp]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=run_env, start_new_session=True)
         try:
@@ -89,13 +106,13 @@ def run_job(fn: Callable[..., Any], np: int = 2, *, controller: str = "gloo", ti
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             log, _ = proc.communicate()
-            raise JobFailed(f"Horovod job ({np} ranks, {controller}) timed out after {timeout}s\n{log[-4000:]}")
+            raise JobFailed(f"{launcher} job ({np} ranks) timed out after {timeout}s\n{log[-4000:]}")
         errors = sorted(Path(tmp).glob("rank*.err"))
         if errors:
             detail = "\n".join(f"--- {e.stem} ---\n{e.read_text()}" for e in errors)
             raise JobFailed(f"rank(s) raised:\n{detail}")
         if proc.returncode != 0:
-            raise JobFailed(f"horovodrun exited {proc.returncode}\n{log[-4000:]}")
+            raise JobFailed(f"{launcher} exited {proc.returncode}\n{log[-4000:]}")
         results = []
         for rank in range(np):
             path = Path(tmp, f"rank{rank}.pkl")
@@ -103,6 +120,15 @@ def run_job(fn: Callable[..., Any], np: int = 2, *, controller: str = "gloo", ti
                 raise JobFailed(f"rank {rank} returned nothing\n{log[-4000:]}")
             results.append(pickle.loads(path.read_bytes()))
         return results
+
+
+def _ship_test_modules() -> None:
+    """Test modules (the test's own, and shared ones such as jobs.py) are not importable in the
+    ranks: pickle their functions by value."""
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if path and name != "__main__" and Path(path).resolve().is_relative_to(TESTS):
+            cloudpickle.register_pickle_by_value(module)
 
 
 def free_port_pair(address: str = "") -> int:

@@ -2,7 +2,7 @@
  * probe.cu: small kernels that exercise the SIMT emulator (tests/emu_kernels/simt.h) itself:
  * warp collectives against their CUDA definitions, block dimensions, argument passing, and the
  * mistakes it must report (races, barrier divergence, deadlock, inconsistent warp collectives,
- * out-of-bounds and const writes, faults).  Used by tests/test_emulator.py only; plain CUDA, so
+ * out-of-bounds and const writes, faults).  Used by tests/kernels/test_emulator.py only; plain CUDA, so
  * it compiles with NVRTC as well.
  */
 #define FULL 0xFFFFFFFFu

@@ -17,9 +17,9 @@ from hvd_compress.codecs.sparse import NonzeroCodec
 from hvd_compress.engine.engine import Engine, rank_seed
 from hvd_compress.engine.local import LocalWorld
 from hvd_compress.routes import wire
-from test_engine import (SLOW, assert_ranks_agree, grad, members_of, resume_engines, run_engines, same_bits,
+from engine_helpers import (SLOW, assert_ranks_agree, grad, members_of, resume_engines, run_engines, same_bits,
                          states_after)
-from test_engine import test_non_finite_gradient_skips_the_step_on_every_rank as non_finite_check
+from engine_helpers import check_non_finite_skips as non_finite_check
 
 TID = zlib.crc32(b"p1\0p0")              # the compressed bucket [p1, p0] (bucket scope)
 N = 5000

@@ -20,7 +20,7 @@ KAT = [
     ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
      (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
 ]
-KAT_FILE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "philox4x32-10-kat.txt"
+KAT_FILE = Path(__file__).resolve().parents[3] / "shared" / "reference" / "philox4x32-10-kat.txt"
 
 
 def u32(t: torch.Tensor) -> list[int]:

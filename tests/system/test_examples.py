@@ -12,7 +12,7 @@ import pytest
 from harness import horovodrun
 
 pytestmark = pytest.mark.horovod
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def _train(script: str, spec: str, tmp_path: Path, *args: str) -> dict:

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import hvd_compress
 from hvd_compress import methods
 from harness import TWO_LOCAL_HOSTS, run_job
+from jobs import STEPS, STOP, _amp, _hier_job, _rank_dependent_graph, _simulate, _train, _two_optimizers
 from hvd_compress.engine.buckets import Member, assign_buckets
 from hvd_compress.engine.local import LocalWorld
 from hvd_compress.engine.plan import crossing_bytes, plan_bucket
@@ -81,20 +81,6 @@ def test_plan_picks_hierarchy_where_it_pays_and_says_why_not():
     assert crossing_bytes(flat.route, flat.payload_bytes, bucket.numel, one_host) == 0
 
 
-def _simulate(spec: str, workers: int, local_size: int, steps: int = 3, inject: int | None = None):
-    from hvd_compress.simulate import DataParallel
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(40, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
-    sim = DataParallel(model, torch.optim.SGD(model.parameters(), lr=0.1), methods.from_spec(spec),
-                       workers, local_size=local_size, link=Link.gbps(1))
-    for step in range(steps):
-        batches = [(torch.randn(16, 40, generator=torch.Generator().manual_seed(100 * r + step)),
-                    torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(7 * r + step)))
-                   for r in range(workers)]
-        sim.step(lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1]), batches)
-    return sim
-
-
 def test_hierarchical_sum_is_the_exact_sum_for_a_lossless_codec():
     """Top-k keeping every entry in fp32 is lossless: the hierarchical route must deliver the
     world's sum (up to fp32 summation order)."""
@@ -144,24 +130,6 @@ def test_error_feedback_keeps_everything_across_a_change_of_topology():
     torch.testing.assert_close(results[0][0] + held, total_inputs, rtol=1e-4, atol=1e-4)
 
 
-def _hier_job(spec: str, steps: int = 3):
-    import horovod.torch as hvd
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(40, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
-    compression = hvd_compress.from_spec(spec)
-    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
-                                   named_parameters=model.named_parameters(), compression=compression)
-    for step in range(steps):
-        x = torch.randn(16, 40, generator=torch.Generator().manual_seed(100 * hvd.rank() + step))
-        y = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(7 * hvd.rank() + step))
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    return ([p.detach().clone() for p in model.parameters()], compression.stats(), compression.plan(),
-            (hvd.local_rank(), hvd.cross_rank()))
-
-
 @pytest.mark.horovod
 @pytest.mark.parametrize("spec", ["terngrad:min_numel=0,route='compressed'",
                                   "topk:ratio=0.05,min_numel=0,route='compressed',hierarchy=True",
@@ -182,7 +150,6 @@ def test_two_host_job_is_bit_identical_to_its_simulation(spec):
 def test_amp_overflow_on_one_host_skips_the_step_on_every_rank():
     """GradScaler's contract on the hierarchical route: an inf on rank 1 (host 0) at step 2 makes
     all four ranks back off and skip, and leaves no trace in the state."""
-    from test_horovod_integration import _amp
     spec = "terngrad:error_feedback=True,route='compressed',hierarchy=True"
     results = run_job(_amp, np=4, args=(spec, False), timeout=180, env=LINK, hosts=TWO_LOCAL_HOSTS.format(n=2))
     scales0, w0, stats0 = results[0]
@@ -194,7 +161,6 @@ def test_amp_overflow_on_one_host_skips_the_step_on_every_rank():
 
 @pytest.mark.horovod
 def test_resume_on_two_hosts_is_bit_exact(tmp_path):
-    from test_resume import STEPS, STOP, _train
     spec = "topk:ratio=0.05,route='compressed',hierarchy=True,min_numel=0"
     hosts = TWO_LOCAL_HOSTS.format(n=2)
     full = run_job(_train, np=4, args=(spec, range(STEPS), None, "files"), timeout=180, env=LINK, hosts=hosts)
@@ -210,7 +176,6 @@ def test_rank_dependent_graphs_and_a_shared_compressor_on_two_hosts():
     """Horovod's own situations on the hierarchical routes (2 x 2): losses that reach different
     layers on odd ranks (their gradients come in synchronize(), hooks in another order), and one
     compressor serving a GAN's two optimizers; every rank ends with the same weights."""
-    from test_horovod_integration import _rank_dependent_graph, _two_optimizers
     hosts = TWO_LOCAL_HOSTS.format(n=2)
     spec = "topk:ratio=0.1,min_numel=64,route='compressed',hierarchy=True,bucket_cap_mb=0"
     results = run_job(_rank_dependent_graph, np=4, args=(spec,), timeout=180, env=LINK, hosts=hosts)

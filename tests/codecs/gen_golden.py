@@ -1,11 +1,11 @@
 """Regenerate the golden vectors of the fixed-size codecs from the CPU path:
 
-    PYTHONPATH=. python tests/gen_golden.py
+    PYTHONPATH=. python tests/codecs/gen_golden.py
 
 Writes tests/data/{terngrad,qsgd,fp16sr,sign,randk,sketch,sparse_adaptive,laq}_golden.npz: the
 inputs, and for every configuration of the test modules the payload bytes and decoded values
 (error feedback on where the codec has it); and esgd_golden.npz, eSGD's element-wise step
-(test_esgd.py).  ``python tests/gen_golden.py sign`` rewrites only the files of the modules named
+(test_esgd.py).  ``python tests/codecs/gen_golden.py sign`` rewrites only the files of the modules named
 (test_sign.py here).  Only needed when a wire format or formula changes on purpose; the
 tests then pin the new bits on CPU and GPU."""
 from __future__ import annotations

@@ -9,7 +9,7 @@ from hvd_compress.engine import cost
 from hvd_compress.engine.plan import plan_bucket
 from hvd_compress.routes.base import Link, Speed
 
-from test_engine import members_of, run_like_the_adaptor
+from engine_helpers import members_of, run_like_the_adaptor
 from hvd_compress.engine.buckets import assign_buckets
 
 FAST = Link.gbps(100, latency_us=5)

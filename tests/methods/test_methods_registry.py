@@ -13,7 +13,7 @@ from hvd_compress import methods
 from hvd_compress.horovod import MethodCompressor
 from hvd_compress.methods import REGISTRY, Method
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_every_method_is_exported_and_built_by_its_spec_name():

@@ -1,9 +1,9 @@
 """Regenerate tests/data/topk_golden.npz: small deterministic inputs of the top-k codec with the
 payloads, residuals and decoded sums the CPU reference produces for them.
 
-    PYTHONPATH=. python tests/gen_golden_topk.py
+    PYTHONPATH=. python tests/codecs/gen_golden_topk.py
 
-Inputs are stored with the outputs.  tests/test_topk.py checks that the CPU path reproduces every
+Inputs are stored with the outputs.  tests/codecs/test_topk.py checks that the CPU path reproduces every
 array bit for bit and that the CUDA path does too (on a GPU).  Only regenerate after an intended change of the wire format or of the
 selection rule, and say so in the commit.
 """
@@ -17,7 +17,7 @@ import torch
 from hvd_compress.codecs.base import RandomKey
 from hvd_compress.codecs.topk import TopKCodec
 
-PATH = Path(__file__).resolve().parent / "data" / "topk_golden.npz"
+PATH = Path(__file__).resolve().parents[1] / "data" / "topk_golden.npz"
 
 #: name -> (codec arguments, n, input kind, residual: None (no error feedback) or the scale of a
 #: normal initial residual, key); see inputs().

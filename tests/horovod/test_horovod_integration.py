@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from harness import JobFailed, run_job
+from jobs import _amp, _rank_dependent_graph, _two_optimizers
 
 pytestmark = pytest.mark.horovod
 
@@ -247,39 +248,6 @@ def test_noise_falls_as_one_over_n_in_real_jobs(spec):
     assert mse4 / mse2 < 0.65, (mse2, mse4)
 
 
-def _amp(spec: str, wrapper: bool):
-    """Horovod's AMP recipe with torch.amp.GradScaler("cpu"); rank 1 injects an inf into one
-    gradient at step 2."""
-    import horovod.torch as hvd
-    import hvd_compress
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.ReLU(), torch.nn.Linear(48, 10))
-    compression = hvd_compress.from_spec(spec)
-    momentum = 0.0 if getattr(compression, "owns_momentum", False) else 0.9
-    make = hvd_compress.DistributedOptimizer if wrapper else hvd.DistributedOptimizer
-    opt = make(torch.optim.SGD(model.parameters(), lr=0.05, momentum=momentum),
-               named_parameters=model.named_parameters(), compression=compression)
-    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
-    state = {"inject": False}
-    model[0].weight.register_hook(lambda g: g * float("inf") if state["inject"] else g)
-    gen = torch.Generator().manual_seed(hvd.rank())
-    scales, weights = [], []
-    for step in range(5):
-        state["inject"] = step == 2 and hvd.rank() == 1
-        x, y = torch.randn(16, 64, generator=gen), torch.randint(0, 10, (16,), generator=gen)
-        opt.zero_grad()
-        scaler.scale(torch.nn.functional.cross_entropy(model(x), y)).backward()
-        opt.synchronize()
-        scaler.unscale_(opt)
-        with opt.skip_synchronize():
-            scaler.step(opt)
-        scaler.update()
-        scales.append(scaler.get_scale())
-        weights.append(model[0].weight.detach().clone())
-    return scales, weights, compression.stats()
-
-
 @pytest.mark.parametrize("spec", ["terngrad", "qsgd", "topk:ratio=0.05", "dgc:ratio=0.05", "fp16",
                                   "terngrad:shared_scale=True", "qsgd:route='two_phase',error_feedback=True",
                                   "onebit", "efsignsgd", "signsgd", "randomk:ratio=0.05", "sketch",
@@ -379,35 +347,6 @@ def test_bad_specs():
         hvd_compress.DGC(ratio=0.5, warmup_steps=10)
 
 
-def _rank_dependent_graph(spec: str):
-    """Horovod's test_force_allreduce network: on odd ranks the loss does not reach fc2 (its
-    gradients are None and come in synchronize(), after every other hook), and the hooks fire in
-    a different order."""
-    import horovod.torch as hvd
-    import hvd_compress
-
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1 = torch.nn.Linear(64, 64)
-            self.fc2 = torch.nn.Linear(64, 64)
-            self.fc3 = torch.nn.Linear(64, 64)
-
-        def forward(self, x):
-            x = self.fc1(x)
-            return self.fc3(x) if hvd.rank() % 2 else self.fc3(self.fc2(x))
-    torch.manual_seed(0)
-    model = Net()
-    comp = hvd_compress.from_spec(spec)
-    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
-                                   named_parameters=model.named_parameters(), compression=comp)
-    for step in range(3):
-        opt.zero_grad()
-        model(torch.ones(4, 64) * (hvd.rank() + step)).sum().backward()
-        opt.step()
-    return [p.detach().clone() for p in model.parameters()]
-
-
 @pytest.mark.parametrize("spec", ["qsgd:min_numel=64,bucket_cap_mb=0", "qsgd:min_numel=64,route='two_phase',bucket_cap_mb=0",
                                   "terngrad:shared_scale=True,min_numel=64,bucket_cap_mb=0",
                                   "topk:ratio=0.1,min_numel=64,route='sparse_two_phase',bucket_cap_mb=0"])
@@ -416,25 +355,6 @@ def test_rank_dependent_graphs_neither_hang_nor_diverge(spec, np):
     results = run_job(_rank_dependent_graph, np=np, args=(spec,), timeout=120)
     for params in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], params))
-
-
-def _two_optimizers(shapes_g, shapes_d):
-    """One compressor object for a GAN's two optimizers whose parameter names collide."""
-    import horovod.torch as hvd
-    import hvd_compress
-    comp = hvd_compress.TopK(ratio=0.05, route="compressed")
-    g = {"weight": torch.nn.Parameter(torch.zeros(shapes_g))}
-    d = {"weight": torch.nn.Parameter(torch.zeros(shapes_d))}
-    opt_g = hvd.DistributedOptimizer(torch.optim.SGD(g.values(), lr=1.0), named_parameters=list(g.items()),
-                                     compression=comp)
-    opt_d = hvd.DistributedOptimizer(torch.optim.SGD(d.values(), lr=1.0), named_parameters=list(d.items()),
-                                     compression=comp)
-    for step in range(3):
-        for opt, params, grad in ((opt_d, d, 0.0), (opt_g, g, 1.0)):   # D always gets zero gradients
-            opt.zero_grad()
-            (params["weight"] * torch.full(params["weight"].shape, grad + hvd.rank())).sum().backward()
-            opt.step()
-    return d["weight"].detach().clone(), g["weight"].detach().clone(), comp.state_dict()
 
 
 @pytest.mark.parametrize("shapes", [((3000,), (3000,)), ((3000,), (2000,))])

@@ -14,7 +14,7 @@ from hvd_compress.codecs import Payload, RandomKey
 from hvd_compress.engine.engine import rank_seed, splitmix64
 from hvd_compress.routes import wire
 from hvd_compress.routes.low_rank import orthonormalize
-from test_engine import (assert_ranks_agree, grad, members_of, resume_engines, run_engines, simulate_two_phase,
+from engine_helpers import (assert_ranks_agree, grad, members_of, resume_engines, run_engines, simulate_two_phase,
                          spec_with, states_after)
 
 BIG = [(1, (40, 50)), (0, (3000,))]      # the compressed bucket [p1, p0] of test_engine's SHAPES

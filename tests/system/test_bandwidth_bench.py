@@ -16,7 +16,7 @@ import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.horovod]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "ci" / "bandwidth_bench.sh"
 TIMEOUT = 240
 #: forced: the tiny model's tensors are too small for compression to pay by the default plan

@@ -10,7 +10,9 @@ import zlib
 import pytest
 import torch
 
-import hvd_compress
+from engine_helpers import (SHAPES, SLOW, assert_ranks_agree, check_non_finite_skips, grad, members_of,
+                            resume_engines, run_engines, run_like_the_adaptor, same_bits, simulate_two_phase,
+                            spec_with, states_after)
 from hvd_compress import methods
 from hvd_compress.codecs import RandomKey
 from hvd_compress.engine.buckets import Member, assign_buckets
@@ -18,63 +20,7 @@ from hvd_compress.engine.engine import Engine, rank_seed, splitmix64
 from hvd_compress.engine.local import LocalWorld
 from hvd_compress.engine.plan import DENSE, plan_bucket
 from hvd_compress.routes import wire
-from hvd_compress.routes.base import Link, Speed, chunk_bounds, derived_id
-
-SHAPES = [(3000,), (40, 50), (10,)]           # two compressed members, one below min_numel
-SLOW = Link.gbps(1)
-
-
-def spec_with(spec: str, extra: str) -> str:
-    """``spec`` with more ``key=value`` arguments."""
-    return f"{spec}{',' if ':' in spec else ':'}{extra}"
-
-
-def members_of(method, shapes=SHAPES, dtype=torch.float32) -> list[Member]:
-    return [Member(i, f"p{i}", torch.Size(s), dtype, method) for i, s in enumerate(shapes)]
-
-
-def grad(rank: int, step: int, m: Member) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1000 * rank + 10 * step + m.index)
-    return torch.randn(m.shape, generator=g) * (1 + rank)
-
-
-def run_engines(spec: str, world: int, steps: int = 2, *, shapes=SHAPES, cap_mb: float = 25,
-                grad_fn=grad, order=None, average: bool = True, link=SLOW, after_step=None):
-    """Every rank runs an engine over ``steps`` steps; returns per rank (per step the members'
-    results, the engine).  (The engine writes each result into the gradient tensor handed over,
-    so ``grad_fn`` must return a tensor of its own for every rank and step.)"""
-    method = methods.from_spec(spec) if isinstance(spec, str) else spec
-    members = members_of(method, shapes)
-
-    def fn(comm):
-        engine = Engine(members, lambda: comm, average=average, cap_bytes=int(cap_mb * 2 ** 20),
-                        link=link, name="t")
-        outs = []
-        for step in range(steps):
-            sequence = order(comm.rank, step, members) if order else list(reversed(members))
-            for m in sequence:
-                g = grad_fn(comm.rank, step, m)
-                if g is not None:
-                    engine.add(m.index, g)
-            outs.append([engine.result(m.index).clone() for m in members])
-            if after_step:
-                after_step(comm.rank, step, engine)
-        return outs, engine
-    return LocalWorld(world).run(fn)
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal bit patterns (NaN included, which torch.equal never calls equal)."""
-    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(
-        a.contiguous().view(torch.int32 if a.element_size() == 4 else torch.int16),
-        b.contiguous().view(torch.int32 if b.element_size() == 4 else torch.int16))
-
-
-def assert_ranks_agree(results) -> None:
-    for outs, _ in results[1:]:
-        for step_a, step_b in zip(results[0][0], outs):
-            for a, b in zip(step_a, step_b):
-                assert same_bits(a, b)
+from hvd_compress.routes.base import Link, Speed
 
 
 # -- keys and buckets -----------------------------------------------------------------------------
@@ -217,52 +163,6 @@ def test_allgather_route_matches_simulation(spec, world):
         torch.testing.assert_close(got[2], want[2])
 
 
-def simulate_two_phase(spec: str, world: int, steps: int = 2, sparse: bool = False):
-    """The two-phase routes by hand over the bucket [p1, p0] (5000 elements)."""
-    method = methods.from_spec(spec)
-    codec, seed = method.codec_at(0, world), method.seed
-    members = members_of(method)
-    big = [members[1], members[0]]
-    n, tid = 5000, zlib.crc32(b"p1\0p0")
-    bounds = chunk_bounds(n, world)
-    ef = method.error_feedback
-    worker_r = [torch.zeros(n) for _ in range(world)]
-    server_r = [torch.zeros(bounds[c + 1] - bounds[c]) for c in range(world)]
-    out = []
-    for step in range(steps):
-        flat = [torch.cat([grad(r, step, m).reshape(-1) for m in big]) for r in range(world)]
-        chunk_payloads = [[None] * world for _ in range(world)]   # [owner][sender]
-        for r in range(world):
-            if sparse:
-                segs = [(0, 2000, zlib.crc32(b"p1")), (2000, 3000, zlib.crc32(b"p0"))]
-                idx, val = [], []
-                for off, k, sid in segs:
-                    p = codec.encode(flat[r][off:off + k], RandomKey(rank_seed(seed, r), step, sid),
-                                     residual=worker_r[r][off:off + k])
-                    idx.append(p.parts["indices"].long() + off)
-                    val.append(p.parts["values"])
-                idx, val = torch.cat(idx), torch.cat(val)
-                for c in range(world):
-                    keep = (idx >= bounds[c]) & (idx < bounds[c + 1])
-                    chunk_payloads[c][r] = hvd_compress.codecs.Payload(
-                        bounds[c + 1] - bounds[c], {"indices": (idx[keep] - bounds[c]).int(), "values": val[keep]})
-            else:
-                for c in range(world):
-                    part = slice(bounds[c], bounds[c + 1])
-                    chunk_payloads[c][r] = codec.encode(flat[r][part], RandomKey(rank_seed(seed, r), step,
-                                                                                 derived_id(tid, 1, c)),
-                                                        residual=worker_r[r][part] if ef else None)
-        total = torch.zeros(n)
-        for c in range(world):
-            chunk = codec.decode_accumulate(chunk_payloads[c], torch.zeros(bounds[c + 1] - bounds[c]))
-            again = codec.encode(chunk, RandomKey(rank_seed(seed, c), step, derived_id(tid, 2, c)),
-                                 residual=server_r[c] if ef else None)
-            codec.decode_accumulate([again], total[bounds[c]:bounds[c + 1]])
-        total /= world
-        out.append([total[2000:].view(3000), total[:2000].view(40, 50)])
-    return out
-
-
 @pytest.mark.parametrize("spec", ["terngrad", "qsgd:bits=4", "qsgd:bits=2,error_feedback=True"])
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_two_phase_route_matches_simulation(spec, world):
@@ -334,33 +234,7 @@ def test_noise_is_independent_per_rank(spec):
                                   "topk:ratio=0.05", "topk:ratio=0.05,route='sparse_two_phase'",
                                   "dgc:ratio=0.05", "fp16:error_feedback=True", "terngrad:shared_scale=True"])
 def test_non_finite_gradient_skips_the_step_on_every_rank(spec):
-    spec = spec if "route=" in spec else spec_with(spec, "route='compressed'")
-
-    def poisoned(rank, step, m):
-        g = grad(rank, step, m)
-        if step == 1 and rank == 1 and m.index == 0:
-            g[17] = float("inf")
-        return g
-    snapshots = {}
-
-    def snap(rank, step, engine):
-        snapshots[rank, step] = engine.state_dict()
-    results = run_engines(spec, 2, steps=3, grad_fn=poisoned, after_step=snap)
-    assert_ranks_agree(results)
-    for outs, engine in results:
-        assert bool(outs[1][0].isnan().all())                        # the poisoned member: NaN
-        assert bool(torch.isfinite(outs[1][1]).all())                # the others: finite
-        assert engine.stats.skipped_steps == 1 and engine.step == 2  # step 1 not counted
-    for rank in range(2):  # step 1 left no trace in the state
-        a, b = snapshots[rank, 0], snapshots[rank, 1]
-        assert a["step"] == b["step"] == 1
-        for name in a["params"]:
-            for key in a["params"][name]:
-                assert torch.equal(a["params"][name][key], b["params"][name][key])
-    # ... so the poisoned run's step 2 is step 1 of a run that never saw step 1's gradients
-    clean = run_engines(spec, 2, steps=2, grad_fn=lambda rank, step, m: grad(rank, 2 * step, m))
-    for rank in range(2):
-        assert all(same_bits(a, b) for a, b in zip(results[rank][0][2], clean[rank][0][1]))
+    check_non_finite_skips(spec)
 
 
 def test_codec_overflow_on_finite_input_is_a_skipped_step():
@@ -380,30 +254,6 @@ def test_codec_overflow_on_finite_input_is_a_skipped_step():
 
 
 # -- state ---------------------------------------------------------------------------------------------
-
-def states_after(spec: str, world: int, steps: int) -> dict[int, dict]:
-    """Every rank's engine.state_dict() after ``steps`` steps."""
-    saved = {}
-    run_engines(spec, world, steps=steps, after_step=lambda r, s, e: saved.__setitem__(r, e.state_dict()))
-    return saved
-
-
-def resume_engines(spec: str, world: int, saved: dict[int, dict], steps, cap_mb: float = 25):
-    """Fresh engines (bucket cap ``cap_mb``) load ``saved`` and run ``steps``: per rank, per
-    step, the members' results."""
-    members = members_of(methods.from_spec(spec))
-
-    def resume(comm):
-        engine = Engine(members, lambda: comm, average=True, cap_bytes=int(cap_mb * 2 ** 20), link=SLOW,
-                        name="t")
-        engine.load_state_dict(saved[comm.rank])
-        outs = []
-        for step in steps:
-            for m in reversed(members):
-                engine.add(m.index, grad(comm.rank, step, m))
-            outs.append([engine.result(m.index).clone() for m in members])
-        return outs
-    return LocalWorld(world).run(resume)
 
 
 @pytest.mark.parametrize("spec,resume_cap_mb", [
@@ -531,29 +381,6 @@ def test_engine_over_the_cuda_code_path_is_bit_identical(spec):
     for rank in range(2):
         for got, want in zip(emulated[rank], reference[rank][0]):
             assert all(same_bits(a, b) for a, b in zip(got, want))
-
-
-def run_like_the_adaptor(spec: str, world: int, steps: int, *, link=SLOW, grad_fn=grad):
-    """Engines with external dense buckets, driven as the Horovod adaptor drives them: members
-    the engine returns are allreduced by the caller (here LocalWorld's Average) and reported
-    back; all add() calls of a step come before any result."""
-    method = methods.from_spec(spec)
-    members = members_of(method)
-
-    def fn(comm):
-        engine = Engine(members, lambda: comm, average=True, cap_bytes=25 * 2 ** 20, link=link,
-                        name="t", external_dense=True)
-        outs = []
-        for step in range(steps):
-            external = {}
-            for m in reversed(members):
-                g = grad_fn(comm.rank, step, m)
-                if not engine.add(m.index, g):
-                    external[m.index] = comm.allreduce(g, f"horovod.{m.name}", op="average")
-            outs.append([engine.external_result(i, external[i].wait()) if i in external
-                         else engine.result(i).clone() for i in range(len(members))])
-        return outs, engine
-    return LocalWorld(world).run(fn)
 
 
 def test_non_finite_uncompressed_member_rolls_back_the_compressed_ones():

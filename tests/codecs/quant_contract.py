@@ -15,7 +15,7 @@ import torch
 
 from hvd_compress.codecs.base import Codec, Payload, RandomKey
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 KEY = RandomKey(seed=0x0123456789ABCDEF, step=7, tensor_id=3)
 
 
@@ -212,7 +212,7 @@ def golden_inputs(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def check_golden(codec: Codec, filename: str, case: str, kernels=None, error_feedback: bool = True) -> None:
-    """The recorded payload bytes, residual and decoded values (tests/gen_golden.py) are
+    """The recorded payload bytes, residual and decoded values (tests/codecs/gen_golden.py) are
     reproduced by the C reference (``kernels`` None) or the CUDA path on ``kernels`` (a
     conftest.KernelTarget); without ``error_feedback`` the input alone is encoded."""
     data = np.load(DATA / filename)

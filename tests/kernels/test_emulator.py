@@ -21,6 +21,7 @@ import torch
 import hvd_compress
 from hvd_compress.backends import cuda, emulate, kernel_backend
 from emulator import SCHEDULES, EmulatedBackend, EmulatorError, kernel_names
+from warp_cases import PROBE_DIR, WARP_CASES, expected_warp_op, sequential_sums, warp_input
 from hvd_compress.codecs import (OneBitCodec, QSGDCodec, RandomKCodec, RandomKey, ScaledSignCodec,
                                   SignCodec, SketchCodec, StochasticFP16Codec, TernGradCodec, TopKCodec)
 from hvd_compress.codecs.base import Payload
@@ -32,13 +33,7 @@ from hvd_compress.codecs.topk import GradDropCodec
 
 pytestmark = pytest.mark.emu
 
-PROBE_DIR = Path(__file__).resolve().parent / "emu_kernels"
 POLICIES = [s for s in SCHEDULES if s != "mixed"]
-
-
-def sequential_sums(x: torch.Tensor, block: int) -> np.ndarray:
-    """fp32 sums of consecutive groups of ``block`` elements, added left to right."""
-    return np.add.accumulate(x.view(-1, block).numpy(), axis=1, dtype=np.float32)[:, -1]
 
 
 def probe(name: str, grid, block, args, seed: int = 0, **options) -> EmulatedBackend:
@@ -48,42 +43,6 @@ def probe(name: str, grid, block, args, seed: int = 0, **options) -> EmulatedBac
 
 
 # ---- semantics --------------------------------------------------------------------------------
-
-def expected_warp_op(v: np.ndarray, op: int, arg: int, width: int) -> np.ndarray:
-    """CUDA's definitions (Programming Guide, warp shuffle and vote functions), per warp."""
-    out = np.empty_like(v)
-    for base in range(0, len(v), 32):
-        w = v[base:base + 32]
-        for lane in range(32):
-            seg = lane & ~(width - 1)
-            if op == 0:
-                src = seg + (arg & (width - 1))
-            elif op == 1:
-                src = lane ^ arg if (lane ^ arg) < seg + width else lane
-            elif op == 2:
-                src = lane - arg if lane - arg >= seg else lane
-            elif op == 3:
-                src = lane + arg if lane + arg < seg + width else lane
-            if op <= 3:
-                out[base + lane] = w[src]
-            elif op == 4:
-                out[base + lane] = np.int32(np.uint32(sum(int(x & 1) << j for j, x in enumerate(w))))
-            elif op == 5:
-                out[base + lane] = int((w == arg).any())
-            elif op == 6:
-                out[base + lane] = int((w != arg).all())
-            else:
-                out[base + lane] = w[lane]
-    return out
-
-
-#: (op, arg, width) of probe_warp_ops: shfl, shfl_xor, shfl_up, shfl_down, ballot, any, all, syncwarp
-WARP_CASES = [(0, 5, 32), (0, 35, 8), (1, 1, 32), (1, 16, 32), (1, 4, 8), (1, 19, 16), (2, 1, 32),
-              (2, 3, 16), (3, 2, 32), (3, 7, 8), (4, 0, 32), (5, 5, 32), (6, 5, 32), (7, 0, 32)]
-
-
-def warp_input(op: int) -> torch.Tensor:
-    return torch.randint(0, 40, (512,), generator=torch.Generator().manual_seed(op), dtype=torch.int32)
 
 
 @pytest.mark.parametrize("schedule", POLICIES)
@@ -355,7 +314,7 @@ print(json.dumps(outcomes))
 def run_topk(kernel_dir: Path | None, seeds: int, cwd: Path) -> list[str]:
     """TOPK_RUN in a child process that imports the hvd_compress this session tests."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        filter(None, [str(Path(hvd_compress.__file__).resolve().parents[1]), str(Path(__file__).resolve().parent),
+        filter(None, [str(Path(hvd_compress.__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1]),
                       os.environ.get("PYTHONPATH")])))
     result = subprocess.run([sys.executable, "-c", TOPK_RUN, str(kernel_dir or "-"), str(seeds)],
                             capture_output=True, text=True, timeout=240, cwd=cwd, env=env)

@@ -27,7 +27,7 @@ SOURCES = sorted(p.name for p in cuda.kernel_dir().glob("*.cu"))
 ALLOWED_SPILL_BYTES: dict[str, int] = {}
 #: NVRTC forwards this to ptxas; ptxas -v writes its resource usage to the program log.
 PTXAS_VERBOSE = "--ptxas-options=-v"
-REPORT = Path(__file__).resolve().parents[1] / "build" / "nvrtc_report.txt"
+REPORT = Path(__file__).resolve().parents[2] / "build" / "nvrtc_report.txt"
 
 _ENTRY = re.compile(r"Compiling entry function '(\w+)' for 'sm_(\d+)'")
 _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")

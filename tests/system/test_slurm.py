@@ -21,7 +21,7 @@ from harness import free_port_pair
 
 pytestmark = [pytest.mark.slurm, pytest.mark.horovod, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "ci" / "slurm_cluster.sh"
 BATCH = {"pmix": ROOT / "examples" / "slurm" / "digits_srun_pmix.sbatch",
          "horovodrun": ROOT / "examples" / "slurm" / "digits_horovodrun.sbatch"}

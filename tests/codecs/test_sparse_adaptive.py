@@ -22,7 +22,7 @@ CASES = {"adacomp": AdaCompCodec(), "adacomp_bin64": AdaCompCodec(bin_size=64),
 
 
 class TestGolden:
-    """Golden vectors (tests/gen_golden.py): payload bytes, residual and decoded values recorded
+    """Golden vectors (tests/codecs/gen_golden.py): payload bytes, residual and decoded values recorded
     from the C reference, reproduced by it and by the CUDA path."""
     cases = CASES
     golden_file = "sparse_adaptive_golden.npz"

@@ -21,10 +21,11 @@ from pathlib import Path
 import pytest
 
 from harness import free_port_pair
+from jobs import _simulate
 
 pytestmark = [pytest.mark.cluster, pytest.mark.horovod, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "ci" / "cluster.sh"
 STATE = Path(os.environ.get("HVDC_CLUSTER_DIR", "/tmp/hvdc-cluster"))
 BIN = Path(sys.executable).parent           # the venv's: horovodrun and python with Horovod
@@ -70,9 +71,9 @@ if os.environ.get("JOB_TERNGRAD"):
     every = hvd.allgather(flat.unsqueeze(0))
     out["param_spread"] = float((every - every[0]).abs().max())
     out["param_moved"] = float((flat - start).abs().max())
-if os.environ.get("JOB_HIER_SPEC"):                 # tests/test_hierarchical.py's training
-    import test_hierarchical
-    params, stats, plan, _ = test_hierarchical._hier_job(os.environ["JOB_HIER_SPEC"])
+if os.environ.get("JOB_HIER_SPEC"):                 # the hierarchical tests' training (tests/jobs.py)
+    import jobs
+    params, stats, plan, _ = jobs._hier_job(os.environ["JOB_HIER_SPEC"])
     torch.save({"params": params, "stats": stats, "plan": plan},
                f"{os.environ['JOB_HIER_OUT']}/rank{hvd.rank()}.pt")
 print("RESULT " + json.dumps(out), flush=True)
@@ -295,7 +296,6 @@ def test_two_host_job_is_bit_identical_to_its_simulation(cluster, tmp_path, hier
     """TernGrad across the two hosts (tc-limited link, ssh-launched ranks), hierarchical and flat,
     gives the weights of the simulator's 2 x 2 world, bit for bit, on every rank."""
     import torch
-    from test_hierarchical import _simulate
     spec = f"terngrad:min_numel=0,route='compressed',hierarchy={hierarchy}"
     horovodrun(cluster, 4, cluster["HOSTS"], JOB_HIER_SPEC=spec, JOB_HIER_OUT=str(tmp_path),
                PYTHONPATH=str(ROOT / "tests"), HVD_COMPRESS_LINK_GBPS="1")

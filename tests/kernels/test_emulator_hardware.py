@@ -1,5 +1,5 @@
 """The emulator's semantics against the hardware: the probe kernels of tests/emu_kernels/probe.cu
-on a real GPU give what tests/test_emulator.py expects of them on the emulator (warp shuffles,
+on a real GPU give what tests/kernels/test_emulator.py expects of them on the emulator (warp shuffles,
 votes, geometry, scalars, atomics), so both follow CUDA's definitions and not just each other."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hvd_compress.backends import cuda
-from test_emulator import PROBE_DIR, WARP_CASES, expected_warp_op, sequential_sums, warp_input
+from warp_cases import PROBE_DIR, WARP_CASES, expected_warp_op, sequential_sums, warp_input
 
 PROBE = str(PROBE_DIR / "probe.cu")
 
