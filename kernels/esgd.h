@@ -15,7 +15,7 @@
  * w_i / sum_j w_j, and the k largest keys are successive draws without replacement with
  * probabilities proportional to w among the rest (log2 = ln / ln 2 is a common positive factor:
  * the same order).  What departs from that law: u has 2^23 levels, and log2~ has a relative
- * error below 2^-21 (tests/test_esgd.py measures it), far below the sampling noise of any test.
+ * error below 2^-21 (tests/codecs/test_esgd.py measures it), far below the sampling noise of any test.
  */
 #ifndef HVDC_ESGD_H
 #define HVDC_ESGD_H

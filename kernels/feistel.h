@@ -16,7 +16,7 @@
  * need many rounds to look random: with 4 rounds the 2-subsets of [0, 5) came out with chi^2
  * z-scores of ~300 over 12,000 keys, and cycle walking skewed even the marginals of [0, 9) (z ~
  * 26); with this schedule every size tested (n = 2 .. 300: subset or pair co-inclusion counts and
- * marginals over 12,000 - 20,000 keys; tests/test_randk.py keeps a few) is within noise.  Large
+ * marginals over 12,000 - 20,000 keys; tests/codecs/test_randk.py keeps a few) is within noise.  Large
  * domains, where rounds cost, get 6.
  *
  * [0, n) for 2^(bits-1) < n <= 2^bits: cycle walking (Black & Rogaway, CT-RSA 2002): apply the

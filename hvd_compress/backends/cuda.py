@@ -11,7 +11,7 @@ by the source text only, not by the ``#include``-d headers that hold the numeric
 this module runs NVRTC itself with exactly :func:`nvrtc_options` plus ``-arch=sm_XX`` (a CUBIN
 for the device, no PTX JIT), caches the CUBIN on disk under a hash of source, headers, options
 and NVRTC version, and loads it with ``cupy.RawModule(path=...)``.  The same :func:`compile_cubin`
-is what ``tests/test_nvrtc_compile.py`` runs on machines without a GPU.
+is what ``tests/kernels/test_nvrtc_compile.py`` runs on machines without a GPU.
 """
 from __future__ import annotations
 

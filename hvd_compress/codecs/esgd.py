@@ -15,7 +15,7 @@ are k successive draws without replacement, each proportional to w among the ele
 drawn (Efraimidis & Spirakis, "Weighted random sampling with a reservoir", IPL 2006).  log2~ is
 a fixed polynomial evaluation in IEEE fp32 (+ - * / on the exponent and mantissa of u; no libm),
 so the keys, hence the selection, are the same bits on the CPU and the GPU; it departs from log2
-by less than 2^-21 relatively and u has 2^23 levels (tests/test_esgd.py: chi-square of the draws
+by less than 2^-21 relatively and u has 2^23 levels (tests/codecs/test_esgd.py: chi-square of the draws
 against the weights).  The selection of the k largest keys (a sort, not element-wise) stays a torch
 stable sort, ties to the lower index, exact on any device.
 """

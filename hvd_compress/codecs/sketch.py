@@ -42,7 +42,7 @@ same on every rank), the stochastic levels the per-rank key of ``encode`` (the t
 payloads are fixed-size, not summable (gather them); decode needs the shared key.
 
 Error against QSGD at the same wire bits (b + 1/16 per element), relative squared error
-||D(C(v)) - v||^2 / ||v||^2 of one encoding of 2^18 elements (tests/test_sketch.py::
+||D(C(v)) - v||^2 / ||v||^2 of one encoding of 2^18 elements (tests/codecs/test_sketch.py::
 test_error_against_qsgd; bits 2 and 8 in docs/codecs-seed-methods.md):
 
     4 bits   vector              QSGD (512)   sketch (1024)   sketch without rotation

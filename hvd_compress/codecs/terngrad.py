@@ -21,7 +21,7 @@ The default is c = 1, not the paper's 2.5.  Per element the error is the varianc
     1.5    0.38      0.43     0.59
     2.5    1.01      0.88     1.00
 
-c = 1 minimizes it for all three (tests/test_terngrad.py measures this on the codec), a fourth of
+c = 1 minimizes it for all three (tests/codecs/test_terngrad.py measures this on the codec), a fourth of
 the paper's setting for Gaussian entries.  The convergence study (docs/convergence-notes.md)
 measured the consequence: at 2.5 sigma TernGrad missed the digits target at 2 and 4 workers and
 the language models by 10-14%; at 1 sigma it meets digits and the GRU at 4 workers.  The paper's
