@@ -30,7 +30,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=["hvd_compress", "hvd_compress.codecs", "hvd_compress.backends", "hvd_compress.routes",
-              "hvd_compress.engine", "hvd_compress.methods", "hvd_compress.horovod",
+              "hvd_compress.engine", "hvd_compress.methods", "hvd_compress.horovod", "hvd_compress.ddp",
               "hvd_compress.kernels"],
     package_dir={"hvd_compress.kernels": "kernels"},
     package_data={"hvd_compress.kernels": ["*.cu", "*.h", "*.cuh"]},
