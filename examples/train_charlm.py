@@ -1,4 +1,4 @@
-"""Train a character-level language model with Horovod on text that ships with Python itself:
+"""Train a character-level language model with Horovod or PyTorch DDP on text that ships with Python itself:
 the Python documentation topics in ``pydoc_data.topics`` (about 465k characters).  Nothing is
 downloaded.
 
@@ -6,6 +6,7 @@ A one-layer GRU over 64-character windows, next-character cross-entropy; the las
 text is held out and the reported loss is its mean cross-entropy in nats per character.
 
     horovodrun -np 2 --gloo python examples/train_charlm.py --compression topk:ratio=0.01
+    torchrun --nproc_per_node 2 examples/train_charlm.py --framework ddp --compression topk:ratio=0.01
 """
 from __future__ import annotations
 
@@ -16,9 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import horovod.torch as hvd
-
-from common import (add_common_args, agreed_steps, distributed_optimizer, finish, progress,
+from common import (add_common_args, agreed_steps, distributed_optimizer, finish, init_world, progress,
                     warmup_lr, wire_bytes_per_step)
 from models import CharGRU, pydoc_text
 
@@ -59,14 +58,14 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     args = parser.parse_args()
 
-    hvd.init()
+    world = init_world(args)
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)
     train, held_out, vocab = load_text()
     # Each rank draws its own windows: the data-parallel split of an unbounded stream.
-    generator = torch.Generator().manual_seed(args.seed + 1000 * hvd.rank())
+    generator = torch.Generator().manual_seed(args.seed + 1000 * world.rank)
     model = CharGRU(vocab)
-    optimizer, compression = distributed_optimizer(model, args, torch.optim.SGD)
+    net, optimizer, compression = distributed_optimizer(model, args, torch.optim.SGD)
 
     steps = agreed_steps(args.steps_per_epoch)
     bar = progress(args, args.epochs * steps, f"char-LM {args.compression}")
@@ -76,15 +75,20 @@ def main() -> None:
             x, y = batches(train, args.seq, args.batch_size, generator)
             warmup_lr(optimizer, args, epoch, i, steps)
             optimizer.zero_grad()
-            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+            loss = F.cross_entropy(net(x).flatten(0, 1), y.flatten())
             if hasattr(compression, "observe_loss"):   # eSGD reads the loss
                 compression.observe_loss(loss)
             loss.backward()
             # Clip the *aggregated* gradient (Horovod's recipe): clipping p.grad before step()
-            # would touch local gradients while their allreduce is still in flight.
-            optimizer.synchronize()
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            with optimizer.skip_synchronize():
+            # would touch local gradients while their allreduce is still in flight.  (DDP's
+            # backward returns with the gradients aggregated.)
+            if hasattr(optimizer, "synchronize"):
+                optimizer.synchronize()
+                nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                with optimizer.skip_synchronize():
+                    optimizer.step()
+            else:
+                nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
             step += 1
             if bar is not None:
@@ -92,13 +96,13 @@ def main() -> None:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
         held_out_loss = evaluate(model, held_out, args.seq)
         history.append({"epoch": epoch + 1, "step": step, "test_loss": held_out_loss,
-                        "bytes_per_step": wire_bytes_per_step(compression, model, step)})
+                        "bytes_per_step": wire_bytes_per_step(compression, model, step, args.compression)})
         if bar is not None:
             bar.write(f"epoch {epoch + 1}: held-out loss {held_out_loss:.4f} nats/char")
     wall = time.perf_counter() - start
     if bar is not None:
         bar.close()
-    finish(args, {"task": "charlm", "compression": args.compression, "workers": hvd.size(),
+    finish(args, {"task": "charlm", "compression": args.compression, "workers": world.size,
                   "steps": step, "wall_s": wall, "step_ms": 1000 * wall / step,
                   "final_test_loss": history[-1]["test_loss"], "final_test_acc": None,
                   "bytes_per_step": history[-1]["bytes_per_step"], "history": history}, model)

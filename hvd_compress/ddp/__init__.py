@@ -86,6 +86,13 @@ class State(EngineSet):
             return None
         return dist.get_rank(self.process_group), dist.get_world_size(self.process_group)
 
+    def observe_loss(self, loss: float | torch.Tensor) -> None:
+        """This rank's loss of the step, for the methods that read it (eSGD); others ignore it."""
+        methods = getattr(self.compressor, "mapping", {"*": getattr(self.compressor, "method", None)}).values()
+        for method in methods:
+            if hasattr(method, "observe_loss"):
+                method.observe_loss(loss)
+
     @property
     def engine(self) -> Engine | None:
         """The engine, once the first backward pass has built it."""

@@ -24,7 +24,8 @@ pytestmark = [pytest.mark.slurm, pytest.mark.horovod, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "ci" / "slurm_cluster.sh"
 BATCH = {"pmix": ROOT / "examples" / "slurm" / "digits_srun_pmix.sbatch",
-         "horovodrun": ROOT / "examples" / "slurm" / "digits_horovodrun.sbatch"}
+         "horovodrun": ROOT / "examples" / "slurm" / "digits_horovodrun.sbatch",
+         "ddp": ROOT / "examples" / "slurm" / "digits_ddp_srun.sbatch"}
 EPOCHS = 4         # ~2 s of training; the job's time is mostly importing torch in each rank
 MIN_ACCURACY = 0.8  # top-k 1% reaches 0.87 after 4 epochs here (0.83 after 3)
 JOB_TIMEOUT = 150   # seconds; jobs take 15-40 s on a busy 2-core machine
@@ -85,10 +86,10 @@ def _tail(path: Path) -> str:
     return path.read_text()[-4000:] if path.exists() else f"(no {path})"
 
 
-@pytest.mark.parametrize("variant", [pytest.param("pmix", marks=pytest.mark.mpi), "horovodrun"])
+@pytest.mark.parametrize("variant", [pytest.param("pmix", marks=pytest.mark.mpi), "horovodrun", "ddp"])
 def test_batch_file_trains_on_two_tasks(submit, variant):
     metrics = submit(variant)
-    assert metrics["workers"] == 2
+    assert metrics["workers"] == 2 and metrics["framework"] == ("ddp" if variant == "ddp" else "horovod")
     assert metrics["compression"] == "topk:ratio=0.01"  # the batch files' default
     assert len(metrics["history"]) == EPOCHS
     assert metrics["final_test_acc"] > MIN_ACCURACY, metrics["history"]
@@ -102,3 +103,12 @@ def test_mpi_and_gloo_launches_agree(submit):
     pmix, gloo = submit("pmix"), submit("horovodrun")
     assert pmix["steps"] == gloo["steps"]
     assert [h["test_loss"] for h in pmix["history"]] == [h["test_loss"] for h in gloo["history"]]
+
+
+@pytest.mark.timeout(2 * JOB_TIMEOUT + 60)
+def test_ddp_and_horovod_launches_agree(submit):
+    """The same script and compressor under srun + DDP and under horovodrun: the same engine,
+    the same losses, bit for bit."""
+    ddp, gloo = submit("ddp"), submit("horovodrun")
+    assert ddp["steps"] == gloo["steps"]
+    assert [h["test_loss"] for h in ddp["history"]] == [h["test_loss"] for h in gloo["history"]]
