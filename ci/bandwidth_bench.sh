@@ -2,6 +2,8 @@
 # Bandwidth-limited benchmark: 2 and 4 Horovod ranks (Gloo) inside a private network namespace
 # whose loopback is rate-limited with tc (tbf), every compressor at every rate over the same link,
 # plus runs without a limit; writes out/bandwidth/results.jsonl and docs/bandwidth.md.
+# BW_FRAMEWORK=ddp runs PyTorch DDP ranks (torchrun, gloo) instead: specs are then none,
+# torch-fp16, torch-powersgd:rank=R (PyTorch's own hooks) and hvd_compress specs (its DDP hook).
 #
 #   sudo bash ci/bandwidth_bench.sh                      # full run (about an hour on 2 cores)
 #   BW_RATES="100mbit" BW_SPECS="none topk:ratio=0.01" BW_MODEL="--width 64 --depth 2" \
@@ -10,6 +12,7 @@
 # Needs root (ip netns, tc) and an installed environment (.venv with horovodrun; ci/install.sh).
 # The tree's own hvd_compress is used (C library built in place, PYTHONPATH=.), not the venv's copy.
 # Settings (environment):
+#   BW_FRAMEWORK horovod (default) or ddp
 #   BW_NP        world sizes (default "2 4")
 #   BW_RATES     rates as tc spells them, and/or "unlimited"   (default "100mbit 1gbit unlimited")
 #   BW_SPECS     compressions (default "none hvd-fp16 terngrad qsgd:bits=4 topk:ratio=0.01";
@@ -46,6 +49,7 @@ TIMEOUT=${BW_TIMEOUT:-600}
 CALIBRATE=${BW_CALIBRATE:-2}
 OUT=${BW_OUT:-out/bandwidth}
 MARKDOWN=${BW_MARKDOWN-docs/bandwidth.md}
+FRAMEWORK=${BW_FRAMEWORK:-horovod}
 MTU=1500
 
 # Build the C library in place so the tree's package is the one imported.
@@ -122,7 +126,7 @@ specs_for() {  # specs_for RATE NP
     var="BW_SPECS_${key}_NP$2"; extra="$extra ${!var:-}"
     for spec in $SPECS $extra; do
         case $spec in
-            none|hvd-fp16) echo "$spec"; continue ;;
+            none|hvd-fp16|torch-fp16|torch-powersgd*) echo "$spec"; continue ;;
         esac
         if reason=$("$PY" -c 'import sys, hvd_compress; hvd_compress.from_spec(sys.argv[1])' "$spec" 2>&1); then
             echo "$spec"
@@ -156,9 +160,20 @@ for rate in $RATES; do
         start=$SECONDS
         log=$OUT/log-$label-np$np-$(echo "$spec" | tr -c 'A-Za-z0-9.=\n' '_').txt
         rc=0
+        if [ "$FRAMEWORK" = ddp ]; then
+            # PyTorch's PowerSGD hook chains its allreduces in future callbacks, which interleave
+            # differently on each rank when several buckets are in flight (a gloo size mismatch
+            # on ResNet-50's shapes): it gets one bucket (docs/ddp.md)
+            bucket=25; case $spec in torch-powersgd*) bucket=1000 ;; esac
+            launch=("$PY" -m torch.distributed.run --nproc_per_node "$np" --master_port $((29400 + RANDOM % 500)))
+            launch_args=(--framework ddp --ddp-bucket-mb "$bucket")
+        else
+            launch=("$HOROVODRUN" -np "$np" -H "localhost:$np" --gloo "$PY")
+            launch_args=()
+        fi
         # shellcheck disable=SC2086
-        bounded timeout -k 10 "$TIMEOUT" ip netns exec "$NS" "$HOROVODRUN" -np "$np" -H "localhost:$np" --gloo \
-            "$PY" examples/bandwidth_bench.py --compression "$spec" --steps "$steps" --warmup "$warmup" \
+        bounded timeout -k 10 "$TIMEOUT" ip netns exec "$NS" "${launch[@]}" \
+            examples/bandwidth_bench.py "${launch_args[@]}" --compression "$spec" --steps "$steps" --warmup "$warmup" \
             --min-time "$mintime" --max-steps "$MAX_STEPS" \
             --rate-label "$label" "${linkdev[@]}" --out "$RESULTS" $MODEL > "$log" 2>&1 || rc=$?
         if [ "$rc" != 0 ]; then
@@ -178,7 +193,7 @@ done
 
 if [ -n "$MARKDOWN" ]; then
     command="bash ci/bandwidth_bench.sh"
-    for var in BW_NP BW_RATES BW_SPECS BW_MODEL BW_TIMEOUT BW_CALIBRATE BW_MAX_STEPS $(compgen -v BW_STEPS_) $(compgen -v BW_WARMUP_) $(compgen -v BW_MINTIME_); do
+    for var in BW_FRAMEWORK BW_NP BW_RATES BW_SPECS BW_MODEL BW_TIMEOUT BW_CALIBRATE BW_MAX_STEPS $(compgen -v BW_STEPS_) $(compgen -v BW_WARMUP_) $(compgen -v BW_MINTIME_); do
         [ -z "${!var+x}" ] || command="$var=\"${!var}\" $command"
     done
     commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)

@@ -1,8 +1,10 @@
-"""Step time of Horovod training with and without gradient compression, over whatever link the
-ranks talk through (``ci/bandwidth_bench.sh`` runs it inside a network namespace whose loopback
-is rate-limited with ``tc``).  Synthetic data: this measures time, not accuracy.
+"""Step time of Horovod (or PyTorch DDP) training with and without gradient compression, over
+whatever link the ranks talk through (``ci/bandwidth_bench.sh`` runs it inside a network
+namespace whose loopback is rate-limited with ``tc``).  Synthetic data: this measures time, not
+accuracy.
 
     horovodrun -np 2 -H localhost:2 --gloo python examples/bandwidth_bench.py --compression topk:ratio=0.01
+    torchrun --nproc_per_node 2 examples/bandwidth_bench.py --framework ddp --compression torch-powersgd:rank=4
 
 Per run, rank 0 prints one JSON line (and writes it to ``--out``) with
 
@@ -14,8 +16,9 @@ Per run, rank 0 prints one JSON line (and writes it to ``--out``) with
 * ``codec_s``: encode (with error feedback when the method uses it) + decode of two workers'
   payloads of every compressed tensor, timed alone, for hvd_compress methods;
 * ``bytes_sent_per_rank``: bytes each rank puts on the wire per step, from
-  ``compression.stats()`` (hvd_compress), or the dense gradient size (fp32 for ``none``,
-  fp16 for ``hvd-fp16``, which is what Horovod's allreduce of 2 ranks sends per rank);
+  ``compression.stats()`` (hvd_compress), or what a ring allreduce of the dense gradient sends
+  (fp32 for ``none``, fp16 for ``hvd-fp16`` / ``torch-fp16``, PyTorch PowerSGD's factors and
+  uncompressed tensors for ``torch-powersgd:rank=R``);
 * ``link_bytes_per_step``: bytes that crossed the rate limiter per step, read from
   ``tc -s qdisc show dev <--link-dev>`` around the timed steps (headers and ACKs included),
   when ``--link-dev`` is given and ``tc`` can read it.
@@ -118,6 +121,30 @@ def compression_from_spec(spec: str):
     return hvd_compress.from_spec(spec)
 
 
+def distributed(args: argparse.Namespace, model: nn.Module, momentum: float):
+    """(module to call, optimizer, what reports bytes/plan or None, dense bytes one rank's
+    gradient puts into the allreduce when nothing reports them) for ``--framework``."""
+    from common import ddp_hook, torch_powersgd_bytes
+    from hvd_compress.methods import parse_spec
+    params = sum(p.numel() for p in model.parameters())
+    if args.framework == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        net = DDP(model, bucket_cap_mb=args.ddp_bucket_mb)
+        compression = ddp_hook(net, args.compression)
+        owns = getattr(getattr(compression, "compressor", None), "owns_momentum", False)
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.0 if owns else momentum)
+        name, kwargs = parse_spec(args.compression)
+        dense = torch_powersgd_bytes(model, kwargs.get("rank", 1)) if name == "torch-powersgd" else \
+            params * (2 if args.compression == "torch-fp16" else 4)
+        return net, optimizer, compression, dense
+    import horovod.torch as hvd
+    compression = compression_from_spec(args.compression)
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    optimizer = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=args.lr, momentum=momentum),
+                                         named_parameters=model.named_parameters(), compression=compression)
+    return model, optimizer, compression, params * (2 if compression is hvd.Compression.fp16 else 4)
+
+
 def link_bytes(dev: str | None) -> int | None:
     """Bytes the root qdisc of ``dev`` has sent so far (``tc -s qdisc``), or None."""
     if not dev or shutil.which("tc") is None:
@@ -145,6 +172,7 @@ class CodecTimer:
     the codec's share of a step, timed alone.  Does nothing for Horovod's own compressions."""
 
     def __init__(self, compression, model: nn.Module) -> None:
+        compression = getattr(compression, "compressor", compression)    # DDP: the hook's state
         self.codec = getattr(compression, "codec", None)
         if self.codec is None:
             return
@@ -173,50 +201,45 @@ def benchmark(args: argparse.Namespace) -> dict:
     """Warm-up, then iterations of (compute-only step, codec pass, distributed step), so that the
     three are timed under the same background load; ranks stop together when rank 0 has at least
     ``--steps`` distributed steps and ``--min-time`` seconds of them (or ``--max-steps``)."""
-    import horovod.torch as hvd
-    hvd.init()
+    from common import init_world
+    world = init_world(args)
     torch.set_num_threads(1)
-    torch.manual_seed(args.seed + hvd.rank())
+    torch.manual_seed(args.seed + world.rank)
     model = make_model(args)
     x = torch.randn(args.batch_size, args.in_features)
     y = torch.randint(0, 10, (args.batch_size,))
     params = sum(p.numel() for p in model.parameters())
-    compression = compression_from_spec(args.compression)
     # DGC's momentum correction moves the momentum into the compressor (as in train_digits.py).
-    momentum = 0.0 if getattr(compression, "owns_momentum", False) else 0.9
+    momentum = 0.0 if "dgc" in args.compression else 0.9
 
-    # Compute only: the same step with a plain optimizer on a copy of the model (no Horovod).
+    # Compute only: the same step with a plain optimizer on a copy of the model (no framework).
     local = copy.deepcopy(model)
     local_opt = torch.optim.SGD(local.parameters(), lr=args.lr, momentum=momentum)
+    net, optimizer, compression, dense = distributed(args, model, momentum)
     codec_pass = CodecTimer(compression, model)
-
-    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-    optimizer = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=args.lr, momentum=momentum),
-                                         named_parameters=model.named_parameters(),
-                                         compression=compression)
     for i in range(args.warmup):
         train_step(local, local_opt, x, y)
         codec_pass(i)
-        train_step(model, optimizer, x, y)
+        train_step(net, optimizer, x, y)
     # hvd_compress measures the link at its first step and may then time compressed against
     # uncompressed steps: warm up until its plan is final, so that the timed steps are its choice.
     extra = 0
     while not getattr(compression, "settled", True) and extra < 12:
-        train_step(model, optimizer, x, y)
+        train_step(net, optimizer, x, y)
         extra += 1
     stats0 = compression.stats() if hasattr(compression, "stats") else None
-    hvd.allreduce(torch.zeros(1), name="bench.start")
-    link0 = link_bytes(args.link_dev) if hvd.rank() == 0 else None
+    world.barrier()
+    link0 = link_bytes(args.link_dev) if world.rank == 0 else None
     load0 = os.getloadavg()[0]
     compute, codec, steps = [], [], []
     while True:
         compute.append(train_step(local, local_opt, x, y))
         codec.append(codec_pass(args.warmup + len(steps)))
-        steps.append(train_step(model, optimizer, x, y))
+        steps.append(train_step(net, optimizer, x, y))
         more = len(steps) < args.max_steps and (len(steps) < args.steps or sum(steps) < args.min_time)
-        if not hvd.broadcast(torch.tensor([int(more)]), root_rank=0, name="bench.more").item():
+        if not world.agree(more):
             break
-    link1 = link_bytes(args.link_dev) if hvd.rank() == 0 else None
+    link1 = link_bytes(args.link_dev) if world.rank == 0 else None
     n = len(steps)
 
     collectives = None
@@ -226,14 +249,13 @@ def benchmark(args: argparse.Namespace) -> dict:
         received = (stats1["bytes_received"] - stats0["bytes_received"]) / n
         collectives = (stats1["collectives"] - stats0["collectives"]) / n
     else:
-        width = 2 if compression is hvd.Compression.fp16 else 4
         # ring allreduce: each rank sends and receives 2 (P - 1)/P of the tensor
-        sent = received = 2 * (hvd.size() - 1) / hvd.size() * params * width
-    per_rank = hvd.allgather(torch.tensor([[sent, received]], dtype=torch.float64),
-                             name="bench.bytes").tolist()
+        sent = received = 2 * (world.size - 1) / world.size * dense
+    per_rank = world.gather([sent, received])
     return {
-        "bench": "bandwidth", "compression": args.compression, "rate": args.rate_label,
-        "workers": hvd.size(), "model": args.model, "tensors": len(list(model.parameters())),
+        "bench": "bandwidth", "framework": args.framework, "compression": args.compression,
+        "rate": args.rate_label, "workers": world.size, "model": args.model,
+        "tensors": len(list(model.parameters())),
         "params": params, "dense_bytes": params * 4, "collectives_per_step": collectives,
         "plan": compression.plan() if hasattr(compression, "plan") else None,
         "batch_size": args.batch_size, "warmup": args.warmup + extra, "steps": n,
@@ -342,9 +364,10 @@ def _rate_tables(results: list[dict]) -> list[str]:
     for workers, rate in dict.fromkeys((r["workers"], r["rate"]) for r in results):
         rows = [r for r in results if r["rate"] == rate and r["workers"] == workers]
         base = next((r for r in rows if r["compression"] == "none"), None)
-        fp16 = next((r for r in rows if r["compression"] == "hvd-fp16"), None)
+        fp16 = next((r for r in rows if r["compression"] in ("hvd-fp16", "torch-fp16")), None)
         lines += [f"### {workers} ranks, {rate}", "",
-                  "| compression | steps | step s | vs none | vs hvd-fp16 | bytes sent / rank / step "
+                  f"| compression | steps | step s | vs none | vs {fp16['compression'] if fp16 else 'fp16'} "
+                  "| bytes sent / rank / step "
                   "| collectives / step | compute s | codec s | measured / ideal | fastest step s | load avg |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
@@ -355,7 +378,7 @@ def _rate_tables(results: list[dict]) -> list[str]:
                 f"{base['step_s'] / r['step_s']:.2f}x" if base else "-",
                 f"{fp16['step_s'] / r['step_s']:.2f}x" if fp16 else "-",
                 _fmt_bytes(max(r["bytes_sent_per_rank"])),
-                "Horovod's" if coll is None else f"{coll:g}",
+                ("DDP's" if r.get("framework") == "ddp" else "Horovod's") if coll is None else f"{coll:g}",
                 f"{r['compute_s']:.3f}",
                 f"{r['codec_s']:.3f}" if r.get("codec_s") is not None else "-",
                 f"{r['step_s'] / ideal:.2f}" if ideal is not None else "-",
@@ -374,7 +397,11 @@ def _rate_tables(results: list[dict]) -> list[str]:
 
 #: the speed targets: (spec, workers, rate, compared with, minimum speed-up)
 TARGETS = [("terngrad", 2, "1gbit", "hvd-fp16", 4.0), ("topk:ratio=0.01", 2, "1gbit", "hvd-fp16", 6.0),
-           ("qsgd:bits=4", 2, "1gbit", "hvd-fp16", 2.5)]
+           ("qsgd:bits=4", 2, "1gbit", "hvd-fp16", 2.5),
+           # DDP: against PyTorch's own hooks (fp16; PowerSGD at the same rank: at least as fast)
+           ("terngrad", 2, "1gbit", "torch-fp16", 4.0), ("topk:ratio=0.01", 2, "1gbit", "torch-fp16", 6.0),
+           ("powersgd:rank=1", 2, "1gbit", "torch-powersgd:rank=1", 1.0),
+           ("powersgd:rank=4", 2, "1gbit", "torch-powersgd:rank=4", 1.0)]
 #: the default never above this factor of uncompressed on the fast link
 FAST_LINK_LIMIT = 1.25
 #: fused against layer-wise (bucket_cap_mb=0) at 1 Gbit/s
@@ -386,7 +413,10 @@ def _targets(results: list[dict]) -> list[str]:
         return next((r for r in results if r["compression"] == spec and r["workers"] == workers
                      and r["rate"] == rate), None)
     lines = ["| target | measured | wanted | met? |", "|---|---:|---:|---|"]
+    baselines = {r["compression"] for r in results}
     for spec, workers, rate, against, want in TARGETS:
+        if against not in baselines:     # the other framework's targets
+            continue
         r, b = find(spec, workers, rate), find(against, workers, rate)
         if r is None or b is None:
             lines.append(f"| `{spec}` vs `{against}`, {workers} ranks, {rate} | not run | {want}x | - |")
@@ -395,7 +425,7 @@ def _targets(results: list[dict]) -> list[str]:
         lines.append(f"| `{spec}` vs `{against}`, {workers} ranks, {rate} | {got:.2f}x | {want}x | "
                      f"{'yes' if got >= want else f'no (missed by {want / got:.2f}x)'} |")
     for r in results:
-        if r["rate"] != "unlimited" or r["workers"] != 4 or r["compression"] in ("none", "hvd-fp16") \
+        if r["rate"] != "unlimited" or r["workers"] != 4 or r["compression"] in ("none", "hvd-fp16", "torch-fp16") \
                 or "route=" in r["compression"] or "bucket_cap_mb=0" in r["compression"]:
             continue
         b = find("none", 4, "unlimited")
@@ -450,13 +480,17 @@ def markdown(records: list[dict], command: str, commit: str, notes: str = "", wh
     model = (f"{kind}, {first.get('tensors', '?')} tensors, {first.get('params', 0):,} parameters "
              f"({first.get('dense_bytes', 0) / 1e6:.1f} MB of fp32 gradient), batch {first.get('batch_size')} "
              "per rank, synthetic data") if results else "-"
+    ddp = first.get("framework") == "ddp"
+    ranks = ("PyTorch DDP ranks (gloo, `torchrun`; PyTorch's PowerSGD hook with one DDP bucket, the others "
+             "with DDP's default 25 MB)") if ddp else "Horovod ranks (Gloo, `horovodrun`)"
     lines = [
-        "# Bandwidth-limited step time", "",
+        "# Bandwidth-limited step time" + (", PyTorch DDP" if ddp else ""), "",
         f"Generated by `ci/bandwidth_bench.sh` on {time.strftime('%Y-%m-%d %H:%M %Z', time.localtime(when))}, commit `{commit}`, as root "
         "(it needs `ip netns` and `tc`):", "",
         f"    {command}", "",
         f"Machine: {_machine()}, shared with other jobs, so the timings are noisy (same-run comparisons only). "
-        "2 or 4 Horovod ranks (Gloo, `horovodrun`), 1 torch thread and `OMP_NUM_THREADS=1` per rank. "
+        f"{' or '.join(str(n) for n in sorted({r['workers'] for r in results}))} {ranks}, 1 torch thread "
+        "and `OMP_NUM_THREADS=1` per rank. "
         f"Model: {model}. Each run: warm-up step(s), then iterations of one compute-only step, one "
         "codec pass and one distributed step (so the three see the same background load); medians over "
         "the iterations (`steps` column; every step's time is in the raw results).", "",
@@ -470,17 +504,19 @@ def markdown(records: list[dict], command: str, commit: str, notes: str = "", wh
         "two streams share the rate (last column), the link is **half-duplex at R in total**.", "",
         "## Ideal step time", "",
         "Let `s_r` be the bytes rank r sends per step (what `compression.stats()['bytes_sent']` counts; "
-        "for Horovod's own `none` and `hvd-fp16`, the ring allreduce's 2 (P-1)/P of the gradient). Every "
+        "for the framework's own `none` and fp16 (and PyTorch's PowerSGD: its factors and uncompressed tensors), "
+        "the ring allreduce's 2 (P-1)/P of what it allreduces). Every "
         "packet between the ranks leaves through the one `lo` qdisc, so the link carries the sum over ranks "
         "and, with rate R (bits/s):", "",
         "    ideal = compute + 8 (s_0 + ... + s_{P-1}) / R", "",
         "`compute` is forward + backward + optimizer step with a plain optimizer, measured in the same process. "
         "Not in the ideal: the codec's encode/decode (column `codec s`, timed alone), TCP/IP headers (~4.6% "
-        "plus ACKs) and Horovod's negotiation. Undefined without a rate limit.", "",
+        f"plus ACKs) and {'DDP' if ddp else 'Horovod'}'s own work. Undefined without a rate limit.", "",
         "## Results", "",
         "`step s`, `compute s`, `codec s`: medians. `bytes sent / rank / step`: the largest `s_r`. "
-        "`collectives / step`: started by hvd_compress (Horovod's own allreduces of uncompressed tensors "
-        "and of the one-element probes are not counted). `load avg`: the machine's 1-minute load average at "
+        "`collectives / step`: started by hvd_compress (" + ("DDP's and PyTorch's hooks' own collectives are "
+        "not counted" if ddp else "Horovod's own allreduces of uncompressed tensors and of the one-element probes "
+        "are not counted") + "). `load avg`: the machine's 1-minute load average at "
         "the start and end of the timed steps (2 cores: above 2, ranks were competing for them). The "
         "hvd_compress rows use the defaults (the link measured, the plan timed against uncompressed steps "
         "where the model is not decisive) after a warm-up that lasts until the plan is final.", "",
@@ -514,8 +550,13 @@ def write_markdown(jsonl: str, path: str, command: str, commit: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--framework", choices=("horovod", "ddp"), default="horovod")
+    parser.add_argument("--ddp-bucket-mb", type=float, default=25.0,
+                        help="DDP's bucket_cap_mb (PyTorch's PowerSGD hook over gloo needs one bucket: "
+                             "see docs/ddp.md)")
     parser.add_argument("--compression", default="none",
-                        help="none, hvd-fp16, or an hvd_compress spec (topk:ratio=0.01, terngrad, qsgd:bits=4, fp16)")
+                        help="none, hvd-fp16 (Horovod), torch-fp16 / torch-powersgd:rank=R (DDP), or an "
+                             "hvd_compress spec (topk:ratio=0.01, terngrad, qsgd:bits=4, fp16)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (at least; after warm-up)")
     parser.add_argument("--min-time", type=float, default=0.0,
                         help="go on past --steps until the timed steps add up to this many seconds")
@@ -556,14 +597,14 @@ def main() -> None:
                 f.write(line + "\n")
         return
     result = benchmark(args)
-    import horovod.torch as hvd
-    if hvd.rank() == 0:
+    from common import WORLD
+    if WORLD.rank == 0:
         line = json.dumps(result)
         print(line, flush=True)
         if args.out:
             with open(args.out, "a") as f:
                 f.write(line + "\n")
-    hvd.shutdown()
+    WORLD.close()
 
 
 if __name__ == "__main__":

@@ -41,11 +41,43 @@ class World:
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return int(t)
 
+    def barrier(self) -> None:
+        if self.framework == "horovod":
+            import horovod.torch as hvd
+            hvd.allreduce(torch.zeros(1), name="world.barrier")
+        else:
+            import torch.distributed as dist
+            dist.barrier()
+
+    def agree(self, flag: bool) -> bool:
+        """Rank 0's ``flag`` on every rank."""
+        t = torch.tensor([int(flag)])
+        if self.framework == "horovod":
+            import horovod.torch as hvd
+            return bool(hvd.broadcast(t, root_rank=0, name="world.agree").item())
+        import torch.distributed as dist
+        dist.broadcast(t, src=0)
+        return bool(t.item())
+
+    def gather(self, row: list[float]) -> list[list[float]]:
+        """Every rank's ``row``, in rank order."""
+        t = torch.tensor([row], dtype=torch.float64)
+        if self.framework == "horovod":
+            import horovod.torch as hvd
+            return hvd.allgather(t, name="world.gather").tolist()
+        import torch.distributed as dist
+        every = [torch.empty_like(t) for _ in range(self.size)]
+        dist.all_gather(every, t)
+        return torch.cat(every).tolist()
+
     def close(self) -> None:
         if self.framework == "ddp":
             import torch.distributed as dist
-            dist.barrier()
+            dist.barrier()     # (without it a rank may abort at exit: see tests/harness.py)
             dist.destroy_process_group()
+        else:
+            import horovod.torch as hvd
+            hvd.shutdown()
 
 
 #: the job's world, set by :func:`init_world`

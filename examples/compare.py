@@ -1,8 +1,9 @@
-"""Run an example under ``horovodrun`` once per compression spec, then print a comparison table
-and write a plot (test accuracy, or held-out loss for the char-LM, against steps and against
-bytes sent).
+"""Run an example under ``horovodrun`` (or, ``--framework ddp``, under ``torchrun`` with DDP) once
+per compression spec, then print a comparison table and write a plot (test accuracy, or held-out
+loss for the char-LM, against steps and against bytes sent).
 
     python examples/compare.py --task digits --np 2 --specs none hvd-fp16 terngrad --out out/
+    python examples/compare.py --framework ddp --specs none torch-fp16 torch-powersgd:rank=1 powersgd:rank=1
 """
 from __future__ import annotations
 
@@ -20,12 +21,15 @@ SCRIPTS = {"digits": "train_digits.py", "charlm": "train_charlm.py"}
 
 
 def run(task: str, spec: str, np_: int, out: Path, epochs: int | None = None, seed: int = 42,
-        timeout: float = 900, progress: bool = True, extra: tuple[str, ...] = ()) -> dict:
-    """One ``horovodrun`` training; returns its JSON result."""
+        timeout: float = 900, progress: bool = True, extra: tuple[str, ...] = (),
+        framework: str = "horovod") -> dict:
+    """One ``horovodrun`` (or ``torchrun`` + DDP) training; returns its JSON result."""
     slug = spec.replace(":", "_").replace("=", "-").replace(",", "_").replace("'", "")
-    result_file = out / f"{task}_{slug}_np{np_}_seed{seed}.json"
-    cmd = ["horovodrun", "-np", str(np_), "-H", f"localhost:{np_}", "--gloo", sys.executable,
-           str(HERE / SCRIPTS[task]), "--compression", spec, "--seed", str(seed), "--out", str(result_file)]
+    result_file = out / f"{task}_{slug}_np{np_}_seed{seed}{'_ddp' if framework == 'ddp' else ''}.json"
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(np_)] if framework == "ddp"
+              else ["horovodrun", "-np", str(np_), "-H", f"localhost:{np_}", "--gloo", sys.executable])
+    cmd = [*launch, str(HERE / SCRIPTS[task]), "--framework", framework, "--compression", spec,
+           "--seed", str(seed), "--out", str(result_file)]
     if epochs is not None:
         cmd += ["--epochs", str(epochs)]
     if not progress:
@@ -44,13 +48,20 @@ def metric(result: dict) -> tuple[str, float]:
     return "held-out loss", result["final_test_loss"]
 
 
-def table(results: list[dict]) -> str:
+def table(results: list[dict], seeds: dict[str, list[dict]] | None = None) -> str:
+    """One row per run; with ``seeds`` (spec -> its runs over several seeds) the quality columns
+    are the mean and standard deviation over them."""
+    import statistics
     base = next((r for r in results if r["compression"] == "none"), results[0])
     rows = [("compression", f"final {metric(base)[0]}", "final loss", "bytes/step", "ratio", "wall s")]
     for r in results:
-        rows.append((r["compression"], f"{metric(r)[1]:.2f}", f"{r['final_test_loss']:.4f}",
-                     f"{r['bytes_per_step']:,.0f}", f"{base['bytes_per_step'] / r['bytes_per_step']:.1f}x",
-                     f"{r['wall_s']:.1f}"))
+        runs = (seeds or {}).get(r["compression"], [r])
+        quality = [metric(x)[1] for x in runs]
+        loss = [x["final_test_loss"] for x in runs]
+        spread = (lambda v: f" ± {statistics.stdev(v):.2f}" if len(v) > 1 else "")
+        rows.append((r["compression"], f"{statistics.mean(quality):.2f}{spread(quality)}",
+                     f"{statistics.mean(loss):.4f}", f"{r['bytes_per_step']:,.0f}",
+                     f"{base['bytes_per_step'] / r['bytes_per_step']:.1f}x", f"{r['wall_s']:.1f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in rows]
@@ -82,7 +93,8 @@ def plot(results: list[dict], path: Path) -> None:
     fig.legend(*by_step.get_legend_handles_labels(), loc="lower center", ncol=min(len(results), 4),
                fontsize="small", frameon=False)
     model = "digits CNN" if digits else "char-level GRU on the Python docs"
-    fig.suptitle(f"{model}, {results[0]['workers']} Horovod workers")
+    framework = "DDP" if results[0].get("framework") == "ddp" else "Horovod"
+    fig.suptitle(f"{model}, {results[0]['workers']} {framework} workers")
     fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=120)
 
@@ -90,16 +102,22 @@ def plot(results: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--task", choices=sorted(SCRIPTS), default="digits")
+    parser.add_argument("--framework", choices=("horovod", "ddp"), default="horovod")
     parser.add_argument("--np", type=int, default=2)
     parser.add_argument("--specs", nargs="+", default=["none", "hvd-fp16"])
     parser.add_argument("--epochs", type=int, help="default: the training script's")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42],
+                        help="several: the table gives mean ± standard deviation over them (the plot: the first)")
     parser.add_argument("--out", type=Path, default=Path("out"))
     parser.add_argument("--timeout", type=float, default=600, help="seconds per training run")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    results = [run(args.task, spec, args.np, args.out, args.epochs, timeout=args.timeout)
-               for spec in args.specs]
-    text = table(results)
+    seeds = {spec: [run(args.task, spec, args.np, args.out, args.epochs, seed=seed, timeout=args.timeout,
+                        framework=args.framework) for seed in args.seeds] for spec in args.specs}
+    results = [runs[0] for runs in seeds.values()]
+    text = table(results, seeds)
+    if len(args.seeds) > 1:
+        text += f"\n(mean ± standard deviation over seeds {', '.join(map(str, args.seeds))}; other columns: seed {args.seeds[0]})"
     print("\n" + text)
     (args.out / f"{args.task}_table.txt").write_text(text + "\n")
     plot(results, args.out / f"{args.task}.png")
