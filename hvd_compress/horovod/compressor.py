@@ -104,14 +104,9 @@ class Compressor(EngineSet):
     """Base of every hvd_compress compressor (see the module docstring).
 
     Args:
-        bucket_cap_mb: bucket cap in MiB of fp32 gradient (DDP's default 25; 0: one parameter
-            per bucket, i.e. layer-wise).
-        link: ``"auto"`` (measure once at the first step), or a declared :class:`Link`: the
-            link between hosts (each host's share of the network), the only one on one host.
-        intra_link: the link inside a host, for jobs of several hosts with several ranks each:
-            ``"auto"`` (measured with ``link``; when ``link`` is declared: declared by
-            ``HVD_COMPRESS_INTRA_LINK_GBPS``, else :data:`~hvd_compress.engine.cost.ASSUMED_INTRA`),
-            or a declared :class:`Link`.
+        bucket_cap_mb, link, intra_link: the options of the engines it builds, as
+            :class:`~hvd_compress.methods.Method` describes them (a method's compressor takes
+            the method's; a map takes its own).
     """
 
     def __init__(self, *, bucket_cap_mb: float = 25.0, link: Link | str = "auto",
