@@ -30,7 +30,8 @@ SCRIPT = ROOT / "ci" / "cluster.sh"
 STATE = Path(os.environ.get("HVDC_CLUSTER_DIR", "/tmp/hvdc-cluster"))
 BIN = Path(sys.executable).parent           # the venv's: horovodrun and python with Horovod
 BATCH = {"pmix": ROOT / "examples" / "slurm" / "digits_srun_pmix.sbatch",
-         "horovodrun": ROOT / "examples" / "slurm" / "digits_horovodrun.sbatch"}
+         "horovodrun": ROOT / "examples" / "slurm" / "digits_horovodrun.sbatch",
+         "ddp": ROOT / "examples" / "slurm" / "digits_ddp_srun.sbatch"}
 PAYLOAD_MB = 8
 JOB_TIMEOUT = 150          # seconds for one launch; jobs take 5-35 s on a busy 2-core machine
 EPOCHS = 6                 # 4 ranks see a quarter of the data each per epoch: 66 steps
@@ -348,7 +349,8 @@ def submit(cluster):
             return done[variant]
         out, log = cluster["tmp"] / f"{variant}.json", cluster["tmp"] / f"{variant}.log"
         env = _env(SLURM_CONF=cluster["SLURM_CONF"], HVDC_PYTHON=sys.executable,
-                   HVDC_REPO=str(ROOT), HVDC_OUT=str(out))
+                   HVDC_REPO=str(ROOT), HVDC_OUT=str(out),
+                   GLOO_SOCKET_IFNAME=cluster["IFACE"])   # (DDP's gloo: the hosts' interface)
         name = f"hvdc-cluster-test-{variant}"
         cmd = ["sbatch", "--wait", f"--job-name={name}", f"--output={log}", "-N", 2,
                "--ntasks-per-node=2", "--time=4", BATCH[variant], "--epochs", EPOCHS]
@@ -366,7 +368,7 @@ def submit(cluster):
 
 
 @pytest.mark.slurm
-@pytest.mark.parametrize("variant", ["horovodrun", pytest.param("pmix", marks=pytest.mark.mpi)])
+@pytest.mark.parametrize("variant", ["horovodrun", "ddp", pytest.param("pmix", marks=pytest.mark.mpi)])
 def test_batch_file_trains_on_two_nodes(cluster, submit, variant):
     if variant == "pmix":
         mpis = run(["srun", "--mpi=list"], timeout=30,
@@ -375,6 +377,7 @@ def test_batch_file_trains_on_two_nodes(cluster, submit, variant):
             pytest.skip("this Slurm has no mpi/pmix plugin")
     metrics = submit(variant)
     assert metrics["workers"] == 4                   # 2 nodes x 2 tasks
+    assert metrics["framework"] == ("ddp" if variant == "ddp" else "horovod")
     assert metrics["compression"] == "topk:ratio=0.01"
     assert len(metrics["history"]) == EPOCHS
     assert metrics["final_test_acc"] > MIN_ACCURACY, metrics["history"]
