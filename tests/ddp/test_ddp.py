@@ -191,9 +191,11 @@ def _amp(spec: str):
     return scales, weights, state.stats(), snapshots
 
 
-@pytest.mark.parametrize("spec", ["terngrad:error_feedback=True,route='compressed'", "dgc:ratio=0.05,route='compressed'"])
-def test_amp_overflow_on_one_rank_skips_the_step_on_every_rank(spec):
-    results = run_job(_amp, np=2, args=(spec,), launcher="torchrun", timeout=180, env=LINK)
+@pytest.mark.parametrize("spec,np_", [("terngrad:error_feedback=True,route='compressed'", 2),
+                                      ("dgc:ratio=0.05,route='compressed'", 2),
+                                      ("terngrad:error_feedback=True,route='compressed'", 3)])
+def test_amp_overflow_on_one_rank_skips_the_step_on_every_rank(spec, np_):
+    results = run_job(_amp, np=np_, args=(spec,), launcher="torchrun", timeout=180, env=LINK)
     scales0, w0, stats0, snaps0 = results[0]
     assert scales0[2] == scales0[1] / 2 and torch.equal(w0[2], w0[1]) and not torch.equal(w0[3], w0[2])
     for scales, w, stats, snaps in results:
@@ -203,6 +205,32 @@ def test_amp_overflow_on_one_rank_skips_the_step_on_every_rank(spec):
         assert before["step"] == after["step"]
         for name, buffers in before["params"].items():
             assert all(torch.equal(t, after["params"][name][k]) for k, t in buffers.items())
+
+
+def _same_gradient():
+    """Every rank the same batch: one TernGrad step's averaged gradient of the first layer."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import hvd_compress
+    import hvd_compress.ddp
+    model = _model()
+    ddp = DDP(model, bucket_cap_mb=0.02)
+    hvd_compress.ddp.register(ddp, hvd_compress.TernGrad(route="allgather", min_numel=0))   # (two-phase re-rounds the sum)
+    x, y = _batch(0, 0)
+    torch.nn.functional.cross_entropy(ddp(x), y).backward()
+    return model[0].weight.grad.clone()
+
+
+def test_noise_is_independent_per_rank():
+    """The same gradient on every rank: each rank rounds it with its own Philox stream, so the
+    average of the ternary codes takes values between the levels (with one stream for all, every
+    rank would send the same codes and the average would stay on {-s, 0, s})."""
+    grads = run_job(_same_gradient, np=2, launcher="torchrun", timeout=120, env=LINK)
+    g = grads[0]
+    assert torch.equal(g, grads[1])
+    s = g.abs().max()
+    between = (g.abs() > 0) & ((g.abs() - s).abs() > 1e-6 * s)
+    assert bool(between.any()) and torch.allclose(g.abs()[between], s / 2)
 
 
 def _resume(spec: str, steps: range, ckpt: str | None):
