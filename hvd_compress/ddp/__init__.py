@@ -135,6 +135,12 @@ class State(EngineSet):
         engine = self.engine
         if engine is None:
             self._first.append((bucket, params, grads))
+        elif any(id(p) not in self._index for p in params):
+            self._pending.pop()
+            future.set_exception(ValueError(
+                "hvd_compress.ddp.State: this bucket holds parameters the state's engine does not "
+                "know: one State serves one DDP model (make one per model)"))
+            return future
         else:
             for p, g in zip(params, grads):
                 engine.add(self._index[id(p)], g)

@@ -310,3 +310,27 @@ def test_misuse_gets_clear_errors_and_importing_ddp_leaves_horovod_alone():
     code = "import sys, hvd_compress.ddp, hvd_compress; hvd_compress.TopK(); print('horovod' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "False"
+
+
+def _shared_state():
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import hvd_compress
+    import hvd_compress.ddp
+    state = hvd_compress.ddp.State(hvd_compress.TernGrad(route="compressed"))
+    first, second = DDP(_model(), bucket_cap_mb=0.02), DDP(_model(), bucket_cap_mb=0.02)
+    for ddp in (first, second):
+        ddp.register_comm_hook(state, hvd_compress.ddp.hook)
+    x, y = _batch(dist.get_rank(), 0)
+    torch.nn.functional.cross_entropy(first(x), y).backward()
+    try:
+        torch.nn.functional.cross_entropy(second(x), y).backward()
+    except Exception as e:  # noqa: BLE001 - the message is the result
+        return str(e)
+    return "no error"
+
+
+def test_one_state_for_two_models_is_a_clear_error():
+    messages = run_job(_shared_state, np=2, launcher="torchrun", timeout=120, env=LINK)
+    assert all("one State serves one DDP model" in m for m in messages), messages
