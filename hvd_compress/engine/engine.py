@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import traceback
-import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -33,8 +32,8 @@ from .buckets import Bucket, Member, assign_buckets
 from .plan import DENSE, Plan, plan_bucket
 from .config_check import config_table, describe_differences
 from .header import Header
-from .persist import check_saved, check_tensor
-from .state import BUCKET, MEMBER, BucketState
+from .persist import Restore, checked_restore, saved_state
+from .state import BucketState
 from .trial import Trial
 from .topology import Placement, Topology
 
@@ -564,30 +563,10 @@ class Engine:
     # -- state ---------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """(Finalizes the last step first.)  This rank's state: per member its buffers (views
-        of the committed flat buffers laid out like the bucket: residual, momentum), the
-        committed step, the link, codec speeds and trial verdict the plan used, and per bucket
-        the buffers laid out otherwise (the two-phase owner's residual, PowerSGD's Q), valid for
-        the same bucket layout only."""
+        """(Finalizes the last step first.)  This rank's state: see
+        :func:`~hvd_compress.engine.persist.saved_state`."""
         self.finalize()
-        params: dict[str, dict[str, torch.Tensor]] = {}
-        buckets: dict[str, dict[str, torch.Tensor]] = {}
-        for bucket, state in zip(self.buckets, self.states):
-            for name, buf in state.buffers.items():
-                if bucket.method.state_names().get(name) != MEMBER:
-                    buckets.setdefault(_bucket_key(bucket), {})[name] = buf.committed.clone()
-                    continue
-                for m, offset in zip(bucket.members, bucket.offsets):
-                    params.setdefault(m.name, {})[name] = buf.committed[offset:offset + m.numel].clone().view(m.shape)
-        speeds = {b.method.config(): vars(self.speeds[id(b.method)]).copy()
-                  for b in self.buckets if id(b.method) in self.speeds}
-        return {"step": self.step, "params": params, "buckets": buckets,
-                "world": self.plan.world if self.plan else None,
-                "rank": self.plan.rank if self.plan else None,
-                "link": None if self.link is None else vars(self.link).copy(),
-                "intra_link": None if self.intra_link is None else vars(self.intra_link).copy(),
-                "topology": None if self.topology is None else [list(h) for h in self.topology.hosts],
-                "link_source": self.link_source, "speeds": speeds, "trial": self._trial.state()}
+        return saved_state(self)
 
     def load_state_dict(self, sd: dict, strict: bool = True) -> list[str]:
         """Restore a :meth:`state_dict` (buckets may differ: buffers are rebuilt per member);
@@ -616,70 +595,10 @@ class Engine:
         self.plan = None      # re-planned at the next step, with the restored link
         return restore.dropped
 
-    def check_state(self, sd: dict, strict: bool = True) -> "_Restore":
-        """What loading ``sd`` would do, checked in full; changes nothing.
-
-        A ``ValueError`` says what is wrong:
-        the structure and finiteness (:func:`~hvd_compress.engine.persist.check_saved`), that
-        every saved parameter is one of this engine's with the same element count, and that
-        every buffer is one its method keeps, where it keeps it (``Method.state_names``).  ``strict=False`` drops
-        the buffers a method does not keep instead of refusing them (converting a checkpoint
-        to other settings); the returned list names what was dropped."""
-        check_saved(sd)
-        members = {m.name: m for m in self.members}
-        unknown = sorted(set(sd["params"]) - set(members))
-        if unknown:
-            raise ValueError(f"state has parameters this optimizer does not: {unknown[:5]}")
-        dropped: list[str] = []
-
-        def kept(name: str, method: Any, owner: str, layout: str) -> bool:
-            if method.state_names().get(name) == layout:
-                return True
-            if strict:
-                raise ValueError(f"{owner}: the checkpoint has a {name!r} buffer, which {method!r} does not "
-                                 "keep (another method or setting saved it); load_state_dict(..., "
-                                 "strict=False) drops it")
-            dropped.append(f"{owner}: {name}")
-            return False
-        loads = []         # (state, name, offset or None, tensor): applied once all are checked
-        for bucket, state in zip(self.buckets, self.states):
-            for m, offset in zip(bucket.members, bucket.offsets):
-                for name, tensor in sd["params"].get(m.name, {}).items():
-                    if not kept(name, m.method, m.name, MEMBER):
-                        continue
-                    if tensor.numel() != m.numel:
-                        raise ValueError(f"{m.name}: state {name!r} has {tensor.numel()} elements, "
-                                         f"the parameter {m.numel}")
-                    loads.append((state, name, offset, tensor))
-            for name, saved in sd.get("buckets", {}).get(_bucket_key(bucket), {}).items():
-                if kept(name, bucket.method, f"bucket {bucket.index}", BUCKET):
-                    check_tensor(saved, f"bucket {bucket.index} {name!r}",
-                                 finite=name not in bucket.method.nan_buffers)
-                    loads.append((state, name, None, saved))
-        try:
-            link, intra = (Link(**sd[k]) if sd.get(k) is not None else None for k in ("link", "intra_link"))
-            speeds = {k: Speed(**v) for k, v in sd.get("speeds", {}).items()}
-            topology = Topology(tuple(tuple(int(r) for r in h) for h in sd["topology"])) \
-                if sd.get("topology") is not None else None
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"saved link, topology or codec speeds do not fit: {e}") from None
-        return _Restore(loads, link, speeds, dropped, intra, topology)
-
-
-@dataclass
-class _Restore:
-    """A checked state, ready to load: (bucket state, buffer, member offset or None for a
-    per-bucket buffer, tensor), the link, codec speeds by method config, dropped buffers."""
-    loads: list[tuple[BucketState, str, int | None, torch.Tensor]]
-    link: Link | None
-    speeds: dict[str, Speed]
-    dropped: list[str]
-    intra_link: Link | None = None
-    topology: Topology | None = None
-
-
-def _bucket_key(bucket: Bucket) -> str:
-    return f"{zlib.crc32(chr(0).join(m.name for m in bucket.members).encode()):08x}:{bucket.numel}"
+    def check_state(self, sd: dict, strict: bool = True) -> Restore:
+        """What loading ``sd`` would do, checked in full; changes nothing (see
+        :func:`~hvd_compress.engine.persist.checked_restore`)."""
+        return checked_restore(self, sd, strict)
 
 
 class _Counted:
