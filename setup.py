@@ -23,9 +23,9 @@ cpu_library = Extension(
 setup(
     name="hvd_compress",
     version=re.search(r'__version__ = "([^"]+)"', open("hvd_compress/__init__.py", encoding="utf-8").read())[1],
-    description=("Gradient compression for Horovod: 17 methods (TernGrad, QSGD, top-k/DGC, sign, low-rank, "
-                 "lazy) over a bucketed engine with cost-model routes, topology-aware across hosts; "
-                 "bit-identical C and CUDA kernels"),
+    description=("Gradient compression for Horovod and PyTorch DDP: 17 methods (TernGrad, QSGD, top-k/DGC, "
+                 "sign, low-rank, lazy) over a bucketed engine with cost-model routes, topology-aware across "
+                 "hosts; bit-identical C and CUDA kernels"),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",

@@ -1,14 +1,15 @@
-"""hvd_compress: gradient compression for Horovod.
+"""hvd_compress: gradient compression for Horovod and PyTorch DDP.
 
 Codecs (:mod:`hvd_compress.codecs`, usable alone: no Horovod, no GPU needed) under routes
 (:mod:`hvd_compress.routes`) under the engine (:mod:`hvd_compress.engine`), which runs the
-methods (:mod:`hvd_compress.methods`, the algorithms); the framework adaptor
-(:mod:`hvd_compress.horovod`) serves them to Horovod.  The names exported here are what a
-Horovod script passes as ``compression=``: ``TernGrad()``, ``QSGD()``, ``TopK()``, ... (each the
-Horovod compressor of the method of that name) and ``from_spec("topk:ratio=0.01")``;
-docs/design.md ("Layers") has the map.  Horovod is imported on first use only.
+methods (:mod:`hvd_compress.methods`, the algorithms); the framework adaptors serve them to
+Horovod (:mod:`hvd_compress.horovod`) and to PyTorch DDP (:mod:`hvd_compress.ddp`).  The names
+exported here are what a Horovod script passes as ``compression=`` (and what
+``hvd_compress.ddp.State`` takes): ``TernGrad()``, ``QSGD()``, ``TopK()``, ... (each the Horovod
+compressor of the method of that name) and ``from_spec("topk:ratio=0.01")``; docs/design.md
+("Layers") has the map.  Horovod is imported on first use only.
 """
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 #: names exported lazily (importing them needs torch; Horovod only on first use) -> module;
 #: the compressors come from the methods' registry (:data:`hvd_compress.methods.REGISTRY`)
