@@ -72,8 +72,13 @@ class World:
 
     def close(self) -> None:
         if self.framework == "ddp":
+            import gc
+
             import torch.distributed as dist
-            dist.barrier()     # (without it a rank may abort at exit: see tests/harness.py)
+            # free the DDP model (a reference cycle) while the process group lives: freed at
+            # exit, after it, its gloo threads may abort the process (see docs/ddp.md)
+            gc.collect()
+            dist.barrier()
             dist.destroy_process_group()
         else:
             import horovod.torch as hvd

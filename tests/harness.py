@@ -25,11 +25,13 @@ import cloudpickle
 #: how each launcher's ranks start: Horovod, or torch.distributed (gloo) under torchrun
 _INIT = {
     "horovodrun": "import horovod.torch as hvd\nhvd.init()\nrank = hvd.rank()\nfinish = lambda: None",
-    # (a barrier before destroy_process_group: without it a rank may abort at exit, "terminate
-    # called without an active exception", about one run in three with PyTorch's own
-    # allreduce_hook as well as with hvd_compress.ddp.hook)
-    "torchrun": "import torch.distributed as dist\ndist.init_process_group('gloo')\nrank = dist.get_rank()\n"
-                "finish = lambda: (dist.barrier(), dist.destroy_process_group())",
+    # At exit a DDP model still alive in a reference cycle is freed after the process group is
+    # destroyed, and its gloo threads then abort the process now and then ("terminate called
+    # without an active exception", with PyTorch's own allreduce_hook too): free it first, meet,
+    # destroy, and leave without the interpreter's teardown once the result is written.
+    "torchrun": "import gc, os, torch.distributed as dist\ndist.init_process_group('gloo')\n"
+                "rank = dist.get_rank()\n"
+                "finish = lambda: (gc.collect(), dist.barrier(), dist.destroy_process_group(), os._exit(0))",
 }
 
 _WORKER = textwrap.dedent("""
