@@ -11,6 +11,7 @@
 #   1. environment (GPU, driver, CUDA, torch, CuPy, NVRTC);
 #   2. the C reference library, built in place;
 #   3. every GPU-marked test ([cuda] variants: every kernel against the C reference, bit for bit;
+#      the sync guard: no CUDA synchronization in the backward hooks, tests/engine/test_sync_guard.py;
 #      golden vectors; the emulator's warp collectives against the hardware);
 #   4. the NVRTC/ptxas compile check (registers, spills) for sm_80 and sm_90;
 #   5. the kernel benchmark (python -m hvd_compress.bench --device cuda, 100M elements);

@@ -36,14 +36,24 @@ def grad(rank: int, step: int, m: Member) -> torch.Tensor:
 
 
 def run_engines(spec: str, world: int, steps: int = 2, *, shapes=SHAPES, cap_mb: float = 25,
-                grad_fn=grad, order=None, average: bool = True, link=SLOW, after_step=None):
+                grad_fn=grad, order=None, average: bool = True, link=SLOW, after_step=None,
+                cuda_path: bool = False):
     """Every rank runs an engine over ``steps`` steps; returns per rank (per step the members'
     results, the engine).  (The engine writes each result into the gradient tensor handed over,
-    so ``grad_fn`` must return a tensor of its own for every rank and step.)"""
+    so ``grad_fn`` must return a tensor of its own for every rank and step.)  ``cuda_path``: the
+    codecs' CUDA code path on the SIMT emulator (every rank's thread inside ``emulate``)."""
     method = methods.from_spec(spec) if isinstance(spec, str) else spec
     members = members_of(method, shapes)
 
     def fn(comm):
+        if cuda_path:
+            from emulator import EmulatedBackend
+            from hvd_compress.backends import emulate
+            with emulate(EmulatedBackend(seed=comm.rank), fill_uninitialized=False):
+                return steps_of(comm)
+        return steps_of(comm)
+
+    def steps_of(comm):
         engine = Engine(members, lambda: comm, average=average, cap_bytes=int(cap_mb * 2 ** 20),
                         link=link, name="t")
         outs = []

@@ -40,10 +40,15 @@ class Payload:
     """What one worker sends for one tensor: named, contiguous 1-D tensors on one device.
 
     ``numel`` is the dense size; ``parts`` keep a fixed order (the wire order).  ``nbytes`` is
-    exactly what a collective moves for this payload.
+    exactly what a collective moves for this payload.  ``finite`` (not sent) is a 0-dim device
+    bool: False when encoding overflowed on finite input (a norm or a sum beyond fp32).  On the
+    host a codec raises ``FloatingPointError`` instead; on a device reading the flag would stall
+    the caller, so it travels to the engine, which flags the bucket's members in the step header
+    (see :func:`overflow_check`).
     """
     numel: int
     parts: dict[str, torch.Tensor] = field(default_factory=dict)
+    finite: torch.Tensor | None = None
 
     @property
     def nbytes(self) -> int:
@@ -111,6 +116,18 @@ class Codec(ABC):
     def decode(self, payload: Payload) -> torch.Tensor:
         out = torch.zeros(payload.numel, dtype=torch.float32, device=payload.device)
         return self.decode_accumulate([payload], out)
+
+
+def overflow_check(values: torch.Tensor, on_device: bool, message) -> torch.Tensor | None:
+    """Whether every one of ``values`` (a codec's norms, ranges or scales) is finite: on the
+    host, raise ``FloatingPointError(message())`` if not (and return None); on a device, return
+    the 0-dim flag without reading it (:attr:`Payload.finite`)."""
+    ok = torch.isfinite(values).all()
+    if on_device:
+        return ok
+    if not bool(ok):
+        raise FloatingPointError(message())
+    return None
 
 
 def as_fp32_flat(x: torch.Tensor, name: str, check_finite: bool = True) -> torch.Tensor:

@@ -39,7 +39,7 @@ import torch
 
 from ..backends import cpu, kernel_backend
 from . import _quant as q
-from .base import Codec, Payload, RandomKey
+from .base import Codec, Payload, RandomKey, overflow_check
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,11 +83,10 @@ class QSGDCodec(Codec):
         elif n:
             cpu.call("hvdc_qsgd_encode", q.ptr(x), q.ptr(residual), n, self.bucket_size, self.bits,
                      int(self.norm == "max"), key.seed, key.step, key.tensor_id, q.ptr(codes), q.ptr(norms), cpu.threads())
-        if n_norms and not bool(torch.isfinite(norms).all()):
-            # fp32 sum of squares overflows for |v| > ~1.8e19: refuse rather than send zeros
-            raise FloatingPointError(f"QSGD: a bucket's sum of squares overflows fp32 (max |g| = "
-                                     f"{float(x.abs().max()):.3g})")
-        return Payload(n, {"codes": codes, "norms": norms})
+        # fp32 sum of squares overflows for |v| > ~1.8e19: refuse rather than send zeros
+        finite = overflow_check(norms, kernels is not None, lambda: "QSGD: a bucket's sum of squares "
+                                f"overflows fp32 (max |g| = {float(x.abs().max()):.3g})") if n_norms else None
+        return Payload(n, {"codes": codes, "norms": norms}, finite)
 
     def decode_accumulate(self, payloads: Sequence[Payload], out: torch.Tensor) -> torch.Tensor:
         n = payloads[0].numel if payloads else 0

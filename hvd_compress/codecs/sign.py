@@ -49,7 +49,7 @@ import torch
 
 from ..backends import cpu, kernel_backend
 from . import _quant as q
-from .base import Codec, Payload, RandomKey, as_fp32_flat
+from .base import Codec, Payload, RandomKey, as_fp32_flat, overflow_check
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 cpu.register("hvdc_sign_stats", _P, _P, _I64, _I64, _INT, _P, _P, _P, _INT)
@@ -99,6 +99,15 @@ class _SignCodec(Codec):
         return self._scales(flat, q.check_residual(flat, residual, name))
 
     def _scales(self, v: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
+        """The wire scales; raises ``FloatingPointError`` if one overflows (a host read)."""
+        scales = self._raw_scales(v, r)
+        overflow_check(scales, False, lambda: self._overflow(v))
+        return scales
+
+    def _overflow(self, v: torch.Tensor) -> str:
+        return f"{self.name}: a bucket's sum overflows fp32 (max |g| = {float(v.abs().max()):.3g})"
+
+    def _raw_scales(self, v: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
         n = v.numel()
         scales = torch.empty(self._nscales * self.n_buckets(n), dtype=torch.float32, device=v.device)
         if n == 0:
@@ -113,19 +122,21 @@ class _SignCodec(Codec):
             counts = torch.empty(nb * nchunks, dtype=torch.int64) if self._kind == _ONEBIT else None
             cpu.call("hvdc_sign_stats", q.ptr(v), q.ptr(r), n, bucket, self._kind, q.ptr(sums),
                      q.ptr(counts), q.ptr(scales), cpu.threads())
-        if not bool(torch.isfinite(scales).all()):
-            raise FloatingPointError(f"{self.name}: a bucket's sum overflows fp32 (max |g| = "
-                                     f"{float(v.abs().max()):.3g})")
         return scales
 
     def _encode(self, x: torch.Tensor, key: RandomKey, residual: torch.Tensor | None) -> Payload:
         n = x.numel()
         parts = self._parts(n)
         bits = torch.empty(parts["bits"][1], dtype=torch.uint8, device=x.device)
-        scales = self._scales(x, residual) if self._nscales else None
+        kernels = kernel_backend(x.device)
+        finite = None
+        if self._nscales:      # (on a device the overflow flag travels with the payload)
+            scales = self._raw_scales(x, residual)
+            finite = overflow_check(scales, kernels is not None, lambda: self._overflow(x))
+        else:
+            scales = None
         if n:
             bucket = self._bucket(n)
-            kernels = kernel_backend(x.device)
             if kernels is not None:
                 kernels.launch(kernels.kernel(SOURCE, "hvdc_sign_encode", x.device), q.grid(n, q.BLOCK),
                                q.BLOCK, (x, q.dptr(residual), np.int64(n), np.int64(bucket),
@@ -136,7 +147,7 @@ class _SignCodec(Codec):
         payload = {"bits": bits}
         if scales is not None:
             payload[self._scales_part] = scales
-        return Payload(n, payload)
+        return Payload(n, payload, finite)
 
     def decode_accumulate(self, payloads: Sequence[Payload], out: torch.Tensor) -> torch.Tensor:
         """``out += D(payload_0) + D(payload_1) + ...``, one fp32 addition per worker and element,

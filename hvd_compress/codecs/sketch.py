@@ -66,7 +66,7 @@ import torch
 
 from ..backends import cpu, kernel_backend
 from . import _quant as q
-from .base import Payload, RandomKey
+from .base import Payload, RandomKey, overflow_check
 from .randk import SharedKeyCodec, random_indices
 from .topk import ceil_ratio
 
@@ -169,10 +169,9 @@ class SketchCodec(SharedKeyCodec):
                      int(self.rotate), shared.seed, shared.step, shared.tensor_id, key.seed, key.step,
                      key.tensor_id, q.ptr(codes), q.ptr(ranges), cpu.threads())
         lo, hi = ranges[0::2], ranges[1::2]
-        if not bool(torch.isfinite(hi - lo).all()):
-            raise FloatingPointError(f"SketchCodec: a rotated block overflows fp32 (max |g| = "
-                                     f"{float(x.abs().max()):.3g})")
-        return Payload(n, {"codes": codes, "ranges": ranges})
+        finite = overflow_check(hi - lo, kernels is not None, lambda: "SketchCodec: a rotated block "
+                                f"overflows fp32 (max |g| = {float(x.abs().max()):.3g})")
+        return Payload(n, {"codes": codes, "ranges": ranges}, finite)
 
     def decode_accumulate(self, payloads: Sequence[Payload], out: torch.Tensor) -> torch.Tensor:
         """``out += D H (y^_0 + y^_1 + ...) / kB`` per block: the workers' dequantized coordinates

@@ -19,9 +19,11 @@ See docs/design.md ("The engine") for the reasoning.
 from __future__ import annotations
 
 import logging
+import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -31,6 +33,7 @@ from . import cost
 from .buckets import Bucket, Member, assign_buckets
 from .plan import DENSE, Plan, plan_bucket
 from .config_check import config_table, describe_differences
+from .finite import DeviceFlags, all_finite, check_on_host, on_device
 from .header import Header
 from .persist import Restore, checked_restore, saved_state
 from .state import BucketState
@@ -41,11 +44,6 @@ from .topology import Placement, Topology
 log = logging.getLogger("hvd_compress")
 #: what Horovod 0.28.1's allreduce takes (bf16 members stay in the engine, which casts to fp32)
 _HOROVOD_DTYPES = (torch.float16, torch.float32, torch.float64)
-
-
-def _finite(t: torch.Tensor) -> bool:
-    """One min/max pass (NaN propagates into both, +-inf is the max or the min), read on the host."""
-    return not t.numel() or bool(torch.isfinite(torch.stack(torch.aminmax(t))).all())
 
 
 @dataclass
@@ -62,6 +60,43 @@ class Stats:
         return dict(vars(self))
 
 
+class Timings:
+    """Where this rank's time in the engine went, in seconds since creation, each part counted
+    once (a part's clock stops while an inner part's runs):
+
+    * ``hook``: :meth:`Engine.add` apart from encoding (copies, bookkeeping, polling);
+    * ``encode``: a bucket's launch: the method's prepare, the finiteness check, the encode
+      (error feedback included), packing and starting the collective;
+    * ``wait``: blocked in a collective's ``wait()`` (the wire as this rank sees it);
+    * ``decode``: decoding, the methods' ``after_decode``, the checks and the write-back.
+
+    The bandwidth benchmark divides the growth over its timed steps by their number (the step
+    breakdown of docs/bandwidth.md)."""
+
+    PARTS = ("hook", "encode", "wait", "decode")
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(self.PARTS, 0.0)
+        self._accounted = 0.0       # every part's seconds so far: what an outer clock subtracts
+        #: the current (or last) step's timeline: (perf_counter seconds, event, bucket index or -1)
+        #: with events "begin" (first hook), "encoded" (a bucket's collective started),
+        #: "decoded", "flush" (its start) and "end" (the flush is over)
+        self.events: list[tuple[float, str, int]] = []
+
+    def mark(self, event: str, bucket: int = -1) -> None:
+        self.events.append((time.perf_counter(), event, bucket))
+
+    @contextmanager
+    def clock(self, part: str) -> Iterator[None]:
+        start, before = time.perf_counter(), self._accounted
+        try:
+            yield
+        finally:
+            spent = time.perf_counter() - start - (self._accounted - before)
+            self.seconds[part] += spent
+            self._accounted += spent
+
+
 @dataclass
 class _Step:
     """What one step has gathered so far."""
@@ -69,10 +104,12 @@ class _Step:
     arrived: list[int] = field(default_factory=list)                   # per bucket
     pending: dict[int, Pending | None] = field(default_factory=dict)   # bucket index -> in flight
     finite: list[bool] = field(default_factory=list)                   # per member, this rank's input
+    flags: DeviceFlags | None = None     # the same, on the device (CUDA path: no host read in hooks)
     errors: list[str] = field(default_factory=list)
     header: Any = None
     rows: list[Header] | None = None                                   # every rank's header, read
     results: dict[int, torch.Tensor] | None = None                     # bucket index -> fp32 sum
+    decoded: dict[int, torch.Tensor | BaseException] = field(default_factory=dict)  # finished early
     bad: set[int] = field(default_factory=set)                         # members non-finite anywhere
     reported: int = 0                                                  # external results seen
     finalized: bool = False
@@ -127,7 +164,9 @@ class Engine:
         self.comm: Any = None
         self.plan: Plan | None = None
         self.stats = Stats()
+        self.timings = Timings()
         self._inputs: dict[int, torch.Tensor] = {}  # bucket index -> reused flat input buffer
+        self._flags: dict[torch.device, DeviceFlags] = {}   # the steps' device flags, reused
         self._outputs: dict[int, torch.Tensor] = {}  # bucket index -> reused flat output buffer
         self._step: _Step | None = None
         self._loaded_owner: tuple[int, int] | None = None   # (world, rank) of a loaded state
@@ -144,6 +183,10 @@ class Engine:
 
         Returns False when the member's bucket is *external* this step: the caller sends the
         gradient itself, uncompressed, and reports the aggregate with :meth:`external_result`."""
+        with self.timings.clock("hook"):
+            return self._add(index, grad)
+
+    def _add(self, index: int, grad: torch.Tensor) -> bool:
         step = self._step if self._step is not None and self._step.results is None else None
         try:
             if step is None:
@@ -164,6 +207,7 @@ class Engine:
                 self._launch(bucket, step)
             if len(step.grads) == len(self.members) and self._header_due():
                 self._start_header(step)
+            self._decode_completed(step)
             return not external
         except Exception:  # noqa: BLE001 - recorded, raised in synchronize() on every rank
             if step is None:   # no world to talk to (Horovod shut down?): fail in synchronize()
@@ -197,7 +241,7 @@ class Engine:
         step = self._step
         if step is None:
             return output
-        if self.plan.stateful and not _finite(output):
+        if self.plan.stateful and not all_finite(output):
             step.bad.add(index)
         step.reported += 1
         if step.reported == len(step.grads) and step.results is None and not self.plan.engine_buckets:
@@ -271,7 +315,7 @@ class Engine:
                 self._rollback()
                 self._step.finalized = True
             self.finalize()
-        comm = _Counted(self._comm_factory(), self.stats)
+        comm = _Counted(self._comm_factory(), self.stats, self.timings)
         replan = self._trial.next_step(self)
         topology_changed = self.plan is not None and self._planned_topology(comm.size) != self.plan.topology
         if replan or topology_changed or self.plan is None or \
@@ -292,6 +336,8 @@ class Engine:
             self._replan()
         self.comm = comm
         self._step = _Step(arrived=[0] * len(self.buckets), finite=[True] * len(self.members))
+        self.timings.events = []
+        self.timings.mark("begin")
         return self._step
 
     def _replan(self) -> None:
@@ -341,6 +387,11 @@ class Engine:
 
     def _launch(self, bucket: Bucket, step: _Step) -> None:
         """Fill the bucket's input, check it, and start its route (in the hook)."""
+        with self.timings.clock("encode"):
+            self._start_route(bucket, step)
+        self.timings.mark("encoded", bucket.index)
+
+    def _start_route(self, bucket: Bucket, step: _Step) -> None:
         bplan = self.plan.buckets[bucket.index]
         method, state = bucket.method, self.states[bucket.index]
         grads = [step.grads.get(m.index) for m in bucket.members]
@@ -355,7 +406,10 @@ class Engine:
             x = method.prepare(bucket, grads, x, state, self.comm)
             compressed = bplan.route is not DENSE
             if compressed:  # (dense sums carry inf/NaN by themselves)
-                self._check_finite(bucket, x, step)
+                if on_device(x):
+                    self._device_flags(step, x.device).check(bucket, x)
+                else:
+                    check_on_host(bucket, x, step.finite)
             residual = None
             if "residual" in state.buffers or (compressed and method.error_feedback):
                 residual = state.buffer("residual", device).begin()
@@ -363,6 +417,7 @@ class Engine:
                       residual, self.comm, f"{self.tag}.b{bucket.index}", self.step,
                       lambda r: rank_seed(method.seed, r), self._server_buffer(bucket, device),
                       state=lambda name, numel: state.buffer(name, device, numel).begin(),
+                      fresh=lambda name: state.buffers[name].fresh,
                       members=bucket.members, shared_seed=splitmix64(method.seed), average=self.average,
                       out=self._outputs[bucket.index], topology=self.plan.topology)
             try:
@@ -370,8 +425,14 @@ class Engine:
             except FloatingPointError:  # a codec overflowed on finite input (QSGD's norm)
                 for m in bucket.members:
                     step.finite[m.index] = False
+                if step.flags is not None:
+                    step.flags.clear(bucket.members)
                 x.zero_()
+                if residual is not None:    # (the encode had added g to it; the step rolls back)
+                    residual.zero_()
                 pending = bplan.route.start(job)
+            if step.flags is not None:
+                step.flags.restrict(bucket, [p.finite for p in pending.payloads if p.finite is not None])
             if compressed:
                 method.after_encode(bucket, pending, state)
             step.pending[bucket.index] = pending
@@ -390,24 +451,25 @@ class Engine:
             return state.buffer("server", device, numel).begin()
         return server
 
-    @staticmethod
-    def _check_finite(bucket: Bucket, x: torch.Tensor, step: _Step) -> None:
-        """One min/max pass over the bucket; per member only when something is wrong.
-        Non-finite members are sent as zeros (and flagged in the header)."""
-        if _finite(x):
-            return
-        for m, offset in zip(bucket.members, bucket.offsets):
-            part = x[offset:offset + m.numel]
-            if not bool(torch.isfinite(part).all()):
-                step.finite[m.index] = False
-                part.zero_()
+    def _device_flags(self, step: _Step, device: torch.device) -> DeviceFlags:
+        """The step's device flags (the engine keeps one vector per device, reset per step)."""
+        if step.flags is None:
+            flags = self._flags.get(device)
+            if flags is None:
+                flags = self._flags[device] = DeviceFlags(len(self.members), device)
+            else:
+                flags.reset()
+            step.flags = flags
+        return step.flags
 
     def _start_header(self, step: _Step) -> None:
         """This rank's step header (:mod:`.header`): plan digest, error flag, the previous
-        step's trial variant and time, placement, one finite flag per member."""
+        step's trial variant and time, placement, one finite flag per member (with the device
+        flags when the step has some: the header then goes on the wire from the device)."""
         header = Header(self.plan.digest, bool(step.errors), *self._trial.last, self.comm.placement,
                         tuple(step.finite))
-        step.header = self.comm.allgather(header.pack(), f"{self.check_tag}.header")
+        packed = header.pack(None if step.flags is None else step.flags.flags)
+        step.header = self.comm.allgather(packed, f"{self.check_tag}.header")
 
     def _header_rows(self, step: _Step) -> list[Header]:
         """Every rank's header (started if need be, waited once, checked once)."""
@@ -422,6 +484,35 @@ class Engine:
     def flush(self) -> None:
         """Finish the step's engine buckets (see the module docstring); raises on every rank if
         any rank failed."""
+        self.timings.mark("flush")
+        with self.timings.clock("decode"):
+            self._flush()
+        self.timings.mark("end")
+
+    def _finish(self, index: int, pending: Pending) -> torch.Tensor | BaseException:
+        """Wait for bucket ``index``'s last phase and decode it (the exception, if it fails:
+        the flush raises it)."""
+        with self.timings.clock("decode"):
+            try:
+                return self.plan.buckets[index].route.finish(pending)
+            except Exception as exc:  # noqa: BLE001 - raised by the flush
+                return exc
+            finally:
+                self.timings.mark("decoded", index)
+
+    def _decode_completed(self, step: _Step) -> None:
+        """In a hook: decode every single-phase bucket whose collective has completed, so the
+        decode of early buckets overlaps the backward pass and the later buckets' time on the
+        wire.  Decoding is local work, its order changes no bits, and it starts no collective
+        (a multi-phase route's next phase starts in the flush, in bucket order).  Only for data
+        on the host: on a device, decoding reads payload sizes, which would stall the hook (the
+        flush decodes the first completed bucket first instead)."""
+        for index, pending in step.pending.items():
+            if pending is not None and index not in step.decoded and not on_device(pending.job.x) \
+                    and not self.plan.buckets[index].route.phases and pending.handle.done():
+                step.decoded[index] = self._finish(index, pending)
+
+    def _flush(self) -> None:
         step = self._step
         if step.broken:
             step.results = {}
@@ -438,9 +529,18 @@ class Engine:
                     if phase < routes[bucket.index].phases:
                         routes[bucket.index].advance(step.pending[bucket.index])
             results = {}
-            for bucket in live:
-                pending = step.pending[bucket.index]
-                results[bucket.index] = self.plan.buckets[bucket.index].route.finish(pending)
+            waiting = [b.index for b in live]
+            while waiting:      # the first completed bucket in bucket order, else the first
+                index = next((i for i in waiting if i in step.decoded or step.pending[i].handle.done()),
+                             waiting[0])
+                waiting.remove(index)
+                pending = step.pending[index]
+                out = step.decoded.pop(index, None)
+                if out is None:
+                    out = self._finish(index, pending)
+                if isinstance(out, BaseException):
+                    raise out
+                results[index] = out
                 self.stats.bytes_sent += pending.sent
                 self.stats.bytes_received += pending.received
             for bucket in live:     # (in bucket order, on every rank; state in working buffers)
@@ -576,10 +676,9 @@ class Engine:
             state.buffers.clear()
         for state, name, offset, tensor in restore.loads:
             if offset is None:
-                state.buffer(name, tensor.device, tensor.numel()).committed.copy_(tensor.reshape(-1))
+                state.buffer(name, tensor.device, tensor.numel()).load(tensor)
             else:
-                numel = tensor.numel()
-                state.buffer(name, tensor.device).committed[offset:offset + numel].copy_(tensor.reshape(-1))
+                state.buffer(name, tensor.device).load(tensor, offset)
         self.step = int(sd["step"])
         self._loaded_owner = (sd["world"], sd["rank"]) if sd.get("world") is not None else None
         if restore.link is not None:
@@ -602,21 +701,36 @@ class Engine:
 
 
 class _Counted:
-    """A comm that counts the collectives it starts into the engine's stats."""
+    """A comm that counts the collectives it starts into the engine's stats and the time spent
+    waiting for them into its timings."""
 
-    def __init__(self, comm: Any, stats: Stats) -> None:
-        self._comm, self._stats = comm, stats
+    def __init__(self, comm: Any, stats: Stats, timings: Timings) -> None:
+        self._comm, self._stats, self._timings = comm, stats, timings
         self.rank, self.size = comm.rank, comm.size
         self.placement = getattr(comm, "placement", None) or Placement(comm.rank, 0, 1)
 
     def allreduce(self, tensor: torch.Tensor, name: str, op: str = "sum"):
         self._stats.collectives += 1
-        return self._comm.allreduce(tensor, name, op)
+        return _Timed(self._comm.allreduce(tensor, name, op), self._timings)
 
     def allgather(self, tensor: torch.Tensor, name: str):
         self._stats.collectives += 1
-        return self._comm.allgather(tensor, name)
+        return _Timed(self._comm.allgather(tensor, name), self._timings)
 
     def alltoall(self, tensor: torch.Tensor, splits: list[int], name: str):
         self._stats.collectives += 1
-        return self._comm.alltoall(tensor, splits, name)
+        return _Timed(self._comm.alltoall(tensor, splits, name), self._timings)
+
+
+class _Timed:
+    """A handle whose ``wait()`` counts as the engine's ``wait`` time."""
+
+    def __init__(self, handle: Any, timings: Timings) -> None:
+        self._handle, self._timings = handle, timings
+
+    def wait(self) -> Any:
+        with self._timings.clock("wait"):
+            return self._handle.wait()
+
+    def done(self) -> bool:
+        return self._handle.done()

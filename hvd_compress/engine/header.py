@@ -29,11 +29,19 @@ class Header:
     placement: Placement
     finite: tuple[bool, ...]      # per member: this rank's input was finite
 
-    def pack(self) -> torch.Tensor:
+    def pack(self, device_flags: torch.Tensor | None = None) -> torch.Tensor:
+        """The int32 vector; with ``device_flags`` (an int32 vector on a device, one word per
+        member, 0 where the device found a member non-finite) the vector is made on that
+        device, each flag the product of both, with no host read."""
         words = [self.digest & 0x7FFFFFFF, (self.digest >> 31) & 0x7FFFFFFF, int(self.failed),
                  self.trial_variant, self.trial_us, self.placement.host, self.placement.local_rank,
                  self.placement.local_size, *map(int, self.finite)]
-        return torch.tensor([1 + len(words)] + words, dtype=torch.int32)
+        packed = torch.tensor([1 + len(words)] + words, dtype=torch.int32)
+        if device_flags is None:
+            return packed
+        packed = packed.to(device_flags.device, non_blocking=True)
+        packed[1 + _FIELDS:].mul_(device_flags)
+        return packed
 
     @classmethod
     def unpack_all(cls, gathered: torch.Tensor) -> list["Header"]:

@@ -12,7 +12,7 @@ import re
 import warnings
 from typing import Any
 
-from .engine import Engine
+from .engine import Engine, Timings
 from .persist import check_saved
 
 #: the format tag of :meth:`EngineSet.state_dict`
@@ -62,6 +62,23 @@ class EngineSet:
                 total[key] = total.get(key, 0) + value
         return total or {"bytes_sent": 0, "bytes_received": 0, "bytes_dense": 0, "collectives": 0,
                          "steps": 0, "skipped_steps": 0}
+
+    def timings(self) -> dict[str, float]:
+        """Seconds this rank spent since creation in each part of the engines' work, over every
+        optimizer served: ``hook``, ``encode``, ``wait``, ``decode`` (see
+        :class:`~hvd_compress.engine.engine.Timings`); the bandwidth benchmark's step breakdown."""
+        total = dict.fromkeys(Timings.PARTS, 0.0)
+        for engine in self._live_engines():
+            for part, seconds in engine.timings.seconds.items():
+                total[part] += seconds
+        return total
+
+    def timeline(self) -> list[tuple[float, str, str]]:
+        """The last step's events of every engine, in time order: (seconds since the first,
+        event, engine and bucket), see :class:`~hvd_compress.engine.engine.Timings`."""
+        events = sorted((t, what, f"{i}.{b}" if b >= 0 else str(i))
+                        for i, engine in enumerate(self._live_engines()) for t, what, b in engine.timings.events)
+        return [(t - events[0][0], what, where) for t, what, where in events]
 
     @property
     def settled(self) -> bool:

@@ -25,6 +25,9 @@ class TxBuffer:
         self.committed = torch.zeros(numel, dtype=torch.float32, device=device)
         self._spare: torch.Tensor | None = None
         self.working: torch.Tensor | None = None
+        #: the committed tensor still holds its initial zeros (known on the host, so a route
+        #: can initialize its state without reading the device)
+        self.fresh = True
 
     def begin(self, copy: bool = True) -> torch.Tensor:
         """The working tensor of this step: a copy of the committed one (``copy=False``: its
@@ -40,6 +43,13 @@ class TxBuffer:
         if self.working is not None:
             self._spare, self.committed = self.committed, self.working
             self.working = None
+            self.fresh = False
+
+    def load(self, values: torch.Tensor, offset: int = 0) -> None:
+        """Copy saved ``values`` into the committed tensor from ``offset`` (not on the hook
+        path: reading whether they are all zero is allowed here)."""
+        self.committed[offset:offset + values.numel()].copy_(values.reshape(-1))
+        self.fresh = self.fresh and not bool(values.any())
 
     def rollback(self) -> None:
         self.working = None

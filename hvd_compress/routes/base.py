@@ -75,6 +75,7 @@ class Job:
     seed_of: Callable[[int], int]        # Philox seed of a rank (rank of comm)
     server: Callable[[int], torch.Tensor | None]  # working server residual of n elements, or None
     state: Callable[[str, int], torch.Tensor] = None  # a named working state buffer of n elements
+    fresh: Callable[[str], bool] = None  # whether that buffer still holds its initial zeros
     members: list = field(default_factory=list)  # engine.buckets.Member of the bucket, in order
     shared_seed: int = 0                 # Philox seed every rank shares (shared masks, rotations)
     average: bool = False                # the engine wants the mean; a route may deliver it (dense)

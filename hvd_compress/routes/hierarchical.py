@@ -122,7 +122,7 @@ class HierarchicalRoute(Route):
         peers = pending.peers
         inner = Job(shard_sum, shard_id, job.codec, [Segment(0, hi - lo, shard_id)],
                     None if job.residual is None else job.residual[lo:hi], peers, f"{job.tag}.x",
-                    job.step, lambda r: job.seed_of(peers.group[r]), job.server, state=job.state,
+                    job.step, lambda r: job.seed_of(peers.group[r]), job.server, state=job.state, fresh=job.fresh,
                     members=[], shared_seed=job.shared_seed, out=job.out[lo:hi])
         pending.inner = self.inner.start(inner)
 

@@ -100,7 +100,7 @@ class PowerSGDRoute(Route):
             job.x.add_(job.residual)
         q_numel = sum(shape[1] * r for _, shape, r, _ in plan if shape)
         q_state = None if self.structured else job.state("powersgd_q", q_numel)
-        fresh = q_state is not None and not bool(q_state.any())   # (never all zero once in use)
+        fresh = q_state is not None and job.fresh("powersgd_q")
         pieces, qs = [], []
         for (part, shape, r, q_pos), seg in zip(plan, job.segments):
             if shape is None:
