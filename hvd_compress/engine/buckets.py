@@ -4,8 +4,11 @@ A *member* is one parameter an optimizer allreduces.  Buckets are assigned as DD
 assigns them: members in reverse registration order (about the order backward produces their
 gradients) fill a bucket until it holds ``cap_bytes`` of fp32; members of different methods, and
 members below their method's ``min_numel`` (sent dense), never share a bucket; a member larger
-than the cap gets a bucket of its own.  ``cap_bytes=0`` gives one member per bucket
-(layer-wise).  The assignment depends only on the members, so every rank computes the same.
+than the cap gets a bucket of its own.  As in DDP, the first bucket of each kind closes at
+:data:`FIRST_BUCKET_BYTES` already: it is launched (encoded and on the wire) while backward is
+still filling the rest, instead of after a full cap's worth of gradients and encoding.
+``cap_bytes=0`` gives one member per bucket (layer-wise).  The assignment depends only on the
+members, so every rank computes the same.
 """
 from __future__ import annotations
 
@@ -79,18 +82,25 @@ def member_tensor_id(name: str) -> int:
     return zlib.crc32(name.encode())
 
 
+#: the cap of the first bucket of each kind (DDP's ``dist._DEFAULT_FIRST_BUCKET_BYTES``)
+FIRST_BUCKET_BYTES = 1 << 20
+
+
 def assign_buckets(members: list[Member], cap_bytes: int) -> list[Bucket]:
     """Buckets in launch order (the first holds the last-registered members)."""
     if cap_bytes < 0:
         raise ValueError(f"bucket cap must be >= 0 bytes, got {cap_bytes}")
     open_: dict[tuple, list[Member]] = {}
     closed: list[list[Member]] = []
+    started: set[tuple] = set()      # kinds whose first bucket is closed
     for m in reversed(members):
         key = (id(m.method), m.small)
         group = open_.setdefault(key, [])
         group.append(m)
-        if 4 * sum(x.numel for x in group) >= cap_bytes:
+        cap = cap_bytes if key in started else min(cap_bytes, FIRST_BUCKET_BYTES)
+        if 4 * sum(x.numel for x in group) >= cap:
             closed.append(open_.pop(key))
+            started.add(key)
     closed.extend(g for g in open_.values() if g)
     # Launch order: by the position (in reverse registration order) of each bucket's first member.
     position = {m.index: i for i, m in enumerate(reversed(members))}

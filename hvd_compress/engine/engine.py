@@ -500,6 +500,20 @@ class Engine:
             finally:
                 self.timings.mark("decoded", index)
 
+    def progress(self) -> bool:
+        """While the caller waits for something else (the Horovod adaptor, for the step
+        header): decode the buckets whose collectives have completed; True if it decoded any.
+        Never raises (a failure is the flush's to raise)."""
+        step = self._step
+        if step is None or step.results is not None or step.broken:
+            return False
+        before = len(step.decoded)
+        try:
+            self._decode_completed(step)
+        except Exception:  # noqa: BLE001 - the flush meets it again
+            return False
+        return len(step.decoded) > before
+
     def _decode_completed(self, step: _Step) -> None:
         """In a hook: decode every single-phase bucket whose collective has completed, so the
         decode of early buckets overlaps the backward pass and the later buckets' time on the

@@ -74,11 +74,10 @@ class EngineSet:
         return total
 
     def timeline(self) -> list[tuple[float, str, str]]:
-        """The last step's events of every engine, in time order: (seconds since the first,
+        """The last step's events of every engine, in time order: (``time.perf_counter()``,
         event, engine and bucket), see :class:`~hvd_compress.engine.engine.Timings`."""
-        events = sorted((t, what, f"{i}.{b}" if b >= 0 else str(i))
-                        for i, engine in enumerate(self._live_engines()) for t, what, b in engine.timings.events)
-        return [(t - events[0][0], what, where) for t, what, where in events]
+        return sorted((t, what, f"{i}.{b}" if b >= 0 else str(i))
+                      for i, engine in enumerate(self._live_engines()) for t, what, b in engine.timings.events)
 
     @property
     def settled(self) -> bool:

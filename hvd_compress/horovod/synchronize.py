@@ -69,8 +69,15 @@ def await_headers(optimizer, engines: list[Any], compressor: str) -> bool:
     rank's placeholders).  When every bucket is Horovod's own and the header still lags
     :func:`check_timeout` seconds behind Horovod's handles, another rank does not run the
     compressor at all: raise."""
-    import horovod.torch as hvd
     headers = [h for h in (e.close() for e in engines) if h is not None]
+    # the header is on the wire behind the step's buckets: this is the wire's time, counted
+    # once (the first engine's "wait"; decoding meanwhile stays "decode")
+    with engines[0].timings.clock("wait"):
+        return _poll_headers(optimizer, engines, headers, compressor)
+
+
+def _poll_headers(optimizer, engines: list[Any], headers: list[Any], compressor: str) -> bool:
+    import horovod.torch as hvd
     # Horovod's handles, in the order they were started (roughly the order they complete): each
     # poll looks at the first one still running only, so a wait costs O(1) calls per poll
     running = deque(h for h, _ in optimizer._handles.values() if not callable(h))
@@ -89,8 +96,9 @@ def await_headers(optimizer, engines: list[Any], compressor: str) -> bool:
                     f"this rank's configuration check in {check_timeout():g} s: every rank must pass the "
                     f"same compression= to DistributedOptimizer (this rank: {compressor}; another may "
                     "use hvd.Compression.none)")
-        time.sleep(pause)
-        pause = min(2 * pause, _POLL_S[1])
+        if not any([e.progress() for e in engines]):    # (decoding beats sleeping)
+            time.sleep(pause)
+            pause = min(2 * pause, _POLL_S[1])
     return True
 
 
