@@ -4,12 +4,15 @@ One engine serves one (compressor, optimizer) pair.  Per step:
 
 * :meth:`Engine.add` (Horovod's backward hook, via the adaptor) copies a member's gradient into
   its bucket; when the bucket is complete its route starts (encode, phase-1 collective); when
-  every member has come, the step header starts.  Nothing here waits or raises: a failure is
-  recorded, flagged in the header and raised in the flush on every rank.
+  every member has come, the step header starts; a bucket whose collective has already
+  completed is decoded (host data).  Nothing here waits or raises, and on a device nothing is
+  read back (docs/design.md, "The hot path"): a failure is recorded, flagged in the header and
+  raised in the flush on every rank.
 * :meth:`Engine.result` (``synchronize()``): the first call of a step runs :meth:`flush`, which
   blocks, in the same order on every rank: incomplete buckets are started (absent members as
   zeros), the step header is started and waited (plan digest, errors, finite flags), every
-  multi-phase route advances in bucket order, every route finishes in bucket order, every
+  multi-phase route advances in bucket order, every route finishes (the first completed
+  first: decoding is local and its order changes no bits), every
   compressed bucket's method sees its decoded sum (``Method.after_decode``), members
   flagged non-finite by any rank become NaN, and the step's state is committed (all finite) or
   rolled back.  The link is measured at the first flush when it was not declared.
