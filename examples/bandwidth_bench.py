@@ -577,10 +577,11 @@ def markdown(records: list[dict], command: str, commit: str, notes: str = "", wh
            "steps, rank 0). `hook`, `encode`, `wait`, `decode` are hvd_compress's own timings "
            "(`compression.timings()`): time in the backward hooks apart from encoding; launching a bucket "
            "(prepare, finiteness check, encode with error feedback, pack, start the collective); blocked "
-           "waiting for a collective (the rank idle on the wire); decoding, `after_decode`, checks and "
-           "write-back. `other` = step - compute - those parts: the framework's own work (its allreduce "
-           "of the small tensors, negotiation, waiting for its handles and for the step header) and "
-           "scheduling. `wire (ideal)` = 8 (s_0 + ... + s_{P-1}) / R. `warm-up`: the distributed steps "
+           "waiting for a collective or for the step header behind them (the rank idle on the wire); "
+           "decoding, `after_decode`, checks and write-back. `other` = step - compute - those parts: the framework's own work (its allreduce "
+           "of the small tensors, negotiation, waiting for its own handles) and "
+           "scheduling (it can come out slightly negative: `step` and `compute` are medians of different "
+           "steps). `wire (ideal)` = 8 (s_0 + ... + s_{P-1}) / R. `warm-up`: the distributed steps "
            "before the timed ones (the link measured, the trial), in total, apart from the steady state.",
            "", *_breakdown_tables(results), ""]
           if _breakdown_tables(results) else []),

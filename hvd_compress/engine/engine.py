@@ -70,11 +70,12 @@ class Timings:
     * ``hook``: :meth:`Engine.add` apart from encoding (copies, bookkeeping, polling);
     * ``encode``: a bucket's launch: the method's prepare, the finiteness check, the encode
       (error feedback included), packing and starting the collective;
-    * ``wait``: blocked in a collective's ``wait()`` (the wire as this rank sees it);
+    * ``wait``: blocked in a collective's ``wait()``, or in the Horovod adaptor's wait for the
+      step header behind the buckets (the wire as this rank sees it);
     * ``decode``: decoding, the methods' ``after_decode``, the checks and the write-back.
 
     The bandwidth benchmark divides the growth over its timed steps by their number (the step
-    breakdown of docs/bandwidth.md)."""
+    breakdown of docs/bandwidth-hot-path.md)."""
 
     PARTS = ("hook", "encode", "wait", "decode")
 
