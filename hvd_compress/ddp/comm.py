@@ -5,8 +5,9 @@ name: the engine issues them in the same order on every rank (buckets launch in 
 order, which DDP keeps the same on every rank; the flush runs in bucket order), so the names
 are not needed.  Collectives whose sizes differ by rank (an allgather of sparse payloads, an
 alltoall) take two steps: the sizes are exchanged asynchronously when the collective starts,
-and the data collective is issued when :meth:`_Staged.wait` is called, which the flush does in
-the same order on every rank.  Nothing here blocks before ``wait()``.
+and the data collective is issued when :meth:`_Staged.issue` (or ``wait``) is called, which the
+flush does in the same order on every rank (issuing every bucket's before waiting for any).
+Nothing here blocks before ``issue()`` or ``wait()``.
 """
 from __future__ import annotations
 
@@ -35,15 +36,21 @@ class _Done:
 
 class _Staged:
     """Sizes exchanged first (``sizes``, in flight); ``then(sizes)`` issues the data collective
-    and returns its handle, at ``wait()`` only (so every rank issues it at the same point)."""
+    and returns its handle, at :meth:`issue` or ``wait()`` only (so every rank issues it at the
+    same point)."""
 
     def __init__(self, sizes: _Done, then: Callable[[list[int]], _Done]) -> None:
         self._sizes, self._then = sizes, then
         self._data: _Done | None = None
 
-    def wait(self) -> Any:
+    def issue(self) -> None:
+        """Issue the data collective now (waiting for the sizes only), so that the flush puts
+        every bucket's data on the wire before it waits for the first."""
         if self._data is None:
             self._data = self._then(self._sizes.wait())
+
+    def wait(self) -> Any:
+        self.issue()
         return self._data.wait()
 
     def done(self) -> bool:

@@ -22,6 +22,10 @@ class Handle(Protocol):
     def done(self) -> bool:
         """Whether :meth:`wait` would return (or raise) at once."""
 
+    # Optional: ``issue()`` starts what the collective still has to start (the data of a
+    # collective whose sizes are exchanged first, ``ddp.comm``); the flush calls it on every
+    # rank in bucket order before it waits for any bucket.  Handles without it start at once.
+
 
 class Comm(Protocol):
     rank: int

@@ -493,6 +493,15 @@ class Engine:
             self._flush()
         self.timings.mark("end")
 
+    @staticmethod
+    def _issue(live: list[Bucket], step: _Step) -> None:
+        """Put every bucket's collective in flight before waiting for any (a comm whose
+        collectives exchange sizes first issues the data here: in bucket order, on every rank)."""
+        for bucket in live:
+            issue = getattr(step.pending[bucket.index].handle, "issue", None)
+            if issue is not None:
+                issue()
+
     def _finish(self, index: int, pending: Pending) -> torch.Tensor | BaseException:
         """Wait for bucket ``index``'s last phase and decode it (the exception, if it fails:
         the flush raises it)."""
@@ -543,9 +552,11 @@ class Engine:
             rows = self._header_rows(step)
             routes = {b.index: self.plan.buckets[b.index].route for b in live}
             for phase in range(max((r.phases for r in routes.values()), default=0)):
+                self._issue(live, step)
                 for bucket in live:     # every bucket's next phase starts before any waits on it
                     if phase < routes[bucket.index].phases:
                         routes[bucket.index].advance(step.pending[bucket.index])
+            self._issue(live, step)
             results = {}
             waiting = [b.index for b in live]
             while waiting:      # the first completed bucket in bucket order, else the first
@@ -752,3 +763,10 @@ class _Timed:
 
     def done(self) -> bool:
         return self._handle.done()
+
+    def issue(self) -> None:
+        """(See engine.comm.Handle: the data of a size-staged collective.)"""
+        issue = getattr(self._handle, "issue", None)
+        if issue is not None:
+            with self._timings.clock("wait"):
+                issue()
