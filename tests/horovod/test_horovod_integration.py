@@ -31,9 +31,10 @@ def _params() -> dict[str, torch.nn.Parameter]:
 
 
 def _train(spec: str, steps: int = 2, op: str = "Average", predivide: float = 1.0, passes: int = 1,
-           groups=None, wrapper: bool = False):
+           groups=None, wrapper: bool = False, timings: bool = False):
     """Each rank sets known gradients (loss = sum of param * G) and runs synchronize(); returns
-    the aggregated gradients per step and the compressor's stats."""
+    the aggregated gradients per step and the compressor's stats and plan (with ``timings``:
+    its timings and the last step's timeline instead of the plan)."""
     import horovod.torch as hvd
     import hvd_compress
     params = _params()
@@ -52,6 +53,8 @@ def _train(spec: str, steps: int = 2, op: str = "Average", predivide: float = 1.
         out.append({name: p.grad.clone() for name, p in params.items()})
         with opt.skip_synchronize():
             opt.step()
+    if timings:
+        return out, compression.stats(), (compression.timings(), compression.timeline())
     return out, compression.stats(), compression.plan()
 
 
@@ -219,6 +222,22 @@ def test_stats_are_the_payload_bytes(spec):
     # per step: the compressed bucket's allgather and the step header (the bias goes through
     # Horovod's own allreduce, as uncompressed)
     assert stats["collectives"] == 2 * 2
+
+
+def test_timings_and_timeline_in_a_real_job():
+    """compression.timings() has every part, encoding and decoding took time, and the last
+    step's timeline runs from the first hook to the end of the flush with every compressed
+    bucket encoded and decoded once (in a hook, while waiting for the header, or in the flush)."""
+    (_, _, (timings, events)), _ = run_job(_train, np=2, args=("terngrad:route='compressed'",),
+                                           kwargs={"timings": True}, timeout=120, env=LINK)
+    assert set(timings) == {"hook", "encode", "wait", "decode"} and all(v >= 0 for v in timings.values())
+    assert timings["encode"] > 0 and timings["decode"] > 0
+    names = [what for _, what, _ in events]
+    assert names[0] == "begin" and names[-1] == "end" and names.count("flush") == 1
+    assert [t for t, _, _ in events] == sorted(t for t, _, _ in events)
+    encoded = [where for _, what, where in events if what == "encoded"]
+    decoded = [where for _, what, where in events if what == "decoded"]
+    assert encoded and sorted(encoded) == sorted(decoded) and len(set(decoded)) == len(decoded)
 
 
 def _noise(spec: str):
