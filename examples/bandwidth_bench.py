@@ -245,6 +245,9 @@ def benchmark(args: argparse.Namespace) -> dict:
     while True:
         compute.append(train_step(local, local_opt, x, y))
         codec.append(codec_pass(args.warmup + len(steps)))
+        # the ranks' codec passes end at different times: without a barrier the first to finish
+        # would wait out the difference inside the distributed step's first collective
+        world.barrier()
         steps.append(train_step(net, optimizer, x, y))
         more = len(steps) < args.max_steps and (len(steps) < args.steps or sum(steps) < args.min_time)
         if not world.agree(more):
