@@ -3,6 +3,7 @@ them: members of a spec, deterministic gradients per (rank, step, member), runs 
 and the checks the tests share."""
 from __future__ import annotations
 
+import contextlib
 import zlib
 
 import torch
@@ -46,12 +47,8 @@ def run_engines(spec: str, world: int, steps: int = 2, *, shapes=SHAPES, cap_mb:
     members = members_of(method, shapes)
 
     def fn(comm):
-        if cuda_path:
-            from emulator import EmulatedBackend
-            from hvd_compress.backends import emulate
-            with emulate(EmulatedBackend(seed=comm.rank), fill_uninitialized=False):
-                return steps_of(comm)
-        return steps_of(comm)
+        with on_cuda_path(comm.rank, cuda_path):
+            return steps_of(comm)
 
     def steps_of(comm):
         engine = Engine(members, lambda: comm, average=average, cap_bytes=int(cap_mb * 2 ** 20),
@@ -68,6 +65,16 @@ def run_engines(spec: str, world: int, steps: int = 2, *, shapes=SHAPES, cap_mb:
                 after_step(comm.rank, step, engine)
         return outs, engine
     return LocalWorld(world).run(fn)
+
+
+def on_cuda_path(rank: int, emulated: bool = True):
+    """The codecs' CUDA code path on the SIMT emulator in this rank's thread (the emulator's
+    context is per thread); a no-op context when ``emulated`` is False."""
+    if not emulated:
+        return contextlib.nullcontext()
+    from emulator import EmulatedBackend
+    from hvd_compress.backends import emulate
+    return emulate(EmulatedBackend(seed=rank), fill_uninitialized=False)
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -427,10 +427,8 @@ class Engine:
             try:
                 pending = bplan.route.start(job)
             except FloatingPointError:  # a codec overflowed on finite input (QSGD's norm)
-                for m in bucket.members:
+                for m in bucket.members:    # (the header multiplies these into any device flags)
                     step.finite[m.index] = False
-                if step.flags is not None:
-                    step.flags.clear(bucket.members)
                 x.zero_()
                 if residual is not None:    # (the encode had added g to it; the step rolls back)
                     residual.zero_()

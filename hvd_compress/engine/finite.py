@@ -74,11 +74,6 @@ class DeviceFlags:
         self.flags.index_copy_(0, index, ok.to(torch.int32))
         x.masked_fill_(~ok.repeat_interleave(lengths, output_size=x.numel()), 0.0)
 
-    def clear(self, members: list) -> None:
-        """Flag these members non-finite (a codec overflowed on their finite input)."""
-        for m in members:
-            self.flags[m.index] = 0
-
     def restrict(self, bucket, payload_flags: list[torch.Tensor]) -> None:
         """Flag every member of ``bucket`` non-finite where one of the payloads' overflow flags
         (:attr:`~hvd_compress.codecs.base.Payload.finite`) is False: the sum would carry the

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine_helpers import (SHAPES, SLOW, assert_ranks_agree, check_non_finite_skips, grad, members_of,
-                            resume_engines, run_engines, run_like_the_adaptor, same_bits, simulate_two_phase,
+                            on_cuda_path, resume_engines, run_engines, run_like_the_adaptor, same_bits, simulate_two_phase,
                             spec_with, states_after)
 from hvd_compress import methods
 from hvd_compress.codecs import RandomKey
@@ -362,14 +362,12 @@ def test_link_is_measured_once_and_kept_in_the_state():
 def test_engine_over_the_cuda_code_path_is_bit_identical(spec):
     """Every rank's codecs on their CUDA code path (the SIMT emulator, kernels/*.cu compiled for
     the CPU) through the engine and routes: the same bits as the C reference."""
-    from emulator import EmulatedBackend
-    from hvd_compress.backends import emulate
     reference = run_engines(spec, 2)
     method = methods.from_spec(spec)
     members = members_of(method)
 
     def fn(comm):
-        with emulate(EmulatedBackend(seed=comm.rank), fill_uninitialized=False):
+        with on_cuda_path(comm.rank):
             engine = Engine(members, lambda: comm, average=True, cap_bytes=25 * 2 ** 20, link=SLOW, name="t")
             outs = []
             for step in range(2):

@@ -26,7 +26,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from engine_helpers import SLOW, grad, members_of
+from engine_helpers import SLOW, grad, members_of, on_cuda_path
 from hvd_compress import methods
 from hvd_compress.engine.engine import Engine
 from hvd_compress.engine.local import LocalWorld
@@ -111,7 +111,7 @@ def hooks_in_turn(case: str, kernels) -> tuple[set[str], int]:
     reads, syncs = HostReads(), []
 
     def fn(comm):
-        with _on(kernels, comm.rank):
+        with on_cuda_path(comm.rank, kernels.emulated):
             engine = Engine(members, lambda: comm, average=True, cap_bytes=25 * 2 ** 20, link=SLOW, name="t")
             for step in range(STEPS):
                 grads = [kernels.put(grad(comm.rank, step, m)) for m in reversed(members)]
@@ -134,15 +134,6 @@ def hooks_in_turn(case: str, kernels) -> tuple[set[str], int]:
     chosen = {b.route.name for b in plans[0].buckets if not b.bucket.small}
     assert chosen == {route}, (case, chosen)
     return set(reads.sites), len(syncs)
-
-
-def _on(kernels, rank: int):
-    """The codecs' CUDA path in this rank's thread (the emulator's context is per thread)."""
-    if not kernels.emulated:
-        return contextlib.nullcontext()
-    from emulator import EmulatedBackend
-    from hvd_compress.backends import emulate
-    return emulate(EmulatedBackend(seed=rank), fill_uninitialized=False)
 
 
 @contextlib.contextmanager
