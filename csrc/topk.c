@@ -3,7 +3,7 @@
  *
  * The tensor is cut into `nchunks` contiguous chunks [n*c/nchunks, n*(c+1)/nchunks); the count
  * pass counts per chunk, the codec scans those counts, and the compact pass lets chunk c write
- * its selected elements in index order from offsets[c]: order-preserving, no shared counters.
+ * its selected elements in index order from its scans: order-preserving, no shared counters.
  *
  * Unlike the GPU, the count pass also keeps each chunk's candidates at its last (lowest) level:
  * (index, g') with |g'| >= levels[nlevels-1], ascending, up to `cap` per chunk.  The compact pass
@@ -112,69 +112,87 @@ void hvdc_topk_count(const float *g, float *r, int has_r, hvdc_i64 n, const floa
     }
 }
 
-void hvdc_topk_compact(const float *src, hvdc_i64 n, const float *thr, const hvdc_i64 *offsets,
-                       int nchunks, const float *buf_thr, const hvdc_i32 *buf_idx,
-                       const float *buf_val, hvdc_i64 cap, const hvdc_i64 *fill, hvdc_i32 *idx,
-                       float *val, int nthreads)
+/* The selection of kernels/topk.cu's compact: every |v| >= t[0], and the first *budget entries of
+ * the band t[1] <= |v| < t[0] in index order; chunk c starts from its scans off_hi[c], off_band[c]. */
+static inline void take(hvdc_i32 i, float v, float t_hi, float t_lo, hvdc_i64 budget,
+                        hvdc_i64 *above, hvdc_i64 *band, hvdc_i32 *idx, float *val)
 {
-    float t = *thr;
+    float a = fabsf(v);
+    if (a >= t_hi) {
+        hvdc_i64 p = *above + (*band < budget ? *band : budget);
+        idx[p] = i;
+        val[p] = v;
+        ++*above;
+    } else if (a >= t_lo) {
+        if (*band < budget) {
+            idx[*above + *band] = i;
+            val[*above + *band] = v;
+        }
+        ++*band;
+    }
+}
+
+void hvdc_topk_compact(const float *src, hvdc_i64 n, const float *t, const hvdc_i64 *budget_p,
+                       const hvdc_i64 *off_hi, const hvdc_i64 *off_band, int nchunks,
+                       const float *buf_thr, const hvdc_i32 *buf_idx, const float *buf_val,
+                       hvdc_i64 cap, const hvdc_i64 *fill, hvdc_i32 *idx, float *val, int nthreads)
+{
+    float t_hi = t[0], t_lo = t[1];
+    hvdc_i64 budget = *budget_p;
     #pragma omp parallel for num_threads(nthreads) schedule(static) if(n >= TOPK_CPU_PARALLEL_MIN)
     for (int c = 0; c < nchunks; ++c) {
-        hvdc_i64 pos = offsets[c];
-        if (fill[c] >= 0 && t >= *buf_thr) {           /* the buffer holds a superset */
+        hvdc_i64 above = off_hi[c], band = off_band[c];
+        if (fill[c] >= 0 && t_lo >= *buf_thr) {          /* the buffer holds a superset */
             const hvdc_i32 *bi = buf_idx + c * cap;
             const float *bv = buf_val + c * cap;
-            for (hvdc_i64 j = 0; j < fill[c]; ++j) {
-                if (fabsf(bv[j]) >= t) {
-                    idx[pos] = bi[j];
-                    val[pos] = bv[j];
-                    ++pos;
-                }
-            }
+            for (hvdc_i64 j = 0; j < fill[c]; ++j)
+                take(bi[j], bv[j], t_hi, t_lo, budget, &above, &band, idx, val);
         } else {
             hvdc_i64 hi = chunk_lo(n, c + 1, nchunks);
-            for (hvdc_i64 i = chunk_lo(n, c, nchunks); i < hi; ++i) {
-                if (fabsf(src[i]) >= t) {
-                    idx[pos] = (hvdc_i32)i;
-                    val[pos] = src[i];
-                    ++pos;
-                }
-            }
+            for (hvdc_i64 i = chunk_lo(n, c, nchunks); i < hi; ++i)
+                take((hvdc_i32)i, src[i], t_hi, t_lo, budget, &above, &band, idx, val);
         }
     }
 }
 
-void hvdc_topk_finalize(const hvdc_i32 *idx, const float *cand, hvdc_i64 c, void *vals, int fp16,
-                        float *r, int has_r, int nthreads)
+/* As kernels/topk.cu: index n is padding (value 0, no residual update). */
+void hvdc_topk_finalize(const hvdc_i32 *idx, const float *cand, hvdc_i64 c, hvdc_i64 n, void *vals,
+                        int fp16, float *r, int has_r, int nthreads)
 {
     #pragma omp parallel for num_threads(nthreads) schedule(static) if(c >= TOPK_CPU_PARALLEL_MIN)
     for (hvdc_i64 j = 0; j < c; ++j) {
-        float v = cand[j];
+        hvdc_i32 i = idx[j];
+        float v = i < n ? cand[j] : 0.0f;
         hvdc_half h = 0;
         float rest = hvdc_topk_encode_value(v, fp16, &h);
         if (fp16) ((hvdc_half *)vals)[j] = h;
         else ((float *)vals)[j] = v;
-        if (has_r) r[idx[j]] = rest;
+        if (has_r && i < n) r[i] = rest;
     }
 }
 
-void hvdc_topk_check(const hvdc_i32 *idx, hvdc_i64 c, hvdc_i64 n, hvdc_i64 *bad)
+/* *bad <- the first position j that breaks 0 <= idx[0] < idx[1] < ... < n (followed, when
+ * `padded`, by entries equal to n only), or -1. */
+void hvdc_topk_check(const hvdc_i32 *idx, hvdc_i64 c, hvdc_i64 n, int padded, hvdc_i64 *bad)
 {
     *bad = -1;
     for (hvdc_i64 j = 0; j < c; ++j) {
-        if (idx[j] < 0 || idx[j] >= n || (j > 0 && idx[j - 1] >= idx[j])) {
+        int ok = (idx[j] >= 0 && idx[j] < n && (j == 0 || idx[j - 1] < idx[j]))
+                 || (padded && idx[j] == n);
+        if (!ok) {
             *bad = j;
             return;
         }
     }
 }
 
-void hvdc_topk_scatter_add(const hvdc_i32 *idx, const void *vals, int fp16, hvdc_i64 c,
+void hvdc_topk_scatter_add(const hvdc_i32 *idx, const void *vals, int fp16, hvdc_i64 c, hvdc_i64 n,
                            float *out, int nthreads)
 {
     #pragma omp parallel for num_threads(nthreads) schedule(static) if(c >= TOPK_CPU_PARALLEL_MIN)
     for (hvdc_i64 j = 0; j < c; ++j)
-        out[idx[j]] = out[idx[j]] + hvdc_topk_decode_value(vals, fp16, j);
+        if (idx[j] < n)
+            out[idx[j]] = out[idx[j]] + hvdc_topk_decode_value(vals, fp16, j);
 }
 
 /* Gradient Dropping's layer normalization (hvd_compress/codecs/topk.py, GradDropCodec):

@@ -4,10 +4,13 @@
  *
  *   hvdc_topk_sample    |g + r| at start + j * stride                     (threshold estimate)
  *   hvdc_topk_count     r <- g + r; per block, #{|r_i| >= level_l} for the levels asked
- *   (torch)             level choice on the host, exclusive scan of that level's block counts
- *   hvdc_topk_compact   (i, r_i) for |r_i| >= level, ascending i: block offset from the scan,
+ *   (torch)             the level choice (on the device for the sampled mode: no host read) and
+ *                       exclusive scans of the chosen levels' block counts
+ *   hvdc_topk_compact   (i, r_i) for |r_i| >= t_hi, and the first `budget` of t_lo <= |r_i| < t_hi,
+ *                       ascending i, into a fixed-capacity buffer: block offsets from the scans,
  *                       warp ballots + a block scan inside; no atomics on output positions
- *   hvdc_topk_finalize  wire values (fp16 or fp32) and r[i] <- r_i - D(C(r_i)) at the k entries
+ *   hvdc_topk_finalize  wire values (fp16 or fp32) and r[i] <- r_i - D(C(r_i)) at the sent
+ *                       entries (index n marks the padding of a fixed-capacity payload)
  *   hvdc_topk_check / hvdc_topk_scatter_add   decode: validate indices, then out[i] += D(v)
  *   hvdc_topk_normalize  Gradient Dropping's layer normalization: out = src / max|src| per tensor
  *
@@ -21,6 +24,7 @@
 #define TOPK_WARPS (TOPK_THREADS / 32)
 #define TOPK_ITEMS 16
 #define TOPK_TILE (TOPK_THREADS * TOPK_ITEMS)
+static_assert(TOPK_ITEMS < 256, "hvdc_topk_count keeps per-thread counts in bytes");
 
 extern "C" __global__ void hvdc_topk_sample(const float *g, const float *r, int has_r, float *out,
                                             long long stride, long long m, unsigned long long seed,
@@ -42,13 +46,13 @@ hvdc_topk_count(const float *g, float *r, int has_r, long long n, const float *l
                 int nlevels, int *counts)
 {
     __shared__ int warp_counts[TOPK_WARPS][HVDC_TOPK_MAX_LEVELS];
-    float lv[HVDC_TOPK_MAX_LEVELS];
-    int c[HVDC_TOPK_MAX_LEVELS];
-#pragma unroll
-    for (int l = 0; l < HVDC_TOPK_MAX_LEVELS; ++l) {
-        lv[l] = l < nlevels ? levels[l] : 0.0f;
-        c[l] = 0;
-    }
+    __shared__ float lv[HVDC_TOPK_MAX_LEVELS];
+    /* a thread counts at most TOPK_ITEMS < 256 per level: four levels' counts share a word, so
+     * sixteen levels need four registers (no spills) */
+    unsigned int c4[HVDC_TOPK_MAX_LEVELS / 4] = {0u};
+    if ((int)threadIdx.x < HVDC_TOPK_MAX_LEVELS)
+        lv[threadIdx.x] = (int)threadIdx.x < nlevels ? levels[threadIdx.x] : hvdc_u2f(0x7f800000u);
+    __syncthreads();
     long long tile = (long long)blockIdx.x * TOPK_TILE;
 #pragma unroll 4
     for (int it = 0; it < TOPK_ITEMS; ++it) {
@@ -59,13 +63,13 @@ hvdc_topk_count(const float *g, float *r, int has_r, long long n, const float *l
             float a = fabsf(v);
 #pragma unroll
             for (int l = 0; l < HVDC_TOPK_MAX_LEVELS; ++l)
-                c[l] += a >= lv[l];
+                c4[l >> 2] += (unsigned int)(a >= lv[l]) << (8 * (l & 3));
         }
     }
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
     for (int l = 0; l < HVDC_TOPK_MAX_LEVELS; ++l) {
-        int s = c[l];
+        int s = (int)((c4[l >> 2] >> (8 * (l & 3))) & 0xffu);
         for (int off = 16; off > 0; off >>= 1)
             s += __shfl_xor_sync(0xffffffffu, s, off);
         if (lane == 0) warp_counts[warp][l] = s;
@@ -78,76 +82,95 @@ hvdc_topk_count(const float *g, float *r, int has_r, long long n, const float *l
     }
 }
 
-/* Same grid as hvdc_topk_count.  offsets[block] = exclusive scan of the block counts at the
- * chosen level *threshold, so block b writes its selected elements, ascending, at offsets[b],
- * offsets[b] + 1, ... */
+/* Same grid as hvdc_topk_count.  Takes every |v| >= t[0] and the first *budget entries (in index
+ * order) of the band t[1] <= |v| < t[0]; off_hi[b] and off_band[b] are exclusive scans of the
+ * blocks' counts of the two kinds, so an entry taken lands at (#above before it) +
+ * min(#band before it, budget): ascending, with no shared counter. */
 extern "C" __global__ __launch_bounds__(TOPK_THREADS) void
-hvdc_topk_compact(const float *src, long long n, const float *threshold,
-                  const long long *offsets, int *idx, float *val)
+hvdc_topk_compact(const float *src, long long n, const float *t, const long long *budget_p,
+                  const long long *off_hi, const long long *off_band, int *idx, float *val)
 {
-    __shared__ int warp_counts[TOPK_WARPS];
-    float thr = *threshold;
+    __shared__ int warp_hi[TOPK_WARPS], warp_band[TOPK_WARPS];
+    float t_hi = t[0], t_lo = t[1];
+    long long budget = *budget_p;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     unsigned int lanes_below = (1u << lane) - 1u;
     long long tile = (long long)blockIdx.x * TOPK_TILE;
-    long long pos = offsets[blockIdx.x];
+    long long above = off_hi[blockIdx.x], band = off_band[blockIdx.x];
     for (int it = 0; it < TOPK_ITEMS; ++it) {
         long long i = tile + it * TOPK_THREADS + threadIdx.x;
         float v = i < n ? src[i] : 0.0f;
-        int take = i < n && fabsf(v) >= thr;
-        unsigned int ballot = __ballot_sync(0xffffffffu, take);
-        if (lane == 0) warp_counts[warp] = __popc(ballot);
-        __syncthreads();
-        int before = 0, total = 0;
-        for (int w = 0; w < TOPK_WARPS; ++w) {
-            int cw = warp_counts[w];
-            before += w < warp ? cw : 0;
-            total += cw;
+        float a = fabsf(v);
+        int hi = i < n && a >= t_hi;
+        int in_band = i < n && !hi && a >= t_lo;
+        unsigned int ballot_hi = __ballot_sync(0xffffffffu, hi);
+        unsigned int ballot_band = __ballot_sync(0xffffffffu, in_band);
+        if (lane == 0) {
+            warp_hi[warp] = __popc(ballot_hi);
+            warp_band[warp] = __popc(ballot_band);
         }
-        if (take) {
-            long long p = pos + before + __popc(ballot & lanes_below);
+        __syncthreads();
+        int before_hi = 0, before_band = 0, total_hi = 0, total_band = 0;
+        for (int w = 0; w < TOPK_WARPS; ++w) {
+            before_hi += w < warp ? warp_hi[w] : 0;
+            before_band += w < warp ? warp_band[w] : 0;
+            total_hi += warp_hi[w];
+            total_band += warp_band[w];
+        }
+        long long h = above + before_hi + __popc(ballot_hi & lanes_below);
+        long long b = band + before_band + __popc(ballot_band & lanes_below);
+        if (hi || (in_band && b < budget)) {
+            long long p = h + (b < budget ? b : budget);
             idx[p] = (int)i;
             val[p] = v;
         }
-        pos += total;
+        above += total_hi;
+        band += total_band;
         __syncthreads();
     }
 }
 
-/* The c final entries: wire values, and with error feedback r[idx[j]] <- v - D(C(v)). */
+/* The c entries of a payload: wire values, and with error feedback r[idx[j]] <- v - D(C(v)).
+ * Index n is padding (a fixed-capacity payload's unused tail): value 0, no residual update. */
 extern "C" __global__ void hvdc_topk_finalize(const int *idx, const float *cand, long long c,
-                                              void *vals, int fp16, float *r, int has_r)
+                                              long long n, void *vals, int fp16, float *r,
+                                              int has_r)
 {
     for (long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x; j < c;
          j += (long long)gridDim.x * blockDim.x) {
-        float v = cand[j];
+        int i = idx[j];
+        float v = i < n ? cand[j] : 0.0f;
         hvdc_half h = 0;
         float rest = hvdc_topk_encode_value(v, fp16, &h);
         if (fp16) ((hvdc_half *)vals)[j] = h;
         else ((float *)vals)[j] = v;
-        if (has_r) r[idx[j]] = rest;
+        if (has_r && i < n) r[i] = rest;
     }
 }
 
-/* bad[0] <- 1 unless 0 <= idx[0] < idx[1] < ... < idx[c-1] < n (every racing writer stores 1). */
-extern "C" __global__ void hvdc_topk_check(const int *idx, long long c, long long n, int *bad)
+/* bad[0] <- 1 unless 0 <= idx[0] < idx[1] < ... < n, followed (when `padded`) by entries equal
+ * to n only (every racing writer stores 1). */
+extern "C" __global__ void hvdc_topk_check(const int *idx, long long c, long long n, int padded,
+                                           int *bad)
 {
     for (long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x; j < c;
          j += (long long)gridDim.x * blockDim.x) {
         int i = idx[j];
-        if (i < 0 || i >= n || (j > 0 && idx[j - 1] >= i)) bad[0] = 1;
+        int ok = (i >= 0 && i < n && (j == 0 || idx[j - 1] < i)) || (padded && i == n);
+        if (!ok) bad[0] = 1;
     }
 }
 
-/* out[idx[j]] += D(vals[j]) for one worker; indices are unique (checked), so no two threads
- * touch one element, and the host launches workers in order on one stream. */
+/* out[idx[j]] += D(vals[j]) for one worker, padding (index n) skipped; indices are unique
+ * (checked), so no two threads touch one element, and the host launches workers in order on
+ * one stream. */
 extern "C" __global__ void hvdc_topk_scatter_add(const int *idx, const void *vals, int fp16,
-                                                 long long c, float *out)
+                                                 long long c, long long n, float *out)
 {
     for (long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x; j < c;
          j += (long long)gridDim.x * blockDim.x) {
         int i = idx[j];
-        out[i] = out[i] + hvdc_topk_decode_value(vals, fp16, j);
+        if (i < n) out[i] = out[i] + hvdc_topk_decode_value(vals, fp16, j);
     }
 }
 

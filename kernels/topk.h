@@ -12,9 +12,10 @@
 #define HVDC_TOPK_H
 #include "hvdc_common.h"
 
-/* Threshold levels counted in one pass: thr * 0.8^l for l < 8 (DGC's "thr *= 0.8" rounds), plus
- * one level 0 (every element) that exact_k appends as its last resort. */
-#define HVDC_TOPK_MAX_LEVELS 9
+/* Threshold levels counted in one pass: at most thr * 1.25^u for u = 8..1 above the sampled
+ * threshold and thr * 0.8^l for l < 8 (DGC's "thr *= 0.8" rounds) below it; exact_k counts the
+ * lower eight and a level 0 (every element), its last resort. */
+#define HVDC_TOPK_MAX_LEVELS 16
 
 typedef unsigned short hvdc_half;
 

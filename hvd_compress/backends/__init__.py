@@ -33,6 +33,12 @@ def kernel_backend(device: torch.device | str) -> Any | None:
     return None
 
 
+def on_device(x: torch.Tensor) -> bool:
+    """Whether ``x`` is device memory as the codecs see it (CUDA, or the emulated CUDA path): a
+    host read of it would stall the CPU until the device has drained."""
+    return kernel_backend(x.device) is not None
+
+
 @contextmanager
 def emulate(backend: Any, *, fill_uninitialized: bool = True) -> Iterator[Any]:
     """Run the codecs' CUDA code path on CPU tensors through ``backend`` (an object with the CUDA

@@ -113,6 +113,12 @@ class Codec(ABC):
         template = self.payload_template(numel)
         return None if template is None else template.nbytes
 
+    def unpadded(self, payload: Payload) -> Payload:
+        """The payload without the padding a device payload of a fixed capacity carries after
+        its entries (top-k): the same bits on every backend, the numeric contract's object.
+        Reads the count on the host: for tests and tools, not the hot path."""
+        return payload
+
     def decode(self, payload: Payload) -> torch.Tensor:
         out = torch.zeros(payload.numel, dtype=torch.float32, device=payload.device)
         return self.decode_accumulate([payload], out)

@@ -1,7 +1,6 @@
 """Top-k sparsification with sampled thresholds and fused error feedback.
 
-Three selection rules share one machinery (count levels, order-preserving compaction, exact
-top-k among candidates):
+Three selection rules share one machinery (count levels, order-preserving compaction):
 
 * ``mode="sampled"`` (default): Deep Gradient Compression (Lin et al., ICLR 2018) and Gradient
   Dropping (Aji & Heafield, EMNLP 2017).  With g' = g + r (error feedback) and
@@ -11,28 +10,38 @@ top-k among candidates):
   2. thr = the t-th largest sample, t = ceil(ratio * m) (with ``exact_k``, t = min(m,
      ceil(1.25 ceil(ratio * m))): see below);
   3. levels thr_l = thr * fl32(0.8^l), l = 0..7 (DGC's "thr *= 0.8, select again" rounds);
-     count #{|g'_i| >= thr_0} in the pass that also computes g' = g + r, and the other levels
-     in one more pass only if that count is below lo = ceil(0.8 k) (k with ``exact_k``);
-     take the first level with count >= lo (the last level if none);
-  4. compact the selected (index, g'_i) in ascending index order;
-  5. if count > hi (hi = floor(1.3 k), or k with ``exact_k``): keep the exact top-k of those
-     candidates by |g'|, ties to the lower index.
+     take the first level with count >= lo = ceil(0.8 k) (the last level if none);
+  4. if its count is at most hi = floor(1.3 k): send every |g'_i| >= that level;
+  5. otherwise (one round overshot, or thr itself selects more than hi): levels above thr,
+     thr * 1.25^u (u = 1..8), are counted too; with t_a the lowest level whose count C_a <= hi
+     (the one above the chosen level; +inf if none fits), send every |g'_i| >= t_a and then the
+     entries of the band t_{a+1} <= |g'_i| < t_a in ascending index order until max(C_a, k)
+     are sent.  Every sent entry is within a factor 1.25 of every unsent one's magnitude, and
+     what is not sent stays in the residual;
+  6. compact the selected (index, g'_i) in ascending index order.
 
-  So the variable count lies in [0.8k, 1.3k] unless even thr * 0.8^7 selects fewer than 0.8k
-  (then all of those are sent).  In the common case the GPU reads the tensor twice (count,
-  compact) and the CPU once (its count pass keeps the candidates at thr_0).  Zeros are never
-  sent in variable mode (levels are clamped to >= 2^-149): an all-zero gradient gives an empty
-  payload.  ``exact_k=True`` sends exactly k: its extra last level 0 takes every element, so
-  with fewer than k nonzeros the lowest-index zeros fill up (the tie rule).  Its result is the
-  exact top-k of the whole tensor whatever thr is (the candidates always hold every |g'| >= the
-  k-th largest), so thr is aimed at ~1.25 k candidates: one pass finds >= k of them.
+  So the count lies in [0.8k, 1.3k] unless even thr * 0.8^7 selects fewer than 0.8k (then all
+  of those are sent).  The choice is a function of the level counts only (:func:`_choose`,
+  device ops), so **on a device nothing is read on the host**: the count pass counts all
+  sixteen levels, the choice and the scans stay on the device, and the payload has a fixed
+  capacity of hi entries, the unused tail padded with index n and value 0 (sent, ignored by
+  decoding).  On the CPU the count pass counts thr only (keeping its candidates), all sixteen
+  only when that count is out of [lo, hi], and the payload holds exactly the sent entries: the
+  same entries, bit for bit.  The GPU reads the tensor twice (count, compact), the CPU once in
+  the common case.  Zeros are never sent (levels are clamped to >= 2^-149): an all-zero
+  gradient gives an empty payload (all padding on a device).
 
-* ``mode="exact"``: exact top-k by magnitude (Dryden et al., MLHPC 2016), i.e. ``sampled`` with
-  ``exact_k=True``: the sample only bounds the candidate set, the result is the k largest
-  |g'|, ties to the lower index, identical to a full sort.
+* ``mode="exact"``: exact top-k by magnitude (Dryden et al., MLHPC 2016): the levels are the
+  eight below thr plus a last level 0 (every element), thr is aimed at ~1.25 k candidates
+  (t = min(m, ceil(1.25 ceil(ratio * m))) in step 2), the first level with count >= k is
+  compacted and, with more than k candidates, the exact top-k of them by |g'| is kept, ties to
+  the lower index: identical to a full sort whatever thr is (the candidates always hold every
+  |g'| >= the k-th largest).  With fewer than k nonzeros the lowest-index zeros fill up.
+  ``exact_k=True`` in the sampled mode is this mode.  The candidate count sizes the payload, so
+  this mode reads it on the host (on a device too).
 
 * ``mode="threshold"``: fixed threshold (Strom, Interspeech 2015): send every |g'| >= tau,
-  tau = fl32(``threshold``); the count is whatever it is (0 allowed).
+  tau = fl32(``threshold``); the count is whatever it is (0 allowed, read on the host).
 
 Threshold sample: want = min(n, max(ceil(sample_ratio * n), ceil(64 / ratio))) samples (at
 least 64 expected above the threshold, so its rank is off by ~1/8 at most typically); stride
@@ -47,8 +56,9 @@ r = 0 for fp32 values and r = g' - fp16(g') for fp16 values (fp16: round to near
 saturated at +-65504).  g' - fp16(g') is exact in fp32, so g + r_old = D(C(g')) + r_new holds
 exactly, except at a saturated fp16 entry (|g'| > 65504), whose r = fl32(g' -+ 65504) is rounded.
 
-Wire format: ``indices`` int32, strictly ascending, then ``values`` fp16 or fp32: 6 or 8 bytes per
-sent element.  :meth:`TopKCodec.decode_accumulate` adds workers in list order; the CPU path
+Wire format: ``indices`` int32, strictly ascending in [0, n), then (device payloads of the
+sampled mode) padding entries of index n; ``values`` fp16 or fp32: 6 or 8 bytes per entry.
+:meth:`TopKCodec.decode_accumulate` adds workers in list order, skipping padding; the CPU path
 (``csrc/topk.c``) and the CUDA path (``kernels/topk.cu``) give identical bits.
 """
 from __future__ import annotations
@@ -69,14 +79,17 @@ _P, _I64, _U64, _U32, _INT = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, 
                               ctypes.c_int)
 cpu.register("hvdc_topk_sample", _P, _P, _INT, _P, _I64, _I64, _U64, _U32, _U32, _INT)
 cpu.register("hvdc_topk_count", _P, _P, _INT, _I64, _P, _INT, _P, _INT, _P, _P, _I64, _P, _INT)
-cpu.register("hvdc_topk_compact", _P, _I64, _P, _P, _INT, _P, _P, _P, _I64, _P, _P, _P, _INT)
-cpu.register("hvdc_topk_finalize", _P, _P, _I64, _P, _INT, _P, _INT, _INT)
-cpu.register("hvdc_topk_check", _P, _I64, _I64, _P)
-cpu.register("hvdc_topk_scatter_add", _P, _P, _INT, _I64, _P, _INT)
+cpu.register("hvdc_topk_compact", _P, _I64, _P, _P, _P, _P, _INT, _P, _P, _P, _I64, _P, _P, _P, _INT)
+cpu.register("hvdc_topk_finalize", _P, _P, _I64, _I64, _P, _INT, _P, _INT, _INT)
+cpu.register("hvdc_topk_check", _P, _I64, _I64, _INT, _P)
+cpu.register("hvdc_topk_scatter_add", _P, _P, _INT, _I64, _I64, _P, _INT)
 cpu.register("hvdc_topk_normalize", _P, _I64, _P, _P, _INT)
 
-#: fl32(0.8^l): the threshold levels are thr * fl32(0.8^l) in fp32.
-_LEVEL_FACTORS = tuple(0.8 ** level for level in range(8))
+#: levels above the sampled threshold: thr * 1.25^u, u = _UP .. 1 (1.25^u is exact in fp32)
+_UP = 8
+#: the threshold levels, highest first: thr * 1.25^u (u = 8..1), then thr * fl32(0.8^l) (l < 8),
+#: each one fp32 product.  The exact and threshold modes use the lower eight only.
+_LEVEL_FACTORS = tuple(1.25 ** u for u in range(_UP, 0, -1)) + tuple(0.8 ** l for l in range(8))
 #: smallest positive fp32 (subnormal): the floor of every variable-mode level, so 0 is never sent.
 _SMALLEST = 2.0 ** -149
 #: the threshold sample has at least this many elements expected above the threshold.
@@ -170,13 +183,24 @@ class TopKCodec(Codec):
             idx, val = self._select(ops, x, key, residual)
         values = torch.empty(idx.numel(), dtype=self.value_dtype, device=x.device)
         if idx.numel():
-            ops.finalize(idx, val, values, residual)
+            ops.finalize(idx, val, values, residual, n)
         return Payload(n, {"indices": idx, "values": values})
+
+    def unpadded(self, payload: Payload) -> Payload:
+        idx = payload.parts["indices"]
+        c = int((idx < payload.numel).sum())
+        return Payload(payload.numel, {"indices": idx[:c], "values": payload.parts["values"][:c]})
+
+    def capacity(self, n: int) -> int:
+        """Entries of the sampled mode's fixed-capacity payload on a device: hi = floor(1.3 k)."""
+        return math.floor(Fraction(13, 10) * self.k(n))
 
     def _select(self, ops: "type[_CpuOps] | _CudaOps", x: torch.Tensor, key: RandomKey,
                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Selected (indices, fp32 g' values), ascending; updates residual to g + r."""
+        """Selected (indices, fp32 g' values), ascending; updates residual to g + r.  On a device
+        the sampled mode's are padded to :meth:`capacity` with index n (value 0)."""
         n, k = x.numel(), self.k(x.numel())
+        src = residual if residual is not None else x
         if self.mode == "threshold":
             levels = _constant((self.threshold,), x.device)
         else:
@@ -184,12 +208,14 @@ class TopKCodec(Codec):
             sample = ops.sample(x, residual, stride, m, key)
             t = ceil_ratio(self.ratio, m)
             thr = kth_largest(sample, min(m, math.ceil(Fraction(5, 4) * t)) if self.exact_k else t)
-            levels = torch.clamp_min(thr * _constant(_LEVEL_FACTORS, x.device), _SMALLEST)
+            factors = _LEVEL_FACTORS[_UP:] if self.exact_k else _LEVEL_FACTORS
+            levels = torch.clamp_min(thr * _constant(factors, x.device), _SMALLEST)
             if self.exact_k:
                 levels = torch.cat([levels, levels.new_zeros(1)])
+        if self.mode == "sampled" and not self.exact_k:
+            return self._select_bounded(ops, x, src, residual, levels, k)
+        # exact and threshold modes: the count sizes the payload (read on the host)
         lo = k if self.exact_k else math.ceil(Fraction(4, 5) * k)
-        src = residual if residual is not None else x
-        # counts: [levels, parts]; r <- g + r.  totals: the host sync of the common case.
         counts, scratch = ops.count(x, residual, levels[:1], k)
         totals = counts.sum(1).tolist()
         if totals[0] < lo and levels.numel() > 1:               # DGC's further rounds
@@ -197,13 +223,36 @@ class TopKCodec(Codec):
             counts = torch.cat([counts, more])
             totals += more.sum(1).tolist()
         level = next((l for l, c in enumerate(totals) if c >= lo), len(totals) - 1)
-        row = counts[level]
-        idx, val = ops.compact(src, levels[level:level + 1], torch.cumsum(row, 0) - row,
+        idx, val = ops.compact(src, levels[level].repeat(2), (_scan(counts[level]), None), 0,
                                totals[level], scratch)
-        hi = k if self.exact_k else math.floor(Fraction(13, 10) * k)
-        if self.mode != "threshold" and totals[level] > hi:
+        if self.mode != "threshold" and totals[level] > k:
             idx, val = top_k_by_magnitude(idx, val, k)
         return idx, val
+
+    def _select_bounded(self, ops: "type[_CpuOps] | _CudaOps", x: torch.Tensor, src: torch.Tensor,
+                        residual: torch.Tensor | None, levels: torch.Tensor,
+                        k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sampled mode: at most hi entries, chosen from the level counts on the device
+        (:func:`_choose`), so a device never reads the count.  The host counts the sampled level
+        first (with its candidate buffer) and all sixteen only when that count is out of range."""
+        lo, hi = math.ceil(Fraction(4, 5) * k), self.capacity(x.numel())
+        if ops.host:
+            counts, scratch = ops.count(x, residual, levels[_UP:_UP + 1], k)
+            total = int(counts.sum())
+            if lo <= total <= hi:                               # the common case: one pass
+                return ops.compact(src, levels[_UP].repeat(2), (_scan(counts[0]), None), 0, total,
+                                   scratch)
+            counts, scratch = ops.count(src, None, levels, 0)
+        else:
+            counts, scratch = ops.count(x, residual, levels, 0)
+        ext = torch.cat([counts.new_zeros(1, counts.shape[1]), counts])      # row 0: level +inf
+        a, c, budget = _choose(ext.sum(1), lo, hi, k)
+        pair = torch.stack([a, torch.clamp_max(a + 1, ext.shape[0] - 1)])
+        rows = ext.index_select(0, pair)
+        thresholds = torch.cat([_constant((math.inf,), x.device), levels]).index_select(0, pair)
+        capacity = int(c) if ops.host else hi
+        return ops.compact(src, thresholds, (_scan(rows[0]), _scan(rows[1] - rows[0])), budget,
+                           capacity, scratch)
 
     def decode_accumulate(self, payloads: Sequence[Payload], out: torch.Tensor) -> torch.Tensor:
         """out[idx_w] += D(values_w) for w = 0, 1, ... in list order (one fp32 addition per
@@ -220,10 +269,10 @@ class TopKCodec(Codec):
                     or val.device != out.device:
                 raise ValueError(f"worker {w}: not a top-k payload of {n} elements on {out.device}")
         ops = _ops(out.device)
-        ops.check([p.parts["indices"].contiguous() for p in payloads], n)
+        ops.check([p.parts["indices"].contiguous() for p in payloads], n, padded=True)
         for p in payloads:
             if p.parts["indices"].numel():
-                ops.scatter_add(p.parts["indices"].contiguous(), p.parts["values"].contiguous(), flat)
+                ops.scatter_add(p.parts["indices"].contiguous(), p.parts["values"].contiguous(), n, flat)
         return out
 
 
@@ -281,10 +330,10 @@ class GradDropCodec(TopKCodec):
                 ops.normalize(src[part], src[part].abs().amax().reshape(1), y[part])
             offset += size
         idx, _ = self._select(ops, y, key, None)
-        val = src[idx.to(torch.int64)]
+        val = src[torch.clamp_max(idx, n - 1).to(torch.int64)]         # padding (index n) reads 0's slot
         values = torch.empty(idx.numel(), dtype=self.value_dtype, device=x.device)
         if idx.numel():
-            ops.finalize(idx, val, values, residual)
+            ops.finalize(idx, val, values, residual, n)
         return Payload(n, {"indices": idx, "values": values})
 
 
@@ -299,6 +348,9 @@ class _CpuOps:
     ``cpu.threads()`` contiguous chunks.  The count pass also fills per-chunk buffers with the
     candidates at its lowest level (``scratch``, up to ``_CPU_BUFFER * buffer_k`` in all), which
     the compact pass filters instead of rereading the tensor."""
+
+    #: counts are host data: reading them costs nothing, and payloads are sized to their count
+    host = True
 
     @staticmethod
     def sample(x, r, stride, m, key):
@@ -321,27 +373,31 @@ class _CpuOps:
         return counts, (levels[-1:], buf_idx, buf_val, cap, fill)
 
     @staticmethod
-    def compact(src, thr, offsets, c, scratch):
+    def compact(src, thresholds, offsets, budget, capacity, scratch):
         buf_thr, buf_idx, buf_val, cap, fill = scratch
-        idx = torch.empty(c, dtype=torch.int32)
-        val = torch.empty(c, dtype=torch.float32)
-        cpu.call("hvdc_topk_compact", cpu.ptr(src, torch.float32), src.numel(), cpu.ptr(thr),
-                 cpu.ptr(offsets, torch.int64), offsets.numel(), cpu.ptr(buf_thr),
+        off_hi, off_band = offsets
+        off_band = torch.zeros_like(off_hi) if off_band is None else off_band
+        budget = torch.as_tensor(budget, dtype=torch.int64).reshape(1)
+        idx = torch.empty(capacity, dtype=torch.int32)
+        val = torch.empty(capacity, dtype=torch.float32)
+        cpu.call("hvdc_topk_compact", cpu.ptr(src, torch.float32), src.numel(),
+                 cpu.ptr(thresholds, torch.float32), cpu.ptr(budget), cpu.ptr(off_hi, torch.int64),
+                 cpu.ptr(off_band, torch.int64), off_hi.numel(), cpu.ptr(buf_thr),
                  cpu.ptr(buf_idx), cpu.ptr(buf_val), cap, cpu.ptr(fill), cpu.ptr(idx),
                  cpu.ptr(val), cpu.threads())
         return idx, val
 
     @staticmethod
-    def finalize(idx, val, values, r):
+    def finalize(idx, val, values, r, n):
         cpu.call("hvdc_topk_finalize", cpu.ptr(idx, torch.int32), cpu.ptr(val, torch.float32),
-                 idx.numel(), cpu.ptr(values), int(values.dtype == torch.float16), _opt(r),
+                 idx.numel(), n, cpu.ptr(values), int(values.dtype == torch.float16), _opt(r),
                  int(r is not None), cpu.threads())
 
     @staticmethod
-    def check(indices, n):
+    def check(indices, n, padded=False):
         bad = ctypes.c_int64()
         for w, idx in enumerate(indices):
-            cpu.call("hvdc_topk_check", cpu.ptr(idx, torch.int32), idx.numel(), n,
+            cpu.call("hvdc_topk_check", cpu.ptr(idx, torch.int32), idx.numel(), n, int(padded),
                      ctypes.byref(bad))
             if bad.value >= 0:
                 raise _bad_index_error(w, idx, n, bad.value)
@@ -352,9 +408,9 @@ class _CpuOps:
                  cpu.ptr(out), cpu.threads())
 
     @staticmethod
-    def scatter_add(idx, values, out):
+    def scatter_add(idx, values, n, out):
         cpu.call("hvdc_topk_scatter_add", cpu.ptr(idx, torch.int32), cpu.ptr(values),
-                 int(values.dtype == torch.float16), idx.numel(), cpu.ptr(out, torch.float32),
+                 int(values.dtype == torch.float16), idx.numel(), n, cpu.ptr(out, torch.float32),
                  cpu.threads())
 
 
@@ -369,6 +425,8 @@ class _CudaOps:
 
     _TILE = 256 * 16        # TOPK_THREADS * TOPK_ITEMS of kernels/topk.cu
     _THREADS = 256
+    #: nothing may be read on the host: the sampled mode's payloads have a fixed capacity
+    host = False
 
     def __init__(self, kernels) -> None:
         self.kernels = kernels
@@ -394,27 +452,33 @@ class _CudaOps:
                    np.int32(levels.numel()), counts))
         return counts, None
 
-    def compact(self, src, thr, offsets, c, scratch):
-        idx = torch.empty(c, dtype=torch.int32, device=src.device)
-        val = torch.empty(c, dtype=torch.float32, device=src.device)
-        if c:
-            self._run("hvdc_topk_compact", src.device, offsets.numel(),
-                      (src, np.int64(src.numel()), thr, offsets, idx, val))
+    def compact(self, src, thresholds, offsets, budget, capacity, scratch):
+        n, dev = src.numel(), src.device
+        off_hi, off_band = offsets
+        off_band = torch.zeros_like(off_hi) if off_band is None else off_band
+        if not isinstance(budget, torch.Tensor):
+            budget = torch.full((1,), budget, dtype=torch.int64, device=dev)
+        idx = torch.full((capacity,), n, dtype=torch.int32, device=dev)      # n: padding
+        val = torch.zeros(capacity, dtype=torch.float32, device=dev)
+        if capacity:
+            self._run("hvdc_topk_compact", dev, off_hi.numel(),
+                      (src, np.int64(n), thresholds, budget.reshape(1), off_hi, off_band, idx, val))
         return idx, val
 
-    def finalize(self, idx, val, values, r):
+    def finalize(self, idx, val, values, r, n):
         self._run("hvdc_topk_finalize", idx.device, self._grid(idx.numel(), idx.device),
-                  (idx, val, np.int64(idx.numel()), values, np.int32(values.dtype == torch.float16),
-                   val if r is None else r, np.int32(r is not None)))
+                  (idx, val, np.int64(idx.numel()), np.int64(n), values,
+                   np.int32(values.dtype == torch.float16), val if r is None else r,
+                   np.int32(r is not None)))
 
-    def check(self, indices, n):
+    def check(self, indices, n, padded=False):
         if not indices:
             return
         bad = torch.zeros(len(indices), dtype=torch.int32, device=indices[0].device)
         for w, idx in enumerate(indices):
             if idx.numel():
                 self._run("hvdc_topk_check", idx.device, self._grid(idx.numel(), idx.device),
-                          (idx, np.int64(idx.numel()), np.int64(n), bad[w:w + 1]))
+                          (idx, np.int64(idx.numel()), np.int64(n), np.int32(padded), bad[w:w + 1]))
         for w, flag in enumerate(bad.tolist()):              # one host sync per decode
             if flag:
                 raise _bad_index_error(w, indices[w], n)
@@ -423,9 +487,37 @@ class _CudaOps:
         self._run("hvdc_topk_normalize", src.device, self._grid(src.numel(), src.device),
                   (src, np.int64(src.numel()), divisor, out))
 
-    def scatter_add(self, idx, values, out):
+    def scatter_add(self, idx, values, n, out):
         self._run("hvdc_topk_scatter_add", idx.device, self._grid(idx.numel(), idx.device),
-                  (idx, values, np.int32(values.dtype == torch.float16), np.int64(idx.numel()), out))
+                  (idx, values, np.int32(values.dtype == torch.float16), np.int64(idx.numel()),
+                   np.int64(n), out))
+
+
+def _scan(row: torch.Tensor) -> torch.Tensor:
+    """Exclusive prefix sums (int64) of a row of per-part counts: where each part writes."""
+    return torch.cumsum(row, 0) - row
+
+
+def _choose(totals: torch.Tensor, lo: int, hi: int, k: int) -> tuple[torch.Tensor, ...]:
+    """The sampled mode's selection from its level counts, in device ops (no host read).
+
+    ``totals[j]``: #{|g'| >= t_j} for t_0 = +inf > t_1 = thr 1.25^8 > ... > t_9 = thr > ... >
+    t_16 = thr 0.8^7 (non-decreasing in j).  DGC's rule picks j, the first level from thr down
+    whose count reaches lo (the last if none).  If C_j <= hi, every |g'| >= t_j is sent (a = j,
+    c = C_j).  Otherwise a is the lowest level above j with C_a <= hi (j - 1 below thr; above
+    thr, the first upward level that fits): every |g'| >= t_a is sent, and the band
+    t_{a+1} <= |g'| < t_a fills up to c = max(C_a, k) entries in index order.  Returns (a, c,
+    band budget c - C_a) as 0-dim int64 tensors."""
+    j_thr = _UP + 1
+    position = torch.arange(totals.numel(), device=totals.device)
+    reaches = (totals >= lo) & (position >= j_thr)
+    j = torch.where(reaches.any(), torch.argmax(reaches.to(torch.int32)), totals.numel() - 1)
+    c_j = totals.gather(0, j.reshape(1))[0]
+    fits = c_j <= hi
+    a = torch.where(fits, j, (totals <= hi).sum() - 1)     # counts <= hi: a prefix of the levels
+    c_a = totals.gather(0, a.reshape(1))[0]
+    c = torch.where(fits, c_j, torch.clamp_min(c_a, k))
+    return a, c, c - c_a
 
 
 @lru_cache(maxsize=None)

@@ -30,13 +30,14 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from ..backends import on_device
 from ..codecs.rng import rank_seed, splitmix64
 from ..routes.base import Job, Link, Pending, Speed
 from . import cost
 from .buckets import Bucket, Member, assign_buckets
 from .plan import DENSE, Plan, plan_bucket
 from .config_check import config_table, describe_differences
-from .finite import DeviceFlags, all_finite, check_on_host, on_device
+from .finite import DeviceFlags, all_finite, check_on_host
 from .header import Header
 from .persist import Restore, checked_restore, saved_state
 from .state import BucketState

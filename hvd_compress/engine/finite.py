@@ -19,12 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backends import kernel_backend
-
-
-def on_device(x: torch.Tensor) -> bool:
-    """Whether ``x`` is device memory as the codecs see it (CUDA, or the emulated CUDA path)."""
-    return kernel_backend(x.device) is not None
+from ..backends import on_device
 
 
 def all_finite(t: torch.Tensor) -> bool:

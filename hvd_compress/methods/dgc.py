@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from ..backends import on_device
 from ..codecs.base import Codec
 from ..engine.state import MEMBER
 from .base import register
@@ -92,11 +93,20 @@ class DGC(TopK):
         return u_new
 
     def after_encode(self, bucket, pending, state):
-        # momentum factor masking: u <- 0 where v was sent (this rank's own entries)
+        # momentum factor masking: u <- 0 where v was sent (this rank's own entries).  A device
+        # payload's padding (index seg.numel) goes to a spare last slot of a mask; host payloads
+        # hold the sent entries only and need no dense pass.
         u_new = state.buffers["momentum"].working
+        device = on_device(u_new)
+        mask = torch.zeros(u_new.numel() + 1, dtype=torch.bool, device=u_new.device) if device else None
         for payload, seg in zip(pending.payloads, bucket.segments(self.scope)):
-            sent = payload.parts["indices"].to(torch.int64) + seg.offset
-            u_new.index_fill_(0, sent, 0.0)
+            idx = payload.parts["indices"].to(torch.int64)
+            if device:
+                mask.index_fill_(0, torch.where(idx < seg.numel, idx + seg.offset, u_new.numel()), True)
+            else:
+                u_new.index_fill_(0, idx + seg.offset, 0.0)
+        if device:
+            u_new.masked_fill_(mask[:-1], 0.0)
 
     def state_names(self) -> dict[str, str]:
         return {**super().state_names(), "momentum": MEMBER}

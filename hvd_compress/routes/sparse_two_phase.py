@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from ..backends import on_device
 from ..codecs.base import Payload
 from . import wire
 from .base import Job, Link, Pending, Route, Speed, chunk_bounds, codec_seconds, encode_segments
@@ -33,9 +34,13 @@ class SparseTwoPhaseRoute(Route):
 
     def start(self, job: Job) -> Pending:
         payloads = encode_segments(job)
-        index = torch.cat([p.parts["indices"].to(torch.int64) + seg.offset
+        # a device payload's padding (index seg.numel) maps past the bucket: after the last cut
+        index = torch.cat([_bucket_index(p.parts["indices"], seg.offset, seg.numel, job.x.numel())
                            for p, seg in zip(payloads, job.segments)])
         values = torch.cat([p.parts["values"] for p in payloads])
+        if on_device(index):                # padding between segments: sort it to the end
+            index, order = torch.sort(index, stable=True)
+            values = values[order]
         size, device = job.comm.size, job.x.device
         bounds = chunk_bounds(job.x.numel(), size)
         cuts = torch.searchsorted(index, torch.tensor(bounds, dtype=torch.int64, device=device)).tolist()
@@ -61,3 +66,10 @@ class SparseTwoPhaseRoute(Route):
         # phase 2 re-sparsifies each slice at the same ratio: about the same bytes again
         return (2 * link.latency_s + 2 * (world - 1) / world * payload_bytes / link.bytes_per_s
                 + codec_seconds(n * (world + 1) / world, 2, 2 * segments + 2 * world + 1, speed))
+
+
+def _bucket_index(indices: torch.Tensor, offset: int, numel: int, total: int) -> torch.Tensor:
+    """A segment's payload indices in the bucket's index space; padding (index ``numel``) becomes
+    ``total``, beyond every owner's slice."""
+    idx = indices.to(torch.int64)
+    return torch.where(idx < numel, idx + offset, total)

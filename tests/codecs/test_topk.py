@@ -61,9 +61,24 @@ def reference(codec: TopKCodec, g: torch.Tensor, r: torch.Tensor | None, key: Ra
     counts = [int((a >= t).sum()) for t in levels]
     level = next((l for l, c in enumerate(counts) if c >= lo), len(levels) - 1)
     sel = np.flatnonzero(a >= levels[level])
-    if codec.mode != "threshold" and sel.size > hi:
+    if codec.mode == "threshold" or sel.size <= hi:
+        return sel, gp[sel], gp
+    if codec.exact_k:
         order = np.lexsort((sel, -a[sel]))          # by |g'| descending, then index ascending
         sel = np.sort(sel[order[:k]])
+        return sel, gp[sel], gp
+    # sampled, too many at the chosen level: the lowest level above it with <= hi entries (the
+    # upward levels thr * 1.25^u, or +inf), then the band below it in index order up to k
+    above = [max(np.float32(thr) * np.float32(1.25 ** u), np.float32(2.0 ** -149))
+             for u in range(8, 0, -1)][::-1]        # thr 1.25, ..., thr 1.25^8
+    if level > 0:
+        upper = levels[level - 1]
+    else:
+        upper = next((t for t in above if (a >= t).sum() <= hi), np.float32(np.inf))
+    lower = levels[level] if level > 0 else max([t for t in [levels[0]] + above if t < upper])
+    sure = np.flatnonzero(a >= upper)
+    band = np.flatnonzero((a >= lower) & (a < upper))
+    sel = np.sort(np.concatenate([sure, band[:max(k - sure.size, 0)]]))
     return sel, gp[sel], gp
 
 
@@ -160,6 +175,22 @@ def test_threshold_lowered_by_0_8_until_enough(others, level):
     assert 10.0 * 0.8 ** level <= others < 10.0 * 0.8 ** (level - 1)
 
 
+def test_an_overshooting_round_fills_its_band_in_index_order():
+    """thr selects too few, thr * 0.8 far more than hi: everything >= thr is sent, then the
+    lowest-index entries of [0.8 thr, thr) until k are sent; the rest stays in the residual."""
+    codec = TopKCodec()
+    g = plant_sample(10.0, 8.5, 6000, codec)
+    p = assert_payload_matches_reference(codec, g, torch.zeros(N), KEY)
+    r = torch.zeros(N)
+    assert torch.equal(codec.encode(g, KEY, residual=r).parts["indices"], p.parts["indices"])
+    idx, k = p.parts["indices"].long(), codec.k(N)
+    tops = torch.nonzero(g == 10.0).flatten()
+    band = torch.nonzero(g == 8.5).flatten()
+    assert idx.numel() == k and set(tops.tolist()) <= set(idx.tolist())
+    assert torch.equal(idx[g[idx] == 8.5], band[:k - tops.numel()])
+    assert bool((r[band[k - tops.numel():]] == 8.5).all())
+
+
 def test_threshold_mode_sends_every_element_above_tau():
     g, r = make("normal"), torch.zeros(N)
     p = assert_payload_matches_reference(TopKCodec(mode="threshold", threshold=2.5), g, r, KEY)
@@ -250,8 +281,9 @@ def test_decode_accumulate_adds_workers_in_list_order():
     assert torch.equal(out, ref)
 
 
-@pytest.mark.parametrize("idx, why", [([0, 3], "index 3"), ([-1, 2], "index -1"),
-                                      ([2, 1], "index 1"), ([1, 1], "index 1")])
+@pytest.mark.parametrize("idx, why", [([0, 4], "index 4"), ([-1, 2], "index -1"),
+                                      ([2, 1], "index 1"), ([1, 1], "index 1"),
+                                      ([3, 1], "index 1")])     # an entry after the padding
 def test_decode_rejects_bad_indices_before_writing(idx, why):
     out = torch.zeros(3)
     with pytest.raises(IndexError, match=f"worker 1.*{why}"):
@@ -259,6 +291,13 @@ def test_decode_rejects_bad_indices_before_writing(idx, why):
     assert out.tolist() == [0.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="worker 0"):
         TopKCodec().decode_accumulate([payload(4, [0], [1.0])], out)
+
+
+def test_padding_is_ignored_by_decoding():
+    """A device payload's unused tail (index n, value 0) adds nothing, not even to a -0.0."""
+    out = torch.tensor([-0.0, 1.0, 2.0])
+    TopKCodec().decode_accumulate([payload(3, [1, 3, 3], [5.0, 0.0, 0.0]), payload(3, [3], [0.0])], out)
+    assert out.tolist() == [0.0, 6.0, 2.0] and math.copysign(1.0, float(out[0])) == -1.0
 
 
 # ---- edge cases --------------------------------------------------------------------------------
@@ -333,6 +372,16 @@ def test_invalid_arguments():
 
 # ---- golden vectors ----------------------------------------------------------------------------
 
+def sent(p: Payload, device: bool) -> Payload:
+    """A payload on the host without its padding, which must be a device payload's whole tail
+    (index n, value 0) and appear on a device only."""
+    idx, val = p.parts["indices"].cpu(), p.parts["values"].cpu()
+    c = TopKCodec().unpadded(p).parts["indices"].numel()
+    assert torch.equal(idx[c:], torch.full_like(idx[c:], p.numel)) and not val[c:].any()
+    assert device or c == idx.numel(), "host payloads hold the sent entries only"
+    return Payload(p.numel, {"indices": idx[:c], "values": val[:c]})
+
+
 @pytest.fixture(scope="module")
 def golden_arrays():
     with np.load(golden.PATH) as data:
@@ -347,8 +396,8 @@ def check_golden(arrays, kernels=None):
         for name in golden.CASES:
             g = put(arrays[f"{name}/g"])
             r = put(arrays[f"{name}/r"]) if f"{name}/r" in arrays else None
-            p = golden.run_case(name, g, r)
-            assert torch.equal(p.parts["indices"].cpu(), arrays[f"{name}/indices"]), name
+            p = sent(golden.run_case(name, g, r), kernels is not None)
+            assert torch.equal(p.parts["indices"], arrays[f"{name}/indices"]), name
             assert np.array_equal(golden.values_array(p.parts["values"]),
                                   arrays[f"{name}/values"].numpy()), name
             if r is not None:
@@ -384,14 +433,16 @@ def test_cuda_matches_cpu(kind, kwargs, n, kernels):
     with kernels:
         p_gpu = codec.encode(kernels.put(g), key, residual=r_gpu)
         codec.decode_accumulate([p_gpu, p_gpu], out_gpu)
+    padded = codec.mode == "sampled" and not codec.exact_k
+    assert p_gpu.parts["indices"].numel() == (codec.capacity(n) if padded else p_cpu.parts["indices"].numel())
     for part in p_cpu.parts:
-        assert torch.equal(p_cpu.parts[part], p_gpu.parts[part].cpu()), part
+        assert torch.equal(p_cpu.parts[part], sent(p_gpu, True).parts[part]), part
     assert torch.equal(r_cpu, r_gpu.cpu())
     assert torch.equal(out_cpu, out_gpu.cpu())
 
 
 def test_cuda_decode_rejects_bad_indices(kernels):
-    p = payload(3, [0, 3], [1.0, 1.0])
+    p = payload(3, [0, 4], [1.0, 1.0])
     p.parts = {k: kernels.put(v) for k, v in p.parts.items()}
     out = kernels.put(torch.zeros(3))
     with kernels, pytest.raises(IndexError, match="worker 0"):

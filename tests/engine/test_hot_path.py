@@ -99,3 +99,20 @@ def test_non_finite_on_the_device_path_gives_the_host_bits(spec, grad_fn):
         h_engine.finalize()
         d_engine.finalize()
         assert h_engine.stats.skipped_steps == d_engine.stats.skipped_steps == 1
+
+
+@pytest.mark.emu
+@pytest.mark.parametrize("spec,grad_fn", [
+    ("topk:route='allgather'", grad), ("topk:route='sparse_two_phase'", grad),
+    ("dgc:route='allgather'", grad), ("dgc:route='sparse_two_phase'", grad),
+    ("graddrop:route='allgather'", _poisoned)])
+def test_fixed_capacity_top_k_gives_the_host_bits(spec, grad_fn):
+    """The top-k family's device payloads have a fixed capacity (padding after the sent entries,
+    no host read of the count); decoding, DGC's momentum masking and the sparse two-phase split
+    skip the padding, so every step's outputs match the host path's bit for bit."""
+    host = run_engines(spec, 2, steps=3, grad_fn=grad_fn)
+    device = run_engines(spec, 2, steps=3, grad_fn=grad_fn, cuda_path=True)
+    for rank in range(2):
+        for step in range(3):
+            for a, b in zip(host[rank][0][step], device[rank][0][step]):
+                assert same_bits(a, b), (rank, step)

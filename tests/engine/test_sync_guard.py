@@ -41,9 +41,8 @@ STEPS, WATCHED_FROM = 4, 2        # the first steps plan (and re-plan with the t
 
 #: every site (module:function, the innermost of the package) that still reads, and why
 REASONS = {
-    "codecs/topk.py:_select": "top-k's selected count sizes its payload (the level choice and the "
-                              "exact-k trim branch on it); fixed-capacity payloads with the count "
-                              "in-band are the replacement (docs/design.md, 'The hot path')",
+    "codecs/topk.py:_select": "STC's exact top-k: with more than k candidates the exact trim "
+                              "branches on their count, which sizes the payload",
     "routes/sparse_two_phase.py:start": "the alltoall's split points follow the selected indices; "
                                         "fixed-capacity chunks per destination are the replacement",
     "codecs/ternary.py:_encode": "AdaComp's and STC's payload sizes follow the data (the count of "
@@ -57,15 +56,14 @@ REASONS = {
     "codecs/laq.py:_encode": "LAQ sends an empty payload for a zero radius (a size that follows the data)",
 }
 
-TOPK = {"codecs/topk.py:_select"}
-SPARSE_TWO_PHASE = TOPK | {"routes/sparse_two_phase.py:start"}
+SPARSE_TWO_PHASE = {"routes/sparse_two_phase.py:start"}
 EXPECTED = {
-    "topk:allgather": TOPK, "topk:sparse_two_phase": SPARSE_TWO_PHASE,
-    "dgc:allgather": TOPK, "dgc:sparse_two_phase": SPARSE_TWO_PHASE,
-    "graddrop:allgather": TOPK, "graddrop:sparse_two_phase": SPARSE_TWO_PHASE,
+    "topk:sparse_two_phase": SPARSE_TWO_PHASE,
+    "dgc:sparse_two_phase": SPARSE_TWO_PHASE,
+    "graddrop:sparse_two_phase": SPARSE_TWO_PHASE,
     "adacomp:allgather": {"codecs/ternary.py:_encode"},
-    "stc:allgather": TOPK | {"codecs/ternary.py:_encode", "codecs/base.py:as_fp32_flat",
-                             "codecs/base.py:overflow_check"},
+    "stc:allgather": {"codecs/topk.py:_select", "codecs/ternary.py:_encode",
+                      "codecs/base.py:as_fp32_flat", "codecs/base.py:overflow_check"},
     "esgd:allgather": {"methods/esgd.py:prepare", "codecs/base.py:as_fp32_flat", "codecs/base.py:overflow_check"},
     "laq:allgather": {"methods/laq.py:prepare", "codecs/laq.py:_encode"},
 }
