@@ -4,6 +4,7 @@ and the checks the tests share."""
 from __future__ import annotations
 
 import contextlib
+import math
 import zlib
 
 import torch
@@ -91,8 +92,10 @@ def assert_ranks_agree(results) -> None:
                 assert same_bits(a, b)
 
 
-def simulate_two_phase(spec: str, world: int, steps: int = 2, sparse: bool = False):
-    """The two-phase routes by hand over the bucket [p1, p0] (5000 elements)."""
+def simulate_two_phase(spec: str, world: int, steps: int = 2, sparse: bool = False, grad_fn=grad):
+    """The two-phase routes by hand over the bucket [p1, p0] (5000 elements).  Sparse: an owner
+    takes at most ceil(1.5 C / P) entries of a rank (C: the segments' capacities), the rest go
+    back into that rank's residual."""
     method = methods.from_spec(spec)
     codec, seed = method.codec_at(0, world), method.seed
     members = members_of(method)
@@ -104,7 +107,7 @@ def simulate_two_phase(spec: str, world: int, steps: int = 2, sparse: bool = Fal
     server_r = [torch.zeros(bounds[c + 1] - bounds[c]) for c in range(world)]
     out = []
     for step in range(steps):
-        flat = [torch.cat([grad(r, step, m).reshape(-1) for m in big]) for r in range(world)]
+        flat = [torch.cat([grad_fn(r, step, m).reshape(-1) for m in big]) for r in range(world)]
         chunk_payloads = [[None] * world for _ in range(world)]   # [owner][sender]
         for r in range(world):
             if sparse:
@@ -116,8 +119,11 @@ def simulate_two_phase(spec: str, world: int, steps: int = 2, sparse: bool = Fal
                     idx.append(p.parts["indices"].long() + off)
                     val.append(p.parts["values"])
                 idx, val = torch.cat(idx), torch.cat(val)
+                cap = math.ceil(1.5 * (codec.capacity(2000) + codec.capacity(3000)) / world)
                 for c in range(world):
-                    keep = (idx >= bounds[c]) & (idx < bounds[c + 1])
+                    run = torch.nonzero((idx >= bounds[c]) & (idx < bounds[c + 1])).flatten()
+                    keep, back = run[:cap], run[cap:]
+                    worker_r[r].index_add_(0, idx[back], val[back].float())
                     chunk_payloads[c][r] = Payload(
                         bounds[c + 1] - bounds[c], {"indices": (idx[keep] - bounds[c]).int(), "values": val[keep]})
             else:

@@ -192,8 +192,11 @@ class TopKCodec(Codec):
         return Payload(payload.numel, {"indices": idx[:c], "values": payload.parts["values"][:c]})
 
     def capacity(self, n: int) -> int:
-        """Entries of the sampled mode's fixed-capacity payload on a device: hi = floor(1.3 k)."""
-        return math.floor(Fraction(13, 10) * self.k(n))
+        """The most entries an n-element payload holds: floor(1.3 k) in the sampled mode (a
+        device payload's fixed size), k when exactly k are sent, n for a fixed threshold."""
+        if self.mode == "threshold":
+            return n
+        return self.k(n) if self.exact_k else math.floor(Fraction(13, 10) * self.k(n))
 
     def _select(self, ops: "type[_CpuOps] | _CudaOps", x: torch.Tensor, key: RandomKey,
                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -181,6 +181,31 @@ def test_sparse_two_phase_route_matches_simulation(world):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+def _one_sided(rank, step, m):
+    """p1's gradient 100x larger in its first 500 entries: rank 0's entries crowd owner 0's slice."""
+    g = grad(rank, step, m)
+    if m.name == "p1":
+        g.reshape(-1)[:500] *= 100.0
+    return g
+
+
+@pytest.mark.parametrize("cuda_path", [False, True])
+def test_sparse_two_phase_puts_an_owners_overflow_back_into_the_residual(cuda_path):
+    """At 8 ranks an owner takes at most ceil(1.5 C / 8) = 61 entries of a rank (C = 325 at 5%);
+    p1's large entries (at least 0.8 k = 80) all lie in owner 0's slice, so the rest of that run
+    goes back into the residual (exactly g': sent later), as the hand simulation does; host and
+    device agree."""
+    spec, world = "topk:ratio=0.05", 8
+    codec = methods.from_spec(spec).codec_at(0, world)
+    assert math.ceil(1.5 * (codec.capacity(2000) + codec.capacity(3000)) / world) < 0.8 * codec.k(2000)
+    results = run_engines(spec + ",route='sparse_two_phase'", world, steps=3, grad_fn=_one_sided,
+                          cuda_path=cuda_path)
+    assert_ranks_agree(results)
+    want = simulate_two_phase(spec, world, steps=3, sparse=True, grad_fn=_one_sided)
+    for got, w in zip(results[0][0], want):
+        assert torch.equal(got[0], w[0]) and torch.equal(got[1], w[1])
+
+
 def test_sparse_two_phase_bytes_stay_flat_as_the_world_grows():
     received = {}
     for route in ("allgather", "sparse_two_phase"):

@@ -43,8 +43,6 @@ STEPS, WATCHED_FROM = 4, 2        # the first steps plan (and re-plan with the t
 REASONS = {
     "codecs/topk.py:_select": "STC's exact top-k: with more than k candidates the exact trim "
                               "branches on their count, which sizes the payload",
-    "routes/sparse_two_phase.py:start": "the alltoall's split points follow the selected indices; "
-                                        "fixed-capacity chunks per destination are the replacement",
     "codecs/ternary.py:_encode": "AdaComp's and STC's payload sizes follow the data (the count of "
                                  "selected entries, the Golomb-coded length)",
     "codecs/base.py:as_fp32_flat": "STC's and eSGD's mean |g| (local_scales) checks its input on "
@@ -56,11 +54,7 @@ REASONS = {
     "codecs/laq.py:_encode": "LAQ sends an empty payload for a zero radius (a size that follows the data)",
 }
 
-SPARSE_TWO_PHASE = {"routes/sparse_two_phase.py:start"}
 EXPECTED = {
-    "topk:sparse_two_phase": SPARSE_TWO_PHASE,
-    "dgc:sparse_two_phase": SPARSE_TWO_PHASE,
-    "graddrop:sparse_two_phase": SPARSE_TWO_PHASE,
     "adacomp:allgather": {"codecs/ternary.py:_encode"},
     "stc:allgather": {"codecs/topk.py:_select", "codecs/ternary.py:_encode",
                       "codecs/base.py:as_fp32_flat", "codecs/base.py:overflow_check"},
