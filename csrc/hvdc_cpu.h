@@ -14,10 +14,11 @@ void hvdc_topk_sample(const float *g, const float *r, int has_r, float *out, hvd
 void hvdc_topk_count(const float *g, float *r, int has_r, hvdc_i64 n, const float *levels,
                      int nlevels, hvdc_i64 *counts, int nchunks, hvdc_i32 *buf_idx,
                      float *buf_val, hvdc_i64 cap, hvdc_i64 *fill, int nthreads);
-void hvdc_topk_compact(const float *src, hvdc_i64 n, const float *t, const hvdc_i64 *budget_p,
-                       const hvdc_i64 *off_hi, const hvdc_i64 *off_band, int nchunks,
-                       const float *buf_thr, const hvdc_i32 *buf_idx, const float *buf_val,
-                       hvdc_i64 cap, const hvdc_i64 *fill, hvdc_i32 *idx, float *val, int nthreads);
+void hvdc_topk_compact(const float *src, hvdc_i64 n, const float *t_hi_p, const float *t_lo_p,
+                       hvdc_i64 budget, const hvdc_i64 *off_hi, const hvdc_i64 *off_band,
+                       int nchunks, const float *buf_thr, const hvdc_i32 *buf_idx,
+                       const float *buf_val, hvdc_i64 cap, const hvdc_i64 *fill, hvdc_i32 *idx,
+                       float *val, int nthreads);
 void hvdc_topk_finalize(const hvdc_i32 *idx, const float *cand, hvdc_i64 c, hvdc_i64 n, void *vals,
                         int fp16, float *r, int has_r, int nthreads);
 void hvdc_topk_check(const hvdc_i32 *idx, hvdc_i64 c, hvdc_i64 n, int padded, hvdc_i64 *bad);

@@ -112,8 +112,8 @@ void hvdc_topk_count(const float *g, float *r, int has_r, hvdc_i64 n, const floa
     }
 }
 
-/* The selection of kernels/topk.cu's compact: every |v| >= t[0], and the first *budget entries of
- * the band t[1] <= |v| < t[0] in index order; chunk c starts from its scans off_hi[c], off_band[c]. */
+/* The selection of kernels/topk.cu's compact: every |v| >= t_hi, and the first `budget` entries of
+ * the band t_lo <= |v| < t_hi in index order; chunk c starts from its scans off_hi[c], off_band[c]. */
 static inline void take(hvdc_i32 i, float v, float t_hi, float t_lo, hvdc_i64 budget,
                         hvdc_i64 *above, hvdc_i64 *band, hvdc_i32 *idx, float *val)
 {
@@ -132,16 +132,16 @@ static inline void take(hvdc_i32 i, float v, float t_hi, float t_lo, hvdc_i64 bu
     }
 }
 
-void hvdc_topk_compact(const float *src, hvdc_i64 n, const float *t, const hvdc_i64 *budget_p,
-                       const hvdc_i64 *off_hi, const hvdc_i64 *off_band, int nchunks,
-                       const float *buf_thr, const hvdc_i32 *buf_idx, const float *buf_val,
-                       hvdc_i64 cap, const hvdc_i64 *fill, hvdc_i32 *idx, float *val, int nthreads)
+void hvdc_topk_compact(const float *src, hvdc_i64 n, const float *t_hi_p, const float *t_lo_p,
+                       hvdc_i64 budget, const hvdc_i64 *off_hi, const hvdc_i64 *off_band,
+                       int nchunks, const float *buf_thr, const hvdc_i32 *buf_idx,
+                       const float *buf_val, hvdc_i64 cap, const hvdc_i64 *fill, hvdc_i32 *idx,
+                       float *val, int nthreads)
 {
-    float t_hi = t[0], t_lo = t[1];
-    hvdc_i64 budget = *budget_p;
+    float t_hi = *t_hi_p, t_lo = *t_lo_p;
     #pragma omp parallel for num_threads(nthreads) schedule(static) if(n >= TOPK_CPU_PARALLEL_MIN)
     for (int c = 0; c < nchunks; ++c) {
-        hvdc_i64 above = off_hi[c], band = off_band[c];
+        hvdc_i64 above = off_hi[c], band = off_band ? off_band[c] : 0;   /* NULL: no band */
         if (fill[c] >= 0 && t_lo >= *buf_thr) {          /* the buffer holds a superset */
             const hvdc_i32 *bi = buf_idx + c * cap;
             const float *bv = buf_val + c * cap;

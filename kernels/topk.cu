@@ -82,16 +82,17 @@ hvdc_topk_count(const float *g, float *r, int has_r, long long n, const float *l
     }
 }
 
-/* Same grid as hvdc_topk_count.  Takes every |v| >= t[0] and the first *budget entries (in index
- * order) of the band t[1] <= |v| < t[0]; off_hi[b] and off_band[b] are exclusive scans of the
+/* Same grid as hvdc_topk_count.  Takes every |v| >= *t_hi and the first *budget entries (in index
+ * order) of the band *t_lo <= |v| < *t_hi; off_hi[b] and off_band[b] are exclusive scans of the
  * blocks' counts of the two kinds, so an entry taken lands at (#above before it) +
  * min(#band before it, budget): ascending, with no shared counter. */
 extern "C" __global__ __launch_bounds__(TOPK_THREADS) void
-hvdc_topk_compact(const float *src, long long n, const float *t, const long long *budget_p,
-                  const long long *off_hi, const long long *off_band, int *idx, float *val)
+hvdc_topk_compact(const float *src, long long n, const float *t_hi_p, const float *t_lo_p,
+                  const long long *budget_p, const long long *off_hi, const long long *off_band,
+                  int *idx, float *val)
 {
     __shared__ int warp_hi[TOPK_WARPS], warp_band[TOPK_WARPS];
-    float t_hi = t[0], t_lo = t[1];
+    float t_hi = *t_hi_p, t_lo = *t_lo_p;
     long long budget = *budget_p;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     unsigned int lanes_below = (1u << lane) - 1u;

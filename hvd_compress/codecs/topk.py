@@ -79,7 +79,7 @@ _P, _I64, _U64, _U32, _INT = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, 
                               ctypes.c_int)
 cpu.register("hvdc_topk_sample", _P, _P, _INT, _P, _I64, _I64, _U64, _U32, _U32, _INT)
 cpu.register("hvdc_topk_count", _P, _P, _INT, _I64, _P, _INT, _P, _INT, _P, _P, _I64, _P, _INT)
-cpu.register("hvdc_topk_compact", _P, _I64, _P, _P, _P, _P, _INT, _P, _P, _P, _I64, _P, _P, _P, _INT)
+cpu.register("hvdc_topk_compact", _P, _I64, _P, _P, _I64, _P, _P, _INT, _P, _P, _P, _I64, _P, _P, _P, _INT)
 cpu.register("hvdc_topk_finalize", _P, _P, _I64, _I64, _P, _INT, _P, _INT, _INT)
 cpu.register("hvdc_topk_check", _P, _I64, _I64, _INT, _P)
 cpu.register("hvdc_topk_scatter_add", _P, _P, _INT, _I64, _I64, _P, _INT)
@@ -99,12 +99,14 @@ _CPU_BUFFER = 2
 _MAX_INDEX = 2 ** 31 - 1
 
 
+@lru_cache(maxsize=4096)
 def ceil_ratio(ratio: float, n: int) -> int:
     """ceil(ratio * n), reading ``ratio`` as the decimal it prints as (0.07 * 100 -> 7, not the
     8 that binary 0.07000000000000000666 would give)."""
     return math.ceil(Fraction(str(float(ratio))) * n)
 
 
+@lru_cache(maxsize=4096)
 def sample_plan(n: int, ratio: float, sample_ratio: float) -> tuple[int, int]:
     """(stride, number of samples) of the threshold sample of an n-element tensor (module doc)."""
     want = min(n, max(ceil_ratio(sample_ratio, n), math.ceil(_SAMPLE_TOP / Fraction(str(ratio)))))
@@ -196,7 +198,7 @@ class TopKCodec(Codec):
         device payload's fixed size), k when exactly k are sent, n for a fixed threshold."""
         if self.mode == "threshold":
             return n
-        return self.k(n) if self.exact_k else math.floor(Fraction(13, 10) * self.k(n))
+        return self.k(n) if self.exact_k else 13 * self.k(n) // 10           # floor(1.3 k)
 
     def _select(self, ops: "type[_CpuOps] | _CudaOps", x: torch.Tensor, key: RandomKey,
                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,7 +212,7 @@ class TopKCodec(Codec):
             stride, m = sample_plan(n, self.ratio, self.sample_ratio)
             sample = ops.sample(x, residual, stride, m, key)
             t = ceil_ratio(self.ratio, m)
-            thr = kth_largest(sample, min(m, math.ceil(Fraction(5, 4) * t)) if self.exact_k else t)
+            thr = kth_largest(sample, min(m, -(-5 * t // 4)) if self.exact_k else t)
             factors = _LEVEL_FACTORS[_UP:] if self.exact_k else _LEVEL_FACTORS
             levels = torch.clamp_min(thr * _constant(factors, x.device), _SMALLEST)
             if self.exact_k:
@@ -218,7 +220,7 @@ class TopKCodec(Codec):
         if self.mode == "sampled" and not self.exact_k:
             return self._select_bounded(ops, x, src, residual, levels, k)
         # exact and threshold modes: the count sizes the payload (read on the host)
-        lo = k if self.exact_k else math.ceil(Fraction(4, 5) * k)
+        lo = k if self.exact_k else -(-4 * k // 5)                 # ceil(0.8 k)
         counts, scratch = ops.count(x, residual, levels[:1], k)
         totals = counts.sum(1).tolist()
         if totals[0] < lo and levels.numel() > 1:               # DGC's further rounds
@@ -226,7 +228,8 @@ class TopKCodec(Codec):
             counts = torch.cat([counts, more])
             totals += more.sum(1).tolist()
         level = next((l for l, c in enumerate(totals) if c >= lo), len(totals) - 1)
-        idx, val = ops.compact(src, levels[level].repeat(2), (_scan(counts[level]), None), 0,
+        thr = levels[level:level + 1]
+        idx, val = ops.compact(src, (thr, thr), (_scan(counts[level]), None), 0,
                                totals[level], scratch)
         if self.mode != "threshold" and totals[level] > k:
             idx, val = top_k_by_magnitude(idx, val, k)
@@ -238,12 +241,13 @@ class TopKCodec(Codec):
         """The sampled mode: at most hi entries, chosen from the level counts on the device
         (:func:`_choose`), so a device never reads the count.  The host counts the sampled level
         first (with its candidate buffer) and all sixteen only when that count is out of range."""
-        lo, hi = math.ceil(Fraction(4, 5) * k), self.capacity(x.numel())
+        lo, hi = -(-4 * k // 5), self.capacity(x.numel())
         if ops.host:
             counts, scratch = ops.count(x, residual, levels[_UP:_UP + 1], k)
             total = int(counts.sum())
             if lo <= total <= hi:                               # the common case: one pass
-                return ops.compact(src, levels[_UP].repeat(2), (_scan(counts[0]), None), 0, total,
+                thr = levels[_UP:_UP + 1]
+                return ops.compact(src, (thr, thr), (_scan(counts[0]), None), 0, total,
                                    scratch)
             counts, scratch = ops.count(src, None, levels, 0)
         else:
@@ -253,9 +257,12 @@ class TopKCodec(Codec):
         pair = torch.stack([a, torch.clamp_max(a + 1, ext.shape[0] - 1)])
         rows = ext.index_select(0, pair)
         thresholds = torch.cat([_constant((math.inf,), x.device), levels]).index_select(0, pair)
-        capacity = int(c) if ops.host else hi
-        return ops.compact(src, thresholds, (_scan(rows[0]), _scan(rows[1] - rows[0])), budget,
-                           capacity, scratch)
+        if ops.host:
+            capacity, budget = int(c), int(budget)
+        else:
+            capacity = hi
+        return ops.compact(src, (thresholds[:1], thresholds[1:]), (_scan(rows[0]), _scan(rows[1] - rows[0])),
+                           budget, capacity, scratch)
 
     def decode_accumulate(self, payloads: Sequence[Payload], out: torch.Tensor) -> torch.Tensor:
         """out[idx_w] += D(values_w) for w = 0, 1, ... in list order (one fp32 addition per
@@ -378,16 +385,15 @@ class _CpuOps:
     @staticmethod
     def compact(src, thresholds, offsets, budget, capacity, scratch):
         buf_thr, buf_idx, buf_val, cap, fill = scratch
-        off_hi, off_band = offsets
-        off_band = torch.zeros_like(off_hi) if off_band is None else off_band
-        budget = torch.as_tensor(budget, dtype=torch.int64).reshape(1)
+        (t_hi, t_lo), (off_hi, off_band) = thresholds, offsets
         idx = torch.empty(capacity, dtype=torch.int32)
         val = torch.empty(capacity, dtype=torch.float32)
         cpu.call("hvdc_topk_compact", cpu.ptr(src, torch.float32), src.numel(),
-                 cpu.ptr(thresholds, torch.float32), cpu.ptr(budget), cpu.ptr(off_hi, torch.int64),
-                 cpu.ptr(off_band, torch.int64), off_hi.numel(), cpu.ptr(buf_thr),
-                 cpu.ptr(buf_idx), cpu.ptr(buf_val), cap, cpu.ptr(fill), cpu.ptr(idx),
-                 cpu.ptr(val), cpu.threads())
+                 cpu.ptr(t_hi, torch.float32), cpu.ptr(t_lo, torch.float32), budget,
+                 cpu.ptr(off_hi, torch.int64),
+                 None if off_band is None else cpu.ptr(off_band, torch.int64), off_hi.numel(),
+                 cpu.ptr(buf_thr), cpu.ptr(buf_idx), cpu.ptr(buf_val), cap, cpu.ptr(fill),
+                 cpu.ptr(idx), cpu.ptr(val), cpu.threads())
         return idx, val
 
     @staticmethod
@@ -457,7 +463,7 @@ class _CudaOps:
 
     def compact(self, src, thresholds, offsets, budget, capacity, scratch):
         n, dev = src.numel(), src.device
-        off_hi, off_band = offsets
+        (t_hi, t_lo), (off_hi, off_band) = thresholds, offsets
         off_band = torch.zeros_like(off_hi) if off_band is None else off_band
         if not isinstance(budget, torch.Tensor):
             budget = torch.full((1,), budget, dtype=torch.int64, device=dev)
@@ -465,7 +471,7 @@ class _CudaOps:
         val = torch.zeros(capacity, dtype=torch.float32, device=dev)
         if capacity:
             self._run("hvdc_topk_compact", dev, off_hi.numel(),
-                      (src, np.int64(n), thresholds, budget.reshape(1), off_hi, off_band, idx, val))
+                      (src, np.int64(n), t_hi, t_lo, budget.reshape(1), off_hi, off_band, idx, val))
         return idx, val
 
     def finalize(self, idx, val, values, r, n):
