@@ -24,6 +24,17 @@ void hvdc_topk_finalize(const hvdc_i32 *idx, const float *cand, hvdc_i64 c, hvdc
 void hvdc_topk_check(const hvdc_i32 *idx, hvdc_i64 c, hvdc_i64 n, int padded, hvdc_i64 *bad);
 void hvdc_topk_scatter_add(const hvdc_i32 *idx, const void *vals, int fp16, hvdc_i64 c, hvdc_i64 n,
                            float *out, int nthreads);
+void hvdc_topk_select_many(const float *g, float *r, int has_r, int nseg, const hvdc_i64 *seg,
+                           hvdc_u64 seed, hvdc_u32 step, const hvdc_i64 *tensor_id,
+                           const float *factors, float *samples, const hvdc_i64 *sample_off,
+                           hvdc_i32 *buf_idx, float *buf_val, const hvdc_i64 *buf_off,
+                           hvdc_i64 *fill, float *level, float *thr, hvdc_i64 *sel, int nthreads);
+void hvdc_topk_compact_many(const float *src, float *r, int has_r, int nseg, const hvdc_i64 *seg,
+                            const float *level, const float *thr, const hvdc_i64 *sel,
+                            const hvdc_i32 *buf_idx, const float *buf_val,
+                            const hvdc_i64 *buf_off, const hvdc_i64 *fill,
+                            const hvdc_i64 *out_off, hvdc_i32 *idx, float *cand, void *vals,
+                            int fp16, int nthreads);
 void hvdc_topk_normalize(const float *src, hvdc_i64 n, const float *divisor, float *out, int nthreads);
 
 /* Sparse ternary codecs: AdaComp and STC (csrc/ternary.c). */

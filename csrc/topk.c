@@ -204,3 +204,110 @@ void hvdc_topk_normalize(const float *src, hvdc_i64 n, const float *divisor, flo
     for (hvdc_i64 i = 0; i < n; ++i)
         out[i] = d > 0.0f ? src[i] / d : 0.0f;
 }
+
+/* ---- a bucket's tensors in two calls (the host path of TopKCodec.encode_many) ----------------
+ * Per tensor the same steps and rule as the single-tensor calls above (and as the CUDA path),
+ * one tensor per thread: the sample, its t-th largest (quickselect: the value is unique, so any
+ * selection algorithm gives the same bits as torch.topk), the levels, the count at thr with the
+ * candidate buffer, and only when that count is out of [lo, hi] all sixteen levels and the rule
+ * of hvd_compress/codecs/topk.py:_choose.  seg[j] = {offset, n, k, stride, m, t}. */
+
+#define TOPK_SEG 6
+#define TOPK_LEVELS 16   /* thr * 1.25^8 .. thr * 1.25, thr, thr * 0.8 .. thr * 0.8^7 */
+#define TOPK_THR 8       /* thr's position among them */
+
+/* The k-th largest of a[0 .. m), 1 <= k <= m; reorders a (Hoare partition, middle pivot). */
+static float kth_largest(float *a, hvdc_i64 m, hvdc_i64 k)
+{
+    hvdc_i64 lo = 0, hi = m - 1, want = k - 1;
+    while (lo < hi) {
+        float pivot = a[lo + (hi - lo) / 2];
+        hvdc_i64 i = lo, j = hi;
+        while (i <= j) {
+            while (a[i] > pivot) ++i;
+            while (a[j] < pivot) --j;
+            if (i <= j) {
+                float t = a[i]; a[i] = a[j]; a[j] = t;
+                ++i; --j;
+            }
+        }
+        if (want <= j) hi = j;
+        else if (want >= i) lo = i;
+        else return a[want];
+    }
+    return a[lo];
+}
+
+/* thr[2 j], thr[2 j + 1]: t_hi, t_lo of tensor j; sel[2 j], sel[2 j + 1]: its count and band
+ * budget; level[j]: its thr (the level of its candidate buffer). */
+void hvdc_topk_select_many(const float *g, float *r, int has_r, int nseg, const hvdc_i64 *seg,
+                           hvdc_u64 seed, hvdc_u32 step, const hvdc_i64 *tensor_id,
+                           const float *factors, float *samples, const hvdc_i64 *sample_off,
+                           hvdc_i32 *buf_idx, float *buf_val, const hvdc_i64 *buf_off,
+                           hvdc_i64 *fill, float *level, float *thr, hvdc_i64 *sel, int nthreads)
+{
+    #pragma omp parallel for num_threads(nthreads) schedule(dynamic)
+    for (int j = 0; j < nseg; ++j) {
+        const hvdc_i64 *s = seg + TOPK_SEG * j;
+        hvdc_i64 off = s[0], n = s[1], k = s[2], lo = (4 * k + 4) / 5, hi = 13 * k / 10;
+        float *sample = samples + sample_off[j], levels[TOPK_LEVELS];
+        hvdc_i64 cap = buf_off[j + 1] - buf_off[j], count;
+        hvdc_topk_sample(g + off, has_r ? r + off : NULL, has_r, sample, s[3], s[4], seed, step,
+                         (hvdc_u32)tensor_id[j], 1);
+        float t0 = kth_largest(sample, s[4], s[5]);
+        for (int l = 0; l < TOPK_LEVELS; ++l) {
+            float v = t0 * factors[l];
+            levels[l] = v > 0x1p-149f ? v : 0x1p-149f;
+        }
+        level[j] = levels[TOPK_THR];
+        hvdc_topk_count(g + off, has_r ? r + off : NULL, has_r, n, levels + TOPK_THR, 1, &count, 1,
+                        buf_idx + buf_off[j], buf_val + buf_off[j], cap, fill + j, 1);
+        if (count >= lo && count <= hi) {
+            thr[2 * j] = thr[2 * j + 1] = levels[TOPK_THR];
+            sel[2 * j] = count;
+            sel[2 * j + 1] = 0;
+            continue;
+        }
+        /* every level (ext[0] = +inf counts 0), then the rule of topk.py:_choose */
+        hvdc_i64 c[TOPK_LEVELS + 1], unused;
+        hvdc_i32 no_idx;
+        float ext[TOPK_LEVELS + 1], no_val;
+        c[0] = 0;
+        ext[0] = hvdc_u2f(0x7f800000u);
+        for (int l = 0; l < TOPK_LEVELS; ++l) ext[l + 1] = levels[l];
+        hvdc_topk_count(has_r ? r + off : g + off, NULL, 0, n, levels, TOPK_LEVELS, c + 1, 1,
+                        &no_idx, &no_val, 0, &unused, 1);        /* no buffer */
+        int last = TOPK_LEVELS, jj = last, fit = 0;
+        for (int l = TOPK_THR + 1; l <= last; ++l)
+            if (c[l] >= lo) { jj = l; break; }
+        for (int l = 0; l <= last; ++l) fit += c[l] <= hi;
+        int a = c[jj] <= hi ? jj : fit - 1;
+        hvdc_i64 sent = c[jj] <= hi ? c[jj] : (c[a] > k ? c[a] : k);
+        thr[2 * j] = ext[a];
+        thr[2 * j + 1] = ext[a < last ? a + 1 : last];
+        sel[2 * j] = sent;
+        sel[2 * j + 1] = sent - c[a];
+    }
+}
+
+/* Compaction and wire values of every tensor: tensor j's entries at out_off[j] of idx, cand
+ * (fp32 g') and vals, its residual updated. */
+void hvdc_topk_compact_many(const float *src, float *r, int has_r, int nseg, const hvdc_i64 *seg,
+                            const float *level, const float *thr, const hvdc_i64 *sel,
+                            const hvdc_i32 *buf_idx, const float *buf_val,
+                            const hvdc_i64 *buf_off, const hvdc_i64 *fill,
+                            const hvdc_i64 *out_off, hvdc_i32 *idx, float *cand, void *vals,
+                            int fp16, int nthreads)
+{
+    #pragma omp parallel for num_threads(nthreads) schedule(dynamic)
+    for (int j = 0; j < nseg; ++j) {
+        const hvdc_i64 *s = seg + TOPK_SEG * j;
+        hvdc_i64 off = s[0], o = out_off[j], zero = 0;
+        hvdc_topk_compact(src + off, s[1], thr + 2 * j, thr + 2 * j + 1, sel[2 * j + 1], &zero,
+                          NULL, 1, level + j, buf_idx + buf_off[j], buf_val + buf_off[j],
+                          buf_off[j + 1] - buf_off[j], fill + j, idx + o, cand + o, 1);
+        hvdc_topk_finalize(idx + o, cand + o, sel[2 * j], s[1],
+                           fp16 ? (void *)((hvdc_half *)vals + o) : (void *)((float *)vals + o),
+                           fp16, has_r ? r + off : NULL, has_r, 1);
+    }
+}

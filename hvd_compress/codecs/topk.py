@@ -64,6 +64,7 @@ sampled mode) padding entries of index n; ``values`` fp16 or fp32: 6 or 8 bytes 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import math
 from fractions import Fraction
 from functools import lru_cache
@@ -84,6 +85,10 @@ cpu.register("hvdc_topk_finalize", _P, _P, _I64, _I64, _P, _INT, _P, _INT, _INT)
 cpu.register("hvdc_topk_check", _P, _I64, _I64, _INT, _P)
 cpu.register("hvdc_topk_scatter_add", _P, _P, _INT, _I64, _I64, _P, _INT)
 cpu.register("hvdc_topk_normalize", _P, _I64, _P, _P, _INT)
+cpu.register("hvdc_topk_select_many", _P, _P, _INT, _INT, _P, _U64, _U32, _P, _P, _P, _P, _P, _P, _P,
+             _P, _P, _P, _P, _INT)
+cpu.register("hvdc_topk_compact_many", _P, _P, _INT, _INT, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P,
+             _P, _P, _INT, _INT)
 
 #: levels above the sampled threshold: thr * 1.25^u, u = _UP .. 1 (1.25^u is exact in fp32)
 _UP = 8
@@ -263,6 +268,53 @@ class TopKCodec(Codec):
             capacity = hi
         return ops.compact(src, (thresholds[:1], thresholds[1:]), (_scan(rows[0]), _scan(rows[1] - rows[0])),
                            budget, capacity, scratch)
+
+    def encode_many(self, x: torch.Tensor, segments: Sequence[tuple[int, int, RandomKey]],
+                    residual: torch.Tensor | None) -> list[Payload]:
+        """The payloads of the segments ``x[offset:offset + numel]``, each with its key and its
+        slice of ``residual``, bit for bit what :meth:`encode` gives for each (``x``: a bucket's
+        contiguous fp32 input, already checked).  On the host the sampled mode encodes all of
+        them in two C calls (``hvdc_topk_select_many``, ``hvdc_topk_compact_many``: one tensor
+        per thread, quickselect for the thresholds) instead of four per tensor plus a
+        ``torch.topk``; elsewhere (a device, the other modes) it encodes them one by one."""
+        keys = {(key.seed, key.step) for _, _, key in segments}
+        batched = (type(self) is TopKCodec and self.mode == "sampled" and not self.exact_k
+                   and _ops(x.device) is _CpuOps and len(segments) > 1 and len(keys) == 1
+                   and all(0 < numel <= _MAX_INDEX for _, numel, _ in segments))
+        if not batched:
+            return [self.encode(x[o:o + n], key, residual=None if residual is None else residual[o:o + n],
+                                check_finite=False) for o, n, key in segments]
+        (seed, step), = keys
+        plan = _many_plan(tuple((o, n, key.tensor_id) for o, n, key in segments), self.ratio,
+                          self.sample_ratio)
+        nseg = len(segments)
+        samples = torch.empty(plan.samples, dtype=torch.float32)
+        buf_idx = torch.empty(plan.buffer, dtype=torch.int32)
+        buf_val = torch.empty(plan.buffer, dtype=torch.float32)
+        fill = torch.empty(nseg, dtype=torch.int64)
+        level = torch.empty(nseg, dtype=torch.float32)
+        thr = torch.empty(2 * nseg, dtype=torch.float32)
+        sel = torch.empty(2 * nseg, dtype=torch.int64)
+        has_r = residual is not None
+        cpu.call("hvdc_topk_select_many", cpu.ptr(x, torch.float32), _opt(residual), int(has_r), nseg,
+                 cpu.ptr(plan.seg), seed, step, cpu.ptr(plan.ids), cpu.ptr(_constant(_LEVEL_FACTORS, x.device)),
+                 cpu.ptr(samples), cpu.ptr(plan.sample_off), cpu.ptr(buf_idx), cpu.ptr(buf_val),
+                 cpu.ptr(plan.buf_off), cpu.ptr(fill), cpu.ptr(level), cpu.ptr(thr), cpu.ptr(sel),
+                 cpu.threads())
+        out_off = [0]
+        for c in sel[0::2].tolist():
+            out_off.append(out_off[-1] + c)
+        offsets = _i64(out_off)             # held here: the C call gets its address only
+        idx = torch.empty(out_off[-1], dtype=torch.int32)
+        cand = torch.empty(out_off[-1], dtype=torch.float32)
+        values = torch.empty(out_off[-1], dtype=self.value_dtype)
+        cpu.call("hvdc_topk_compact_many", cpu.ptr(residual if has_r else x, torch.float32),
+                 _opt(residual), int(has_r), nseg, cpu.ptr(plan.seg), cpu.ptr(level), cpu.ptr(thr),
+                 cpu.ptr(sel), cpu.ptr(buf_idx), cpu.ptr(buf_val), cpu.ptr(plan.buf_off), cpu.ptr(fill),
+                 cpu.ptr(offsets), cpu.ptr(idx), cpu.ptr(cand),
+                 cpu.ptr(values), int(self.value_dtype == torch.float16), cpu.threads())
+        return [Payload(n, {"indices": idx[out_off[j]:out_off[j + 1]], "values": values[out_off[j]:out_off[j + 1]]})
+                for j, (_, n, _) in enumerate(segments)]
 
     def decode_accumulate(self, payloads: Sequence[Payload], out: torch.Tensor) -> torch.Tensor:
         """out[idx_w] += D(values_w) for w = 0, 1, ... in list order (one fp32 addition per
@@ -500,6 +552,37 @@ class _CudaOps:
         self._run("hvdc_topk_scatter_add", idx.device, self._grid(idx.numel(), idx.device),
                   (idx, values, np.int32(values.dtype == torch.float16), np.int64(idx.numel()),
                    np.int64(n), out))
+
+
+@dataclasses.dataclass(frozen=True)
+class _ManyPlan:
+    """The C tables of :meth:`TopKCodec.encode_many` for one bucket layout."""
+    seg: torch.Tensor           # int64 [nseg, 6]: offset, n, k, stride, m, t
+    ids: torch.Tensor           # int64 tensor ids
+    sample_off: torch.Tensor    # int64: where each tensor's sample starts
+    buf_off: torch.Tensor       # int64 [nseg + 1]: each tensor's candidate buffer
+    samples: int
+    buffer: int
+
+
+@lru_cache(maxsize=256)
+def _many_plan(segments: tuple[tuple[int, int, int], ...], ratio: float,
+               sample_ratio: float) -> _ManyPlan:
+    rows, sample_off, buf_off = [], [], [0]
+    total = 0
+    for offset, n, _ in segments:
+        stride, m = sample_plan(n, ratio, sample_ratio)
+        k = max(1, ceil_ratio(ratio, n))
+        rows.append([offset, n, k, stride, m, ceil_ratio(ratio, m)])
+        sample_off.append(total)
+        total += m
+        buf_off.append(buf_off[-1] + _CPU_BUFFER * k)
+    return _ManyPlan(_i64(rows), _i64([i for _, _, i in segments]), _i64(sample_off),
+                     _i64(buf_off), total, buf_off[-1])
+
+
+def _i64(values: list) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64)
 
 
 def _scan(row: torch.Tensor) -> torch.Tensor:

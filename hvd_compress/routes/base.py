@@ -155,6 +155,12 @@ def segment_codec(job: Job, seg: Any) -> Codec:
 def encode_segments(job: Job, x: torch.Tensor | None = None) -> list[Payload]:
     """Encode each segment of ``x`` (default: the job's input) with its key and working residual."""
     x = job.x if x is None else x
+    codec = job.codec
+    if len(job.segments) > 1 and hasattr(codec, "encode_many") and not hasattr(codec, "with_layout") and all(
+            job.codec_for(seg.tensor_id) is codec for seg in job.segments):
+        # one call for the bucket (top-k), each segment's payload as its own encode gives it
+        return codec.encode_many(x, [(seg.offset, seg.numel, job.key(seg.tensor_id))
+                                     for seg in job.segments], job.residual)
     out = []
     for seg in job.segments:
         part = slice(seg.offset, seg.offset + seg.numel)

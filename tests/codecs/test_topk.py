@@ -213,6 +213,33 @@ def test_independent_of_threads_and_candidate_buffers(monkeypatch, threads):
     assert torch.equal(r1, r2)
 
 
+@pytest.mark.parametrize("threads", ["1", "3"])
+@pytest.mark.parametrize("kwargs", [dict(), dict(value_dtype=torch.float32, ratio=0.003)])
+@pytest.mark.parametrize("ef", [True, False])
+def test_encode_many_is_each_encode_bit_for_bit(monkeypatch, threads, kwargs, ef):
+    """A bucket's tensors in two C calls (the host's one call per bucket) give each tensor's own
+    payload and residual, including tensors whose count at thr is out of range (ties, a spike)
+    and tiny ones; other modes and a device fall back to one encode per tensor."""
+    monkeypatch.setenv("HVD_COMPRESS_CPU_THREADS", threads)
+    parts = [make("normal", 40_000, seed=1), make("equal", 5000), make("heavy", 70_001, seed=2),
+             make("ties", 9000, seed=3), torch.tensor([3.0]), make("mostly_zeros", 30_000, seed=4)]
+    parts[2][:300] *= 1e3
+    x = torch.cat(parts)
+    offsets = [0]
+    for p in parts:
+        offsets.append(offsets[-1] + p.numel())
+    segments = [(offsets[j], p.numel(), RandomKey(5, 6, 10 + j)) for j, p in enumerate(parts)]
+    for codec in (TopKCodec(**kwargs), TopKCodec(mode="exact", **kwargs)):
+        r_many = make("normal", x.numel(), seed=9) * 0.1 if ef else None
+        r_each = r_many.clone() if ef else None
+        many = codec.encode_many(x, segments, r_many)
+        each = [codec.encode(x[o:o + n], key, residual=None if r_each is None else r_each[o:o + n])
+                for o, n, key in segments]
+        for a, b in zip(many, each):
+            assert a.numel == b.numel and all(torch.equal(a.parts[q], b.parts[q]) for q in a.parts)
+        assert not ef or torch.equal(r_many, r_each)
+
+
 def test_sample_plan():
     for n in (1, 5, 6400, 6401, 211_200, 211_201, 10_000_000):
         stride, m = sample_plan(n, 0.01, 0.01)
