@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import torch
 
-from ..backends import on_device
-
 
 def all_finite(t: torch.Tensor) -> bool:
     """One min/max pass (NaN propagates into both, +-inf is the max or the min), read on the host."""
