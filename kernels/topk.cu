@@ -1,6 +1,7 @@
 /*
  * topk.cu: CUDA kernels of the top-k sparsifier (hvd_compress/codecs/topk.py); csrc/topk.c is the
- * bit-identical CPU reference.  The codec runs them as
+ * bit-identical CPU reference.  Each launch serves every tensor of a bucket (a segment table,
+ * tiles that never straddle two tensors); the codec runs them as
  *
  *   hvdc_topk_sample    |g + r| at start + j * stride                     (threshold estimate)
  *   hvdc_topk_count     r <- g + r; per block, #{|r_i| >= level_l} for the levels asked
@@ -26,23 +27,35 @@
 #define TOPK_TILE (TOPK_THREADS * TOPK_ITEMS)
 static_assert(TOPK_ITEMS < 256, "hvdc_topk_count keeps per-thread counts in bytes");
 
-extern "C" __global__ void hvdc_topk_sample(const float *g, const float *r, int has_r, float *out,
-                                            long long stride, long long m, unsigned long long seed,
-                                            unsigned int step, unsigned int tensor_id)
+/* A tensor's row of the segment table (``seg``): offset in the bucket, n, k, sample stride,
+ * sample size m, t.  One launch serves every tensor of a bucket (one row for a lone tensor). */
+#define TOPK_SEG 6
+
+/* out[e] = |g + r| at sample e of its tensor j = sample_seg[e]: element offset_j + start_j +
+ * (e - sample_off[j]) * stride_j, start_j from the tensor's Philox stream. */
+extern "C" __global__ void hvdc_topk_sample(const float *g, const float *r, int has_r,
+                                            const long long *seg, const long long *ids,
+                                            const int *sample_seg, const long long *sample_off,
+                                            long long total, unsigned long long seed,
+                                            unsigned int step, float *out)
 {
-    long long start = hvdc_topk_sample_start(seed, step, tensor_id, stride);
-    for (long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x; j < m;
-         j += (long long)gridDim.x * blockDim.x) {
-        long long i = start + j * stride;
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total;
+         e += (long long)gridDim.x * blockDim.x) {
+        int j = sample_seg[e];
+        const long long *s = seg + TOPK_SEG * j;
+        long long start = hvdc_topk_sample_start(seed, step, (unsigned int)ids[j], s[3]);
+        long long i = s[0] + start + (e - sample_off[j]) * s[3];
         float v = has_r ? g[i] + r[i] : g[i];
-        out[j] = fabsf(v);
+        out[e] = fabsf(v);
     }
 }
 
-/* Grid: one block per TOPK_TILE elements.  counts[l * gridDim.x + block] = #{|r_i| >= levels[l]}
- * in the block's tile, after r <- g + r when has_r (error feedback: g' = g + r). */
+/* Grid: one block per tile [tile_lo[b], tile_hi[b]) of at most TOPK_TILE elements of one tensor
+ * j = tile_seg[b].  counts[l * gridDim.x + b] = #{|r_i| >= levels[j * nlevels + l]} in the
+ * tile, after r <- g + r when has_r (error feedback: g' = g + r). */
 extern "C" __global__ __launch_bounds__(TOPK_THREADS) void
-hvdc_topk_count(const float *g, float *r, int has_r, long long n, const float *levels,
+hvdc_topk_count(const float *g, float *r, int has_r, const int *tile_seg,
+                const long long *tile_lo, const long long *tile_hi, const float *levels,
                 int nlevels, int *counts)
 {
     __shared__ int warp_counts[TOPK_WARPS][HVDC_TOPK_MAX_LEVELS];
@@ -50,14 +63,15 @@ hvdc_topk_count(const float *g, float *r, int has_r, long long n, const float *l
     /* a thread counts at most TOPK_ITEMS < 256 per level: four levels' counts share a word, so
      * sixteen levels need four registers (no spills) */
     unsigned int c4[HVDC_TOPK_MAX_LEVELS / 4] = {0u};
+    const float *mine = levels + (long long)tile_seg[blockIdx.x] * nlevels;
     if ((int)threadIdx.x < HVDC_TOPK_MAX_LEVELS)
-        lv[threadIdx.x] = (int)threadIdx.x < nlevels ? levels[threadIdx.x] : hvdc_u2f(0x7f800000u);
+        lv[threadIdx.x] = (int)threadIdx.x < nlevels ? mine[threadIdx.x] : hvdc_u2f(0x7f800000u);
     __syncthreads();
-    long long tile = (long long)blockIdx.x * TOPK_TILE;
+    long long lo = tile_lo[blockIdx.x], hi = tile_hi[blockIdx.x];
 #pragma unroll 4
     for (int it = 0; it < TOPK_ITEMS; ++it) {
-        long long i = tile + it * TOPK_THREADS + threadIdx.x;
-        if (i < n) {
+        long long i = lo + it * TOPK_THREADS + threadIdx.x;
+        if (i < hi) {
             float v = g[i];
             if (has_r) { v = v + r[i]; r[i] = v; }
             float a = fabsf(v);
@@ -82,28 +96,32 @@ hvdc_topk_count(const float *g, float *r, int has_r, long long n, const float *l
     }
 }
 
-/* Same grid as hvdc_topk_count.  Takes every |v| >= *t_hi and the first *budget entries (in index
- * order) of the band *t_lo <= |v| < *t_hi; off_hi[b] and off_band[b] are exclusive scans of the
- * blocks' counts of the two kinds, so an entry taken lands at (#above before it) +
- * min(#band before it, budget): ascending, with no shared counter. */
+/* Same grid as hvdc_topk_count.  Tile b of tensor j takes every |v| >= thr[2 j] and the first
+ * budget[j] entries (in index order) of the band thr[2 j + 1] <= |v| < thr[2 j]; off_hi[b] is
+ * where its first entry above goes (the tensor's output base plus the scan of its earlier
+ * tiles), off_band[b] the scan of the band counts, so an entry lands at off_hi + (#above before
+ * it in the tile) + min(#band before it in the tensor, budget): ascending, no shared counter.
+ * Indices are written relative to the tensor. */
 extern "C" __global__ __launch_bounds__(TOPK_THREADS) void
-hvdc_topk_compact(const float *src, long long n, const float *t_hi_p, const float *t_lo_p,
-                  const long long *budget_p, const long long *off_hi, const long long *off_band,
+hvdc_topk_compact(const float *src, const int *tile_seg, const long long *tile_lo,
+                  const long long *tile_hi, const long long *seg, const float *thr,
+                  const long long *budgets, const long long *off_hi, const long long *off_band,
                   int *idx, float *val)
 {
     __shared__ int warp_hi[TOPK_WARPS], warp_band[TOPK_WARPS];
-    float t_hi = *t_hi_p, t_lo = *t_lo_p;
-    long long budget = *budget_p;
+    int j = tile_seg[blockIdx.x];
+    float t_hi = thr[2 * j], t_lo = thr[2 * j + 1];
+    long long budget = budgets[j], base = seg[TOPK_SEG * j];
+    long long lo = tile_lo[blockIdx.x], end = tile_hi[blockIdx.x];
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     unsigned int lanes_below = (1u << lane) - 1u;
-    long long tile = (long long)blockIdx.x * TOPK_TILE;
     long long above = off_hi[blockIdx.x], band = off_band[blockIdx.x];
     for (int it = 0; it < TOPK_ITEMS; ++it) {
-        long long i = tile + it * TOPK_THREADS + threadIdx.x;
-        float v = i < n ? src[i] : 0.0f;
+        long long i = lo + it * TOPK_THREADS + threadIdx.x;
+        float v = i < end ? src[i] : 0.0f;
         float a = fabsf(v);
-        int hi = i < n && a >= t_hi;
-        int in_band = i < n && !hi && a >= t_lo;
+        int hi = i < end && a >= t_hi;
+        int in_band = i < end && !hi && a >= t_lo;
         unsigned int ballot_hi = __ballot_sync(0xffffffffu, hi);
         unsigned int ballot_band = __ballot_sync(0xffffffffu, in_band);
         if (lane == 0) {
@@ -122,7 +140,7 @@ hvdc_topk_compact(const float *src, long long n, const float *t_hi_p, const floa
         long long b = band + before_band + __popc(ballot_band & lanes_below);
         if (hi || (in_band && b < budget)) {
             long long p = h + (b < budget ? b : budget);
-            idx[p] = (int)i;
+            idx[p] = (int)(i - base);
             val[p] = v;
         }
         above += total_hi;
@@ -131,21 +149,23 @@ hvdc_topk_compact(const float *src, long long n, const float *t_hi_p, const floa
     }
 }
 
-/* The c entries of a payload: wire values, and with error feedback r[idx[j]] <- v - D(C(v)).
- * Index n is padding (a fixed-capacity payload's unused tail): value 0, no residual update. */
+/* The c entries of a bucket's payloads: wire values, and with error feedback
+ * r[offset_j + idx[e]] <- v - D(C(v)) for entry e of tensor j = entry_seg[e].  Index n_j is
+ * padding (a fixed-capacity payload's unused tail): value 0, no residual update. */
 extern "C" __global__ void hvdc_topk_finalize(const int *idx, const float *cand, long long c,
-                                              long long n, void *vals, int fp16, float *r,
-                                              int has_r)
+                                              const int *entry_seg, const long long *seg,
+                                              void *vals, int fp16, float *r, int has_r)
 {
-    for (long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x; j < c;
-         j += (long long)gridDim.x * blockDim.x) {
-        int i = idx[j];
-        float v = i < n ? cand[j] : 0.0f;
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < c;
+         e += (long long)gridDim.x * blockDim.x) {
+        const long long *s = seg + TOPK_SEG * entry_seg[e];
+        int i = idx[e];
+        float v = i < s[1] ? cand[e] : 0.0f;
         hvdc_half h = 0;
         float rest = hvdc_topk_encode_value(v, fp16, &h);
-        if (fp16) ((hvdc_half *)vals)[j] = h;
-        else ((float *)vals)[j] = v;
-        if (has_r && i < n) r[i] = rest;
+        if (fp16) ((hvdc_half *)vals)[e] = h;
+        else ((float *)vals)[e] = v;
+        if (has_r && i < s[1]) r[s[0] + i] = rest;
     }
 }
 

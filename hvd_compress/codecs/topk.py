@@ -67,7 +67,7 @@ import ctypes
 import dataclasses
 import math
 from fractions import Fraction
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Sequence
 
 import numpy as np
@@ -209,6 +209,9 @@ class TopKCodec(Codec):
                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Selected (indices, fp32 g' values), ascending; updates residual to g + r.  On a device
         the sampled mode's are padded to :meth:`capacity` with index n (value 0)."""
+        if not ops.host:
+            idx, val, _ = ops.select_many(self, x, [(0, x.numel(), key)], residual)
+            return idx, val
         n, k = x.numel(), self.k(x.numel())
         src = residual if residual is not None else x
         if self.mode == "threshold":
@@ -240,34 +243,25 @@ class TopKCodec(Codec):
             idx, val = top_k_by_magnitude(idx, val, k)
         return idx, val
 
-    def _select_bounded(self, ops: "type[_CpuOps] | _CudaOps", x: torch.Tensor, src: torch.Tensor,
+    def _select_bounded(self, ops: type[_CpuOps], x: torch.Tensor, src: torch.Tensor,
                         residual: torch.Tensor | None, levels: torch.Tensor,
                         k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The sampled mode: at most hi entries, chosen from the level counts on the device
-        (:func:`_choose`), so a device never reads the count.  The host counts the sampled level
-        first (with its candidate buffer) and all sixteen only when that count is out of range."""
+        """The sampled mode on the host: the count at thr first (with its candidate buffer), all
+        sixteen levels and :func:`_choose` only when that count is out of [lo, hi]."""
         lo, hi = -(-4 * k // 5), self.capacity(x.numel())
-        if ops.host:
-            counts, scratch = ops.count(x, residual, levels[_UP:_UP + 1], k)
-            total = int(counts.sum())
-            if lo <= total <= hi:                               # the common case: one pass
-                thr = levels[_UP:_UP + 1]
-                return ops.compact(src, (thr, thr), (_scan(counts[0]), None), 0, total,
-                                   scratch)
-            counts, scratch = ops.count(src, None, levels, 0)
-        else:
-            counts, scratch = ops.count(x, residual, levels, 0)
+        counts, scratch = ops.count(x, residual, levels[_UP:_UP + 1], k)
+        total = int(counts.sum())
+        if lo <= total <= hi:                                   # the common case: one pass
+            thr = levels[_UP:_UP + 1]
+            return ops.compact(src, (thr, thr), (_scan(counts[0]), None), 0, total, scratch)
+        counts, scratch = ops.count(src, None, levels, 0)
         ext = torch.cat([counts.new_zeros(1, counts.shape[1]), counts])      # row 0: level +inf
-        a, c, budget = _choose(ext.sum(1), lo, hi, k)
-        pair = torch.stack([a, torch.clamp_max(a + 1, ext.shape[0] - 1)])
+        a, c, budget = (int(v) for v in _choose(ext.sum(1)[None], _i64([lo]), _i64([hi]), _i64([k])))
+        pair = torch.tensor([a, min(a + 1, ext.shape[0] - 1)])
         rows = ext.index_select(0, pair)
         thresholds = torch.cat([_constant((math.inf,), x.device), levels]).index_select(0, pair)
-        if ops.host:
-            capacity, budget = int(c), int(budget)
-        else:
-            capacity = hi
         return ops.compact(src, (thresholds[:1], thresholds[1:]), (_scan(rows[0]), _scan(rows[1] - rows[0])),
-                           budget, capacity, scratch)
+                           budget, c, scratch)
 
     def encode_many(self, x: torch.Tensor, segments: Sequence[tuple[int, int, RandomKey]],
                     residual: torch.Tensor | None) -> list[Payload]:
@@ -276,14 +270,22 @@ class TopKCodec(Codec):
         contiguous fp32 input, already checked).  On the host the sampled mode encodes all of
         them in two C calls (``hvdc_topk_select_many``, ``hvdc_topk_compact_many``: one tensor
         per thread, quickselect for the thresholds) instead of four per tensor plus a
-        ``torch.topk``; elsewhere (a device, the other modes) it encodes them one by one."""
+        ``torch.topk``; on a device in one launch per kernel for the bucket (segment tables),
+        without host reads; the other modes encode them one by one."""
         keys = {(key.seed, key.step) for _, _, key in segments}
+        ops = _ops(x.device)
         batched = (type(self) is TopKCodec and self.mode == "sampled" and not self.exact_k
-                   and _ops(x.device) is _CpuOps and len(segments) > 1 and len(keys) == 1
+                   and len(segments) > 1 and len(keys) == 1
                    and all(0 < numel <= _MAX_INDEX for _, numel, _ in segments))
         if not batched:
             return [self.encode(x[o:o + n], key, residual=None if residual is None else residual[o:o + n],
                                 check_finite=False) for o, n, key in segments]
+        if not ops.host:                    # one launch per step of the pipeline for the bucket
+            idx, val, plan = ops.select_many(self, x, segments, residual)
+            values = torch.empty(idx.numel(), dtype=self.value_dtype, device=x.device)
+            ops.finalize_many(idx, val, values, residual, plan)
+            return [Payload(n, {"indices": idx[b:b + c], "values": values[b:b + c]})
+                    for (_, n, _), b, c in zip(segments, plan.bases, plan.caps)]
         (seed, step), = keys
         plan = _many_plan(tuple((o, n, key.tensor_id) for o, n, key in segments), self.ratio,
                           self.sample_ratio)
@@ -481,8 +483,9 @@ def _opt(t: torch.Tensor | None):
 
 class _CudaOps:
     """The same steps as CUDA kernels (``kernels/topk.cu``), launched by ``kernels`` (the CUDA
-    loader, or the emulator: ``backends.kernel_backend``); parts are tiles of ``_TILE``
-    elements, one block each."""
+    loader, or the emulator: ``backends.kernel_backend``).  Every launch serves all tensors of
+    a bucket (:class:`_DevicePlan`: a segment table, tiles of ``_TILE`` elements that never
+    straddle two tensors, one block each); a lone tensor is a bucket of one."""
 
     _TILE = 256 * 16        # TOPK_THREADS * TOPK_ITEMS of kernels/topk.cu
     _THREADS = 256
@@ -498,37 +501,74 @@ class _CudaOps:
     def _grid(self, count, device):
         return self.kernels.grid_size(count, self._THREADS, device)
 
-    def sample(self, x, r, stride, m, key):
-        out = torch.empty(m, dtype=torch.float32, device=x.device)
-        self._run("hvdc_topk_sample", x.device, self._grid(m, x.device),
-                  (x, x if r is None else r, np.int32(r is not None), out, np.int64(stride),
-                   np.int64(m), np.uint64(key.seed), np.uint32(key.step), np.uint32(key.tensor_id)))
-        return out
+    def select_many(self, codec: TopKCodec, x: torch.Tensor, segments, residual):
+        """(indices, fp32 g', plan) of the segments (offset, numel, key) of ``x``, their entries
+        at ``plan.bases``; residual <- g + r.  The sampled mode: ``plan.caps`` entries each,
+        padded, no host read.  The exact and threshold modes (one segment): the count is read."""
+        dev, (_, _, key) = x.device, segments[0]
+        plan = _device_plan(tuple((o, n, k.tensor_id) for o, n, k in segments), codec.ratio,
+                            codec.sample_ratio, codec.mode, codec.exact_k, dev)
+        has_r, r = residual is not None, x if residual is None else residual
+        if codec.mode == "threshold":
+            levels = _constant((codec.threshold,), dev).reshape(1, 1)
+        else:
+            samples = torch.empty(plan.samples, dtype=torch.float32, device=dev)
+            self._run("hvdc_topk_sample", dev, self._grid(plan.samples, dev),
+                      (x, r, np.int32(has_r), plan.seg, plan.ids, plan.sample_seg, plan.sample_off,
+                       np.int64(plan.samples), np.uint64(key.seed), np.uint32(key.step), samples))
+            factors = _LEVEL_FACTORS[_UP:] if codec.exact_k else _LEVEL_FACTORS
+            levels = torch.clamp_min(_segment_kth(samples, plan)[:, None] * _constant(factors, dev),
+                                     _SMALLEST)
+            if codec.exact_k:
+                levels = torch.cat([levels, levels.new_zeros(levels.shape[0], 1)], 1)
+        levels = levels.contiguous()
+        nlevels = levels.shape[1]
+        counts = torch.empty(nlevels, plan.tiles, dtype=torch.int32, device=dev)
+        self._run("hvdc_topk_count", dev, plan.tiles,
+                  (x, r, np.int32(has_r), plan.tile_seg, plan.tile_lo, plan.tile_hi, levels,
+                   np.int32(nlevels), counts))
+        src, bounded = r, codec.mode == "sampled" and not codec.exact_k
+        if bounded:
+            ext = torch.cat([counts.new_zeros(1, plan.tiles), counts]).to(torch.int64)  # +inf first
+            totals = torch.zeros(len(segments), nlevels + 1, dtype=torch.int64, device=dev)
+            totals.index_add_(0, plan.tile_seg_long, ext.T)
+            a, c, budget = _choose(totals, plan.lo, plan.hi, plan.k)
+            a_tiles = a.index_select(0, plan.tile_seg_long)
+            rows = ext.gather(0, torch.stack([a_tiles, torch.clamp_max(a_tiles + 1, nlevels)]))
+            pair = torch.stack([a, torch.clamp_max(a + 1, nlevels)], 1)
+            thresholds = torch.cat([torch.full_like(levels[:, :1], math.inf), levels], 1).gather(1, pair)
+            off_hi = plan.tile_base + _segment_scan(rows[0], plan)
+            off_band = _segment_scan(rows[1] - rows[0], plan)
+            idx, val = plan.padding.clone(), torch.zeros(plan.entries, dtype=torch.float32, device=dev)
+        else:                               # exact / threshold: the count sizes the payload
+            n, k = segments[0][1], codec.k(segments[0][1])
+            totals = counts.sum(1).tolist()
+            lo = k if codec.exact_k else -(-4 * k // 5)
+            level = next((l for l, c in enumerate(totals) if c >= lo), nlevels - 1)
+            thresholds = levels[:, level].repeat(2)
+            budget = torch.zeros(1, dtype=torch.int64, device=dev)
+            off_hi = _scan(counts[level].to(torch.int64))
+            off_band = torch.zeros_like(off_hi)
+            idx = torch.full((totals[level],), n, dtype=torch.int32, device=dev)
+            val = torch.zeros(totals[level], dtype=torch.float32, device=dev)
+        if idx.numel():
+            self._run("hvdc_topk_compact", dev, plan.tiles,
+                      (src, plan.tile_seg, plan.tile_lo, plan.tile_hi, plan.seg, thresholds.contiguous(),
+                       budget.contiguous(), off_hi, off_band, idx, val))
+        if not bounded and codec.mode != "threshold" and idx.numel() > codec.k(segments[0][1]):
+            idx, val = top_k_by_magnitude(idx, val, codec.k(segments[0][1]))
+        return idx, val, plan
 
-    def count(self, x, r, levels, buffer_k):
-        parts = -(-x.numel() // self._TILE)
-        counts = torch.empty(levels.numel(), parts, dtype=torch.int32, device=x.device)
-        self._run("hvdc_topk_count", x.device, parts,
-                  (x, x if r is None else r, np.int32(r is not None), np.int64(x.numel()), levels,
-                   np.int32(levels.numel()), counts))
-        return counts, None
-
-    def compact(self, src, thresholds, offsets, budget, capacity, scratch):
-        n, dev = src.numel(), src.device
-        (t_hi, t_lo), (off_hi, off_band) = thresholds, offsets
-        off_band = torch.zeros_like(off_hi) if off_band is None else off_band
-        if not isinstance(budget, torch.Tensor):
-            budget = torch.full((1,), budget, dtype=torch.int64, device=dev)
-        idx = torch.full((capacity,), n, dtype=torch.int32, device=dev)      # n: padding
-        val = torch.zeros(capacity, dtype=torch.float32, device=dev)
-        if capacity:
-            self._run("hvdc_topk_compact", dev, off_hi.numel(),
-                      (src, np.int64(n), t_hi, t_lo, budget.reshape(1), off_hi, off_band, idx, val))
-        return idx, val
+    def finalize_many(self, idx, val, values, r, plan):
+        self._run("hvdc_topk_finalize", idx.device, self._grid(idx.numel(), idx.device),
+                  (idx, val, np.int64(idx.numel()), plan.entry_seg, plan.seg, values,
+                   np.int32(values.dtype == torch.float16), val if r is None else r,
+                   np.int32(r is not None)))
 
     def finalize(self, idx, val, values, r, n):
+        seg, entry_seg = _lone(n, idx.numel(), idx.device)
         self._run("hvdc_topk_finalize", idx.device, self._grid(idx.numel(), idx.device),
-                  (idx, val, np.int64(idx.numel()), np.int64(n), values,
+                  (idx, val, np.int64(idx.numel()), entry_seg, seg, values,
                    np.int32(values.dtype == torch.float16), val if r is None else r,
                    np.int32(r is not None)))
 
@@ -552,6 +592,95 @@ class _CudaOps:
         self._run("hvdc_topk_scatter_add", idx.device, self._grid(idx.numel(), idx.device),
                   (idx, values, np.int32(values.dtype == torch.float16), np.int64(idx.numel()),
                    np.int64(n), out))
+
+
+@dataclasses.dataclass(frozen=True)
+class _DevicePlan:
+    """The device tables of one bucket layout (built once, cached): :class:`_CudaOps`."""
+    seg: torch.Tensor           # int64 [nseg, 6]: offset, n, k, stride, m, t (kernels/topk.cu)
+    ids: torch.Tensor           # int64: tensor ids (Philox streams)
+    sample_seg: torch.Tensor    # int32 [samples]: the tensor of each sample
+    sample_off: torch.Tensor    # int64 [nseg]
+    pick: torch.Tensor          # int64 [nseg]: position of each tensor's t-th largest sample
+    samples: int
+    tile_seg: torch.Tensor      # int32 [tiles]
+    tile_seg_long: torch.Tensor
+    tile_lo: torch.Tensor       # int64 [tiles]: first element (bucket index)
+    tile_hi: torch.Tensor       # int64 [tiles]: one past the last
+    tile_first: torch.Tensor    # int64 [tiles]: the first tile of the tile's tensor
+    tile_base: torch.Tensor     # int64 [tiles]: the tile's tensor's first output entry
+    tiles: int
+    lo: torch.Tensor            # int64 [nseg]: ceil(0.8 k)
+    hi: torch.Tensor            # int64 [nseg]: the capacity
+    k: torch.Tensor
+    caps: tuple[int, ...]
+    bases: tuple[int, ...]
+    entries: int
+    entry_seg: torch.Tensor     # int32 [entries]
+    padding: torch.Tensor       # int32 [entries]: each tensor's n (the padding index)
+
+
+@lru_cache(maxsize=256)
+def _device_plan(layout: tuple[tuple[int, int, int], ...], ratio: float, sample_ratio: float,
+                 mode: str, exact_k: bool, device: torch.device) -> _DevicePlan:
+    codec = TopKCodec(ratio=ratio, sample_ratio=sample_ratio, exact_k=exact_k, mode=mode,
+                      threshold=1.0 if mode == "threshold" else None)
+    rows, sample_off, pick, m_of, tile_seg, tile_lo, tile_hi, tile_first = [], [], [], [], [], [], [], []
+    samples = 0
+    for j, (offset, n, _) in enumerate(layout):
+        k = codec.k(n)
+        stride, m, t = 1, 0, 0
+        if mode != "threshold" and n:
+            stride, m = sample_plan(n, ratio, sample_ratio)
+            t = ceil_ratio(ratio, m)
+            t = min(m, -(-5 * t // 4)) if exact_k else t
+        rows.append([offset, n, k, stride, m, t])
+        sample_off.append(samples)
+        pick.append(samples + max(t, 1) - 1)
+        m_of.append(m)
+        samples += m
+        first = len(tile_lo)
+        for lo in range(offset, offset + n, _CudaOps._TILE):
+            tile_seg.append(j)
+            tile_lo.append(lo)
+            tile_hi.append(min(lo + _CudaOps._TILE, offset + n))
+            tile_first.append(first)
+    caps = tuple(codec.capacity(n) for _, n, _ in layout)
+    bases = tuple(sum(caps[:j]) for j in range(len(caps)))
+    ints = partial(torch.tensor, dtype=torch.int64)
+    seg_of, tile_seg_t, cap_t = torch.arange(len(layout)), ints(tile_seg), ints(list(caps))
+    tables = dict(
+        seg=ints(rows), ids=ints([i for _, _, i in layout]),
+        sample_seg=torch.repeat_interleave(seg_of, ints(m_of)).to(torch.int32),
+        sample_off=ints(sample_off), pick=ints(pick), tile_seg=tile_seg_t.to(torch.int32),
+        tile_seg_long=tile_seg_t, tile_lo=ints(tile_lo), tile_hi=ints(tile_hi),
+        tile_first=ints(tile_first), tile_base=ints(list(bases)).index_select(0, tile_seg_t),
+        lo=ints([-(-4 * r[2] // 5) for r in rows]), hi=cap_t, k=ints([r[2] for r in rows]),
+        entry_seg=torch.repeat_interleave(seg_of, cap_t).to(torch.int32),
+        padding=torch.repeat_interleave(ints([n for _, n, _ in layout]), cap_t).to(torch.int32))
+    return _DevicePlan(**{name: t.to(device) for name, t in tables.items()}, samples=samples,
+                       tiles=len(tile_lo), caps=caps, bases=bases, entries=sum(caps))
+
+
+@lru_cache(maxsize=256)
+def _lone(n: int, entries: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The segment table of a lone n-element tensor and its entries' segment (all 0)."""
+    seg = torch.tensor([[0, n, 0, 1, 0, 0]], dtype=torch.int64, device=device)
+    return seg, torch.zeros(entries, dtype=torch.int32, device=device)
+
+
+def _segment_kth(samples: torch.Tensor, plan: _DevicePlan) -> torch.Tensor:
+    """Each tensor's t-th largest sample (fp32 [nseg], exact): the samples sorted descending,
+    then stably by tensor, so tensor j's lie at sample_off[j].. in descending order."""
+    values, order = torch.sort(samples, descending=True, stable=True)
+    _, by_tensor = torch.sort(plan.sample_seg.index_select(0, order), stable=True)
+    return values.index_select(0, by_tensor).index_select(0, plan.pick)
+
+
+def _segment_scan(row: torch.Tensor, plan: _DevicePlan) -> torch.Tensor:
+    """Exclusive prefix sums of per-tile counts within each tensor."""
+    scan = _scan(row)
+    return scan - scan.index_select(0, plan.tile_first)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -590,25 +719,28 @@ def _scan(row: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(row, 0) - row
 
 
-def _choose(totals: torch.Tensor, lo: int, hi: int, k: int) -> tuple[torch.Tensor, ...]:
-    """The sampled mode's selection from its level counts, in device ops (no host read).
+def _choose(totals: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+            k: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The sampled mode's selection from its level counts, in device ops (no host read), for
+    every tensor of a bucket at once.
 
-    ``totals[j]``: #{|g'| >= t_j} for t_0 = +inf > t_1 = thr 1.25^8 > ... > t_9 = thr > ... >
-    t_16 = thr 0.8^7 (non-decreasing in j).  DGC's rule picks j, the first level from thr down
-    whose count reaches lo (the last if none).  If C_j <= hi, every |g'| >= t_j is sent (a = j,
-    c = C_j).  Otherwise a is the lowest level above j with C_a <= hi (j - 1 below thr; above
-    thr, the first upward level that fits): every |g'| >= t_a is sent, and the band
-    t_{a+1} <= |g'| < t_a fills up to c = max(C_a, k) entries in index order.  Returns (a, c,
-    band budget c - C_a) as 0-dim int64 tensors."""
+    ``totals[s, j]``: #{|g'| >= t_j} of tensor s for t_0 = +inf > t_1 = thr 1.25^8 > ... >
+    t_9 = thr > ... > t_16 = thr 0.8^7 (non-decreasing in j); ``lo``, ``hi``, ``k`` per tensor.
+    DGC's rule picks j, the first level from thr down whose count reaches lo (the last if
+    none).  If C_j <= hi, every |g'| >= t_j is sent (a = j, c = C_j).  Otherwise a is the lowest
+    level above j with C_a <= hi (j - 1 below thr; above thr, the first upward level that
+    fits): every |g'| >= t_a is sent, and the band t_{a+1} <= |g'| < t_a fills up to
+    c = max(C_a, k) entries in index order.  Returns (a, c, band budget c - C_a), int64 per
+    tensor."""
     j_thr = _UP + 1
-    position = torch.arange(totals.numel(), device=totals.device)
-    reaches = (totals >= lo) & (position >= j_thr)
-    j = torch.where(reaches.any(), torch.argmax(reaches.to(torch.int32)), totals.numel() - 1)
-    c_j = totals.gather(0, j.reshape(1))[0]
+    position = torch.arange(totals.shape[1], device=totals.device)
+    reaches = (totals >= lo[:, None]) & (position >= j_thr)
+    j = torch.where(reaches.any(1), torch.argmax(reaches.to(torch.int32), 1), totals.shape[1] - 1)
+    c_j = totals.gather(1, j[:, None])[:, 0]
     fits = c_j <= hi
-    a = torch.where(fits, j, (totals <= hi).sum() - 1)     # counts <= hi: a prefix of the levels
-    c_a = totals.gather(0, a.reshape(1))[0]
-    c = torch.where(fits, c_j, torch.clamp_min(c_a, k))
+    a = torch.where(fits, j, (totals <= hi[:, None]).sum(1) - 1)   # counts <= hi: a prefix
+    c_a = totals.gather(1, a[:, None])[:, 0]
+    c = torch.where(fits, c_j, torch.maximum(c_a, k))
     return a, c, c - c_a
 
 

@@ -468,6 +468,31 @@ def test_cuda_matches_cpu(kind, kwargs, n, kernels):
     assert torch.equal(out_cpu, out_gpu.cpu())
 
 
+@pytest.mark.parametrize("kwargs", [dict(), dict(value_dtype=torch.float32, ratio=0.003)])
+def test_encode_many_on_the_device_is_the_hosts_bit_for_bit(kwargs, kernels):
+    """A bucket's tensors in one launch per kernel (segment tables, the choice per tensor on the
+    device): each tensor's entries, values and residual as the host's, padded to capacity."""
+    parts = [make("normal", 9000, seed=1), make("equal", 3000), make("heavy", 12_001, seed=2),
+             make("ties", 5000, seed=3), torch.tensor([3.0]), make("mostly_zeros", 8000, seed=4)]
+    parts[2][:100] *= 1e3
+    x = torch.cat(parts)
+    offsets = [0]
+    for p in parts:
+        offsets.append(offsets[-1] + p.numel())
+    segments = [(offsets[j], p.numel(), RandomKey(5, 6, 10 + j)) for j, p in enumerate(parts)]
+    codec = TopKCodec(**kwargs)
+    r_cpu = make("normal", x.numel(), seed=9) * 0.1
+    r_gpu = kernels.put(r_cpu)
+    host = codec.encode_many(x, segments, r_cpu)
+    with kernels:
+        device = codec.encode_many(kernels.put(x), segments, r_gpu)
+    for (_, n, _), a, b in zip(segments, host, device):
+        assert b.parts["indices"].numel() == codec.capacity(n)
+        b = sent(b, True)
+        assert all(torch.equal(a.parts[q], b.parts[q]) for q in a.parts)
+    assert torch.equal(r_cpu, r_gpu.cpu())
+
+
 def test_cuda_decode_rejects_bad_indices(kernels):
     p = payload(3, [0, 4], [1.0, 1.0])
     p.parts = {k: kernels.put(v) for k, v in p.parts.items()}

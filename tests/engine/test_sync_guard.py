@@ -41,7 +41,7 @@ STEPS, WATCHED_FROM = 4, 2        # the first steps plan (and re-plan with the t
 
 #: every site (module:function, the innermost of the package) that still reads, and why
 REASONS = {
-    "codecs/topk.py:_select": "STC's exact top-k: with more than k candidates the exact trim "
+    "codecs/topk.py:select_many": "STC's exact top-k: with more than k candidates the exact trim "
                               "branches on their count, which sizes the payload",
     "codecs/ternary.py:_encode": "AdaComp's and STC's payload sizes follow the data (the count of "
                                  "selected entries, the Golomb-coded length)",
@@ -56,7 +56,7 @@ REASONS = {
 
 EXPECTED = {
     "adacomp:allgather": {"codecs/ternary.py:_encode"},
-    "stc:allgather": {"codecs/topk.py:_select", "codecs/ternary.py:_encode",
+    "stc:allgather": {"codecs/topk.py:select_many", "codecs/ternary.py:_encode",
                       "codecs/base.py:as_fp32_flat", "codecs/base.py:overflow_check"},
     "esgd:allgather": {"methods/esgd.py:prepare", "codecs/base.py:as_fp32_flat", "codecs/base.py:overflow_check"},
     "laq:allgather": {"methods/laq.py:prepare", "codecs/laq.py:_encode"},
