@@ -35,6 +35,10 @@ void hvdc_topk_compact_many(const float *src, float *r, int has_r, int nseg, con
                             const hvdc_i64 *buf_off, const hvdc_i64 *fill,
                             const hvdc_i64 *out_off, hvdc_i32 *idx, float *cand, void *vals,
                             int fp16, int nthreads);
+void hvdc_topk_decode_many(int nseg, const hvdc_i64 *seg_first, const hvdc_i64 *seg_n,
+                           const hvdc_i64 *seg_off, const hvdc_i64 *idx_addr,
+                           const hvdc_i64 *val_addr, const hvdc_i64 *count, const hvdc_i64 *fp16,
+                           float *out, hvdc_i64 *bad, int nthreads);
 void hvdc_topk_normalize(const float *src, hvdc_i64 n, const float *divisor, float *out, int nthreads);
 
 /* Sparse ternary codecs: AdaComp and STC (csrc/ternary.c). */

@@ -311,3 +311,31 @@ void hvdc_topk_compact_many(const float *src, float *r, int has_r, int nseg, con
                            fp16, has_r ? r + off : NULL, has_r, 1);
     }
 }
+
+/* Decoding a bucket's payloads in one call (the host path of TopKCodec.decode_many): payloads
+ * seg_first[j] .. seg_first[j + 1] - 1 are tensor j's, in worker order, at the addresses given
+ * (fp16[p]: whether payload p's values are fp16).
+ * Every payload is checked first (bad = {payload, position} of the first bad index, nothing
+ * written); then out[seg_off[j] + i] += D(v) worker by worker, one tensor per thread. */
+void hvdc_topk_decode_many(int nseg, const hvdc_i64 *seg_first, const hvdc_i64 *seg_n,
+                           const hvdc_i64 *seg_off, const hvdc_i64 *idx_addr,
+                           const hvdc_i64 *val_addr, const hvdc_i64 *count, const hvdc_i64 *fp16,
+                           float *out, hvdc_i64 *bad, int nthreads)
+{
+    bad[0] = bad[1] = -1;
+    for (int j = 0; j < nseg; ++j) {
+        for (hvdc_i64 p = seg_first[j]; p < seg_first[j + 1]; ++p) {
+            hvdc_topk_check((const hvdc_i32 *)(intptr_t)idx_addr[p], count[p], seg_n[j], 1, bad + 1);
+            if (bad[1] >= 0) {
+                bad[0] = p;
+                return;
+            }
+        }
+    }
+    #pragma omp parallel for num_threads(nthreads) schedule(dynamic)
+    for (int j = 0; j < nseg; ++j)
+        for (hvdc_i64 p = seg_first[j]; p < seg_first[j + 1]; ++p)
+            hvdc_topk_scatter_add((const hvdc_i32 *)(intptr_t)idx_addr[p],
+                                  (const void *)(intptr_t)val_addr[p], (int)fp16[p], count[p], seg_n[j],
+                                  out + seg_off[j], 1);
+}

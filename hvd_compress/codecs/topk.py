@@ -85,6 +85,7 @@ cpu.register("hvdc_topk_finalize", _P, _P, _I64, _I64, _P, _INT, _P, _INT, _INT)
 cpu.register("hvdc_topk_check", _P, _I64, _I64, _INT, _P)
 cpu.register("hvdc_topk_scatter_add", _P, _P, _INT, _I64, _I64, _P, _INT)
 cpu.register("hvdc_topk_normalize", _P, _I64, _P, _P, _INT)
+cpu.register("hvdc_topk_decode_many", _INT, _P, _P, _P, _P, _P, _P, _P, _P, _P, _INT)
 cpu.register("hvdc_topk_select_many", _P, _P, _INT, _INT, _P, _U64, _U32, _P, _P, _P, _P, _P, _P, _P,
              _P, _P, _P, _P, _INT)
 cpu.register("hvdc_topk_compact_many", _P, _P, _INT, _INT, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P,
@@ -325,19 +326,54 @@ class TopKCodec(Codec):
         if out.dtype != torch.float32 or not out.is_contiguous():
             raise ValueError("top-k decode needs a contiguous fp32 output tensor")
         flat, n = out.view(-1), out.numel()
-        for w, p in enumerate(payloads):
-            idx, val = p.parts.get("indices"), p.parts.get("values")
-            if p.numel != n or idx is None or val is None or idx.dtype != torch.int32 \
-                    or val.dtype not in (torch.float16, torch.float32) \
-                    or idx.numel() != val.numel() or idx.device != out.device \
-                    or val.device != out.device:
-                raise ValueError(f"worker {w}: not a top-k payload of {n} elements on {out.device}")
+        _validate(payloads, n, out.device)
         ops = _ops(out.device)
         ops.check([p.parts["indices"].contiguous() for p in payloads], n, padded=True)
         for p in payloads:
             if p.parts["indices"].numel():
                 ops.scatter_add(p.parts["indices"].contiguous(), p.parts["values"].contiguous(), n, flat)
         return out
+
+
+    def decode_many(self, payloads: Sequence[Sequence[Payload]], out: torch.Tensor,
+                    segments: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """``out[offset:offset + numel] +=`` the payloads of each segment (offset, numel), workers
+        in list order: what :meth:`decode_accumulate` of each segment gives, bit for bit.  On
+        the host in one C call (``hvdc_topk_decode_many``), every payload checked before
+        anything is written; elsewhere segment by segment."""
+        flat = out.view(-1)
+        if _ops(out.device) is not _CpuOps or len(segments) < 2 or out.dtype != torch.float32 \
+                or not out.is_contiguous():
+            for (o, n), ps in zip(segments, payloads):
+                self.decode_accumulate(ps, flat[o:o + n])
+            return out
+        held, firsts = [], [0]
+        for (_, n), ps in zip(segments, payloads):
+            _validate(ps, n, out.device)
+            held += [(p.parts["indices"].contiguous(), p.parts["values"].contiguous()) for p in ps]
+            firsts.append(len(held))
+        tables = [_i64(firsts), _i64([n for _, n in segments]), _i64([o for o, _ in segments]),
+                  _i64([i.data_ptr() for i, _ in held]), _i64([v.data_ptr() for _, v in held]),
+                  _i64([i.numel() for i, _ in held]), _i64([v.dtype == torch.float16 for _, v in held])]
+        bad = torch.empty(2, dtype=torch.int64)
+        cpu.call("hvdc_topk_decode_many", len(segments), *(cpu.ptr(t) for t in tables),
+                 cpu.ptr(flat, torch.float32), cpu.ptr(bad), cpu.threads())
+        p, j = bad.tolist()
+        if p >= 0:
+            s = next(s for s in range(len(segments)) if firsts[s + 1] > p)
+            raise _bad_index_error(p - firsts[s], held[p][0], segments[s][1], j)
+        return out
+
+
+def _validate(payloads: Sequence[Payload], n: int, device: torch.device) -> None:
+    """ValueError naming the worker unless every payload is a top-k payload of n elements on
+    ``device`` (int32 indices, fp16 or fp32 values of the same length)."""
+    for w, p in enumerate(payloads):
+        idx, val = p.parts.get("indices"), p.parts.get("values")
+        if p.numel != n or idx is None or val is None or idx.dtype != torch.int32 \
+                or val.dtype not in (torch.float16, torch.float32) \
+                or idx.numel() != val.numel() or idx.device != device or val.device != device:
+            raise ValueError(f"worker {w}: not a top-k payload of {n} elements on {device}")
 
 
 class GradDropCodec(TopKCodec):

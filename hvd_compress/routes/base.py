@@ -170,6 +170,19 @@ def encode_segments(job: Job, x: torch.Tensor | None = None) -> list[Payload]:
     return out
 
 
+def decode_segments(job: Job, blocks: list[list[Payload]], out: torch.Tensor) -> torch.Tensor:
+    """``out`` (the bucket, zeroed) += every rank's payload of each segment (``blocks[rank][s]``),
+    ranks in order: one call for the bucket where the codec has ``decode_many`` (top-k)."""
+    codec = job.codec
+    per_segment = [[rank_blocks[s] for rank_blocks in blocks] for s in range(len(job.segments))]
+    if len(job.segments) > 1 and hasattr(codec, "decode_many") and not hasattr(codec, "with_layout") \
+            and all(job.codec_for(seg.tensor_id) is codec for seg in job.segments):
+        return codec.decode_many(per_segment, out, [(seg.offset, seg.numel) for seg in job.segments])
+    for seg, payloads in zip(job.segments, per_segment):
+        segment_codec(job, seg).decode_accumulate(payloads, out[seg.offset:seg.offset + seg.numel])
+    return out
+
+
 def codec_seconds(n: float, payloads_decoded: float, calls: float, speed: Speed) -> float:
     """Encode n elements, decode ``payloads_decoded`` x n elements, in ``calls`` codec calls."""
     return n / speed.encode + payloads_decoded * n / speed.decode + calls * speed.call_s

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from . import wire
-from .base import Job, Link, Pending, Route, Speed, codec_seconds, encode_segments, segment_codec
+from .base import Job, Link, Pending, Route, Speed, codec_seconds, decode_segments, encode_segments
 
 
 class GatherRoute(Route):
@@ -25,11 +25,7 @@ class GatherRoute(Route):
         pending.received = data.numel() - pending.sent
         numels = [seg.numel for seg in job.segments]
         blocks = wire.unpack(data, job.codec, [numels] * job.comm.size)
-        out = job.out.zero_()
-        for s, seg in enumerate(job.segments):
-            segment_codec(job, seg).decode_accumulate([rank_blocks[s] for rank_blocks in blocks],
-                                                      out[seg.offset:seg.offset + seg.numel])
-        return out
+        return decode_segments(job, blocks, job.out.zero_())
 
     def seconds(self, n: int, world: int, payload_bytes: float, segments: int, link: Link,
                 speed: Speed) -> float:

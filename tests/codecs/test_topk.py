@@ -240,6 +240,30 @@ def test_encode_many_is_each_encode_bit_for_bit(monkeypatch, threads, kwargs, ef
         assert not ef or torch.equal(r_many, r_each)
 
 
+def test_decode_many_is_each_decode_bit_for_bit():
+    """A bucket's segments decoded in one C call: the per-segment decode's sums (workers in list
+    order), padding skipped; a bad index anywhere raises before anything is written."""
+    codec = TopKCodec(ratio=0.05)
+    sizes = [4000, 1, 9000, 3000]
+    offsets = [0, 4000, 4001, 13_001]
+    payloads = [[codec.encode(make("heavy", n, seed=10 * w + j), RandomKey(w, 1, j)) for w in range(3)]
+                for j, n in enumerate(sizes)]
+    payloads[2][1] = Payload(9000, {"indices": torch.cat([payloads[2][1].parts["indices"],
+                                                          torch.full((5,), 9000, dtype=torch.int32)]),
+                                    "values": torch.cat([payloads[2][1].parts["values"],
+                                                         torch.zeros(5, dtype=torch.float16)])})
+    out, ref = make("normal", 16_001, seed=3), make("normal", 16_001, seed=3)
+    codec.decode_many(payloads, out, list(zip(offsets, sizes)))
+    for (o, n), ps in zip(zip(offsets, sizes), payloads):
+        codec.decode_accumulate(ps, ref[o:o + n])
+    assert torch.equal(out, ref)
+    payloads[3][2] = payload(3000, [5, 3000, 7], [1.0, 0.0, 2.0])
+    before = out.clone()
+    with pytest.raises(IndexError, match="worker 2.*index 7"):
+        codec.decode_many(payloads, out, list(zip(offsets, sizes)))
+    assert torch.equal(out, before)
+
+
 def test_sample_plan():
     for n in (1, 5, 6400, 6401, 211_200, 211_201, 10_000_000):
         stride, m = sample_plan(n, 0.01, 0.01)
