@@ -150,15 +150,16 @@ hvdc_topk_compact(const float *src, const int *tile_seg, const long long *tile_l
 }
 
 /* The c entries of a bucket's payloads: wire values, and with error feedback
- * r[offset_j + idx[e]] <- v - D(C(v)) for entry e of tensor j = entry_seg[e].  Index n_j is
- * padding (a fixed-capacity payload's unused tail): value 0, no residual update. */
+ * r[offset_j + idx[e]] <- v - D(C(v)) for entry e of tensor j = entry_seg[e] (tensor 0 for
+ * every entry when entry_seg is null).  Index n_j is padding (a fixed-capacity payload's unused
+ * tail): value 0, no residual update. */
 extern "C" __global__ void hvdc_topk_finalize(const int *idx, const float *cand, long long c,
                                               const int *entry_seg, const long long *seg,
                                               void *vals, int fp16, float *r, int has_r)
 {
     for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < c;
          e += (long long)gridDim.x * blockDim.x) {
-        const long long *s = seg + TOPK_SEG * entry_seg[e];
+        const long long *s = seg + TOPK_SEG * (entry_seg ? entry_seg[e] : 0);
         int i = idx[e];
         float v = i < s[1] ? cand[e] : 0.0f;
         hvdc_half h = 0;

@@ -16,8 +16,10 @@ Three selection rules share one machinery (count levels, order-preserving compac
      thr * 1.25^u (u = 1..8), are counted too; with t_a the lowest level whose count C_a <= hi
      (the one above the chosen level; +inf if none fits), send every |g'_i| >= t_a and then the
      entries of the band t_{a+1} <= |g'_i| < t_a in ascending index order until max(C_a, k)
-     are sent.  Every sent entry is within a factor 1.25 of every unsent one's magnitude, and
-     what is not sent stays in the residual;
+     are sent.  Every sent entry is within a factor 1.25 of every unsent one's magnitude,
+     except when even thr * 1.25^8 selects more than hi (a sample far below the k-th largest,
+     such as a sample of zeros on a sparse gradient): then the first k entries >= thr * 1.25^8
+     in index order are sent.  What is not sent stays in the residual;
   6. compact the selected (index, g'_i) in ascending index order.
 
   So the count lies in [0.8k, 1.3k] unless even thr * 0.8^7 selects fewer than 0.8k (then all
@@ -68,6 +70,7 @@ import dataclasses
 import math
 from fractions import Fraction
 from functools import lru_cache, partial
+from itertools import accumulate
 from typing import Sequence
 
 import numpy as np
@@ -199,12 +202,26 @@ class TopKCodec(Codec):
         c = int((idx < payload.numel).sum())
         return Payload(payload.numel, {"indices": idx[:c], "values": payload.parts["values"][:c]})
 
+    def count_range(self, n: int) -> tuple[int, int]:
+        """[lo, hi] of the count the level rule aims at: [ceil(0.8 k), floor(1.3 k)], or [k, k]
+        when exactly k are sent."""
+        k = self.k(n)
+        return (k, k) if self.exact_k else (-(-4 * k // 5), 13 * k // 10)
+
+    def sample_row(self, n: int) -> tuple[int, int, int, int]:
+        """(k, stride, m, t) of an n-element tensor: its target count, its threshold sample's
+        stride and size, and the sample rank of thr (none for a fixed threshold)."""
+        k = self.k(n)
+        if self.mode == "threshold" or not n:
+            return k, 1, 0, 0
+        stride, m = sample_plan(n, self.ratio, self.sample_ratio)
+        t = ceil_ratio(self.ratio, m)
+        return k, stride, m, min(m, -(-5 * t // 4)) if self.exact_k else t
+
     def capacity(self, n: int) -> int:
         """The most entries an n-element payload holds: floor(1.3 k) in the sampled mode (a
         device payload's fixed size), k when exactly k are sent, n for a fixed threshold."""
-        if self.mode == "threshold":
-            return n
-        return self.k(n) if self.exact_k else 13 * self.k(n) // 10           # floor(1.3 k)
+        return n if self.mode == "threshold" else self.count_range(n)[1]
 
     def _select(self, ops: "type[_CpuOps] | _CudaOps", x: torch.Tensor, key: RandomKey,
                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,15 +230,12 @@ class TopKCodec(Codec):
         if not ops.host:
             idx, val, _ = ops.select_many(self, x, [(0, x.numel(), key)], residual)
             return idx, val
-        n, k = x.numel(), self.k(x.numel())
+        n, (k, stride, m, t) = x.numel(), self.sample_row(x.numel())
         src = residual if residual is not None else x
         if self.mode == "threshold":
             levels = _constant((self.threshold,), x.device)
         else:
-            stride, m = sample_plan(n, self.ratio, self.sample_ratio)
-            sample = ops.sample(x, residual, stride, m, key)
-            t = ceil_ratio(self.ratio, m)
-            thr = kth_largest(sample, min(m, -(-5 * t // 4)) if self.exact_k else t)
+            thr = kth_largest(ops.sample(x, residual, stride, m, key), t)
             factors = _LEVEL_FACTORS[_UP:] if self.exact_k else _LEVEL_FACTORS
             levels = torch.clamp_min(thr * _constant(factors, x.device), _SMALLEST)
             if self.exact_k:
@@ -229,7 +243,7 @@ class TopKCodec(Codec):
         if self.mode == "sampled" and not self.exact_k:
             return self._select_bounded(ops, x, src, residual, levels, k)
         # exact and threshold modes: the count sizes the payload (read on the host)
-        lo = k if self.exact_k else -(-4 * k // 5)                 # ceil(0.8 k)
+        lo = self.count_range(n)[0]
         counts, scratch = ops.count(x, residual, levels[:1], k)
         totals = counts.sum(1).tolist()
         if totals[0] < lo and levels.numel() > 1:               # DGC's further rounds
@@ -249,7 +263,7 @@ class TopKCodec(Codec):
                         k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The sampled mode on the host: the count at thr first (with its candidate buffer), all
         sixteen levels and :func:`_choose` only when that count is out of [lo, hi]."""
-        lo, hi = -(-4 * k // 5), self.capacity(x.numel())
+        lo, hi = self.count_range(x.numel())
         counts, scratch = ops.count(x, residual, levels[_UP:_UP + 1], k)
         total = int(counts.sum())
         if lo <= total <= hi:                                   # the common case: one pass
@@ -273,6 +287,7 @@ class TopKCodec(Codec):
         per thread, quickselect for the thresholds) instead of four per tensor plus a
         ``torch.topk``; on a device in one launch per kernel for the bucket (segment tables),
         without host reads; the other modes encode them one by one."""
+        _check_layout(x, residual, [(o, n) for o, n, _ in segments])
         keys = {(key.seed, key.step) for _, _, key in segments}
         ops = _ops(x.device)
         batched = (type(self) is TopKCodec and self.mode == "sampled" and not self.exact_k
@@ -288,8 +303,8 @@ class TopKCodec(Codec):
             return [Payload(n, {"indices": idx[b:b + c], "values": values[b:b + c]})
                     for (_, n, _), b, c in zip(segments, plan.bases, plan.caps)]
         (seed, step), = keys
-        plan = _many_plan(tuple((o, n, key.tensor_id) for o, n, key in segments), self.ratio,
-                          self.sample_ratio)
+        plan = _many_plan(tuple((o, n) for o, n, _ in segments), self.ratio, self.sample_ratio)
+        ids = _i64([key.tensor_id for _, _, key in segments])
         nseg = len(segments)
         samples = torch.empty(plan.samples, dtype=torch.float32)
         buf_idx = torch.empty(plan.buffer, dtype=torch.int32)
@@ -300,7 +315,7 @@ class TopKCodec(Codec):
         sel = torch.empty(2 * nseg, dtype=torch.int64)
         has_r = residual is not None
         cpu.call("hvdc_topk_select_many", cpu.ptr(x, torch.float32), _opt(residual), int(has_r), nseg,
-                 cpu.ptr(plan.seg), seed, step, cpu.ptr(plan.ids), cpu.ptr(_constant(_LEVEL_FACTORS, x.device)),
+                 cpu.ptr(plan.seg), seed, step, cpu.ptr(ids), cpu.ptr(_constant(_LEVEL_FACTORS, x.device)),
                  cpu.ptr(samples), cpu.ptr(plan.sample_off), cpu.ptr(buf_idx), cpu.ptr(buf_val),
                  cpu.ptr(plan.buf_off), cpu.ptr(fill), cpu.ptr(level), cpu.ptr(thr), cpu.ptr(sel),
                  cpu.threads())
@@ -341,9 +356,13 @@ class TopKCodec(Codec):
         in list order: what :meth:`decode_accumulate` of each segment gives, bit for bit.  On
         the host in one C call (``hvdc_topk_decode_many``), every payload checked before
         anything is written; elsewhere segment by segment."""
+        if out.dtype != torch.float32 or not out.is_contiguous():
+            raise ValueError("top-k decode needs a contiguous fp32 output tensor")
+        _check_layout(out, None, segments)
+        if len(payloads) != len(segments):
+            raise ValueError(f"{len(payloads)} payload lists for {len(segments)} segments")
         flat = out.view(-1)
-        if _ops(out.device) is not _CpuOps or len(segments) < 2 or out.dtype != torch.float32 \
-                or not out.is_contiguous():
+        if _ops(out.device) is not _CpuOps or len(segments) < 2:
             for (o, n), ps in zip(segments, payloads):
                 self.decode_accumulate(ps, flat[o:o + n])
             return out
@@ -363,6 +382,17 @@ class TopKCodec(Codec):
             s = next(s for s in range(len(segments)) if firsts[s + 1] > p)
             raise _bad_index_error(p - firsts[s], held[p][0], segments[s][1], j)
         return out
+
+
+def _check_layout(x: torch.Tensor, residual: torch.Tensor | None,
+                  segments: Sequence[tuple[int, int]]) -> None:
+    """ValueError unless every segment (offset, numel) lies in ``x`` (and in ``residual``, as
+    long as ``x``): the batched calls write through raw pointers."""
+    if residual is not None and (residual.numel() != x.numel() or not residual.is_contiguous()):
+        raise ValueError(f"residual of {residual.numel()} elements for a {x.numel()}-element input")
+    for o, n in segments:
+        if o < 0 or n < 0 or o + n > x.numel():
+            raise ValueError(f"segment [{o}, {o + n}) outside a {x.numel()}-element tensor")
 
 
 def _validate(payloads: Sequence[Payload], n: int, device: torch.device) -> None:
@@ -542,15 +572,19 @@ class _CudaOps:
         at ``plan.bases``; residual <- g + r.  The sampled mode: ``plan.caps`` entries each,
         padded, no host read.  The exact and threshold modes (one segment): the count is read."""
         dev, (_, _, key) = x.device, segments[0]
-        plan = _device_plan(tuple((o, n, k.tensor_id) for o, n, k in segments), codec.ratio,
+        plan = _device_plan(tuple((o, n) for o, n, _ in segments), codec.ratio,
                             codec.sample_ratio, codec.mode, codec.exact_k, dev)
+        bounded = codec.mode == "sampled" and not codec.exact_k
+        if not bounded and len(segments) != 1:
+            raise ValueError("the exact and threshold modes encode one tensor at a time")
         has_r, r = residual is not None, x if residual is None else residual
         if codec.mode == "threshold":
             levels = _constant((codec.threshold,), dev).reshape(1, 1)
         else:
             samples = torch.empty(plan.samples, dtype=torch.float32, device=dev)
+            ids = _device_ids(tuple(k.tensor_id for _, _, k in segments), dev)
             self._run("hvdc_topk_sample", dev, self._grid(plan.samples, dev),
-                      (x, r, np.int32(has_r), plan.seg, plan.ids, plan.sample_seg, plan.sample_off,
+                      (x, r, np.int32(has_r), plan.seg, ids, plan.sample_seg, plan.sample_off,
                        np.int64(plan.samples), np.uint64(key.seed), np.uint32(key.step), samples))
             factors = _LEVEL_FACTORS[_UP:] if codec.exact_k else _LEVEL_FACTORS
             levels = torch.clamp_min(_segment_kth(samples, plan)[:, None] * _constant(factors, dev),
@@ -563,7 +597,7 @@ class _CudaOps:
         self._run("hvdc_topk_count", dev, plan.tiles,
                   (x, r, np.int32(has_r), plan.tile_seg, plan.tile_lo, plan.tile_hi, levels,
                    np.int32(nlevels), counts))
-        src, bounded = r, codec.mode == "sampled" and not codec.exact_k
+        src = r
         if bounded:
             ext = torch.cat([counts.new_zeros(1, plan.tiles), counts]).to(torch.int64)  # +inf first
             totals = torch.zeros(len(segments), nlevels + 1, dtype=torch.int64, device=dev)
@@ -577,9 +611,9 @@ class _CudaOps:
             off_band = _segment_scan(rows[1] - rows[0], plan)
             idx, val = plan.padding.clone(), torch.zeros(plan.entries, dtype=torch.float32, device=dev)
         else:                               # exact / threshold: the count sizes the payload
-            n, k = segments[0][1], codec.k(segments[0][1])
+            n = segments[0][1]
             totals = counts.sum(1).tolist()
-            lo = k if codec.exact_k else -(-4 * k // 5)
+            lo = codec.count_range(n)[0]
             level = next((l for l, c in enumerate(totals) if c >= lo), nlevels - 1)
             thresholds = levels[:, level].repeat(2)
             budget = torch.zeros(1, dtype=torch.int64, device=dev)
@@ -596,16 +630,16 @@ class _CudaOps:
         return idx, val, plan
 
     def finalize_many(self, idx, val, values, r, plan):
-        self._run("hvdc_topk_finalize", idx.device, self._grid(idx.numel(), idx.device),
-                  (idx, val, np.int64(idx.numel()), plan.entry_seg, plan.seg, values,
-                   np.int32(values.dtype == torch.float16), val if r is None else r,
-                   np.int32(r is not None)))
+        self._finalize(idx, val, values, r, plan.seg, plan.entry_seg)
 
     def finalize(self, idx, val, values, r, n):
-        seg, entry_seg = _lone(n, idx.numel(), idx.device)
+        self._finalize(idx, val, values, r, _lone(n, idx.device), None)
+
+    def _finalize(self, idx, val, values, r, seg, entry_seg):
+        """Wire values and residual of the entries; ``entry_seg`` None: all of tensor 0."""
         self._run("hvdc_topk_finalize", idx.device, self._grid(idx.numel(), idx.device),
-                  (idx, val, np.int64(idx.numel()), entry_seg, seg, values,
-                   np.int32(values.dtype == torch.float16), val if r is None else r,
+                  (idx, val, np.int64(idx.numel()), np.uint64(0) if entry_seg is None else entry_seg,
+                   seg, values, np.int32(values.dtype == torch.float16), val if r is None else r,
                    np.int32(r is not None)))
 
     def check(self, indices, n, padded=False):
@@ -634,7 +668,6 @@ class _CudaOps:
 class _DevicePlan:
     """The device tables of one bucket layout (built once, cached): :class:`_CudaOps`."""
     seg: torch.Tensor           # int64 [nseg, 6]: offset, n, k, stride, m, t (kernels/topk.cu)
-    ids: torch.Tensor           # int64: tensor ids (Philox streams)
     sample_seg: torch.Tensor    # int32 [samples]: the tensor of each sample
     sample_off: torch.Tensor    # int64 [nseg]
     pick: torch.Tensor          # int64 [nseg]: position of each tensor's t-th largest sample
@@ -649,7 +682,7 @@ class _DevicePlan:
     lo: torch.Tensor            # int64 [nseg]: ceil(0.8 k)
     hi: torch.Tensor            # int64 [nseg]: the capacity
     k: torch.Tensor
-    caps: tuple[int, ...]
+    caps: tuple[int, ...]       # the sampled mode's fixed capacities (0 in the other modes)
     bases: tuple[int, ...]
     entries: int
     entry_seg: torch.Tensor     # int32 [entries]
@@ -657,52 +690,48 @@ class _DevicePlan:
 
 
 @lru_cache(maxsize=256)
-def _device_plan(layout: tuple[tuple[int, int, int], ...], ratio: float, sample_ratio: float,
+def _device_plan(layout: tuple[tuple[int, int], ...], ratio: float, sample_ratio: float,
                  mode: str, exact_k: bool, device: torch.device) -> _DevicePlan:
     codec = TopKCodec(ratio=ratio, sample_ratio=sample_ratio, exact_k=exact_k, mode=mode,
                       threshold=1.0 if mode == "threshold" else None)
-    rows, sample_off, pick, m_of, tile_seg, tile_lo, tile_hi, tile_first = [], [], [], [], [], [], [], []
-    samples = 0
-    for j, (offset, n, _) in enumerate(layout):
-        k = codec.k(n)
-        stride, m, t = 1, 0, 0
-        if mode != "threshold" and n:
-            stride, m = sample_plan(n, ratio, sample_ratio)
-            t = ceil_ratio(ratio, m)
-            t = min(m, -(-5 * t // 4)) if exact_k else t
-        rows.append([offset, n, k, stride, m, t])
-        sample_off.append(samples)
-        pick.append(samples + max(t, 1) - 1)
-        m_of.append(m)
-        samples += m
+    rows = [[offset, n, *codec.sample_row(n)] for offset, n in layout]
+    tile_seg, tile_lo, tile_hi, tile_first = [], [], [], []
+    for j, (offset, n) in enumerate(layout):
         first = len(tile_lo)
         for lo in range(offset, offset + n, _CudaOps._TILE):
             tile_seg.append(j)
             tile_lo.append(lo)
             tile_hi.append(min(lo + _CudaOps._TILE, offset + n))
             tile_first.append(first)
-    caps = tuple(codec.capacity(n) for _, n, _ in layout)
-    bases = tuple(sum(caps[:j]) for j in range(len(caps)))
+    bounded = mode == "sampled" and not exact_k
+    caps = tuple(codec.capacity(n) if bounded else 0 for _, n in layout)
+    bases = (0, *accumulate(caps))
+    samples = [0, *accumulate(r[4] for r in rows)]
     ints = partial(torch.tensor, dtype=torch.int64)
     seg_of, tile_seg_t, cap_t = torch.arange(len(layout)), ints(tile_seg), ints(list(caps))
     tables = dict(
-        seg=ints(rows), ids=ints([i for _, _, i in layout]),
-        sample_seg=torch.repeat_interleave(seg_of, ints(m_of)).to(torch.int32),
-        sample_off=ints(sample_off), pick=ints(pick), tile_seg=tile_seg_t.to(torch.int32),
-        tile_seg_long=tile_seg_t, tile_lo=ints(tile_lo), tile_hi=ints(tile_hi),
-        tile_first=ints(tile_first), tile_base=ints(list(bases)).index_select(0, tile_seg_t),
-        lo=ints([-(-4 * r[2] // 5) for r in rows]), hi=cap_t, k=ints([r[2] for r in rows]),
+        seg=ints(rows), sample_seg=torch.repeat_interleave(seg_of, ints([r[4] for r in rows])).to(torch.int32),
+        sample_off=ints(samples[:-1]), pick=ints([b + max(r[5], 1) - 1 for b, r in zip(samples, rows)]),
+        tile_seg=tile_seg_t.to(torch.int32), tile_seg_long=tile_seg_t, tile_lo=ints(tile_lo),
+        tile_hi=ints(tile_hi), tile_first=ints(tile_first),
+        tile_base=ints(list(bases[:-1])).index_select(0, tile_seg_t),
+        lo=ints([codec.count_range(n)[0] for _, n in layout]), hi=cap_t, k=ints([r[2] for r in rows]),
         entry_seg=torch.repeat_interleave(seg_of, cap_t).to(torch.int32),
-        padding=torch.repeat_interleave(ints([n for _, n, _ in layout]), cap_t).to(torch.int32))
-    return _DevicePlan(**{name: t.to(device) for name, t in tables.items()}, samples=samples,
-                       tiles=len(tile_lo), caps=caps, bases=bases, entries=sum(caps))
+        padding=torch.repeat_interleave(ints([n for _, n in layout]), cap_t).to(torch.int32))
+    return _DevicePlan(**{name: t.to(device) for name, t in tables.items()}, samples=samples[-1],
+                       tiles=len(tile_lo), caps=caps, bases=bases[:-1], entries=bases[-1])
+
+
+@lru_cache(maxsize=1024)
+def _device_ids(ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The tensors' ids (their Philox streams) on the device, copied once per layout."""
+    return torch.tensor(ids, dtype=torch.int64, device=device)
 
 
 @lru_cache(maxsize=256)
-def _lone(n: int, entries: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The segment table of a lone n-element tensor and its entries' segment (all 0)."""
-    seg = torch.tensor([[0, n, 0, 1, 0, 0]], dtype=torch.int64, device=device)
-    return seg, torch.zeros(entries, dtype=torch.int32, device=device)
+def _lone(n: int, device: torch.device) -> torch.Tensor:
+    """The segment table of a lone n-element tensor (only offset 0 and n are read)."""
+    return torch.tensor([[0, n, 0, 1, 0, 0]], dtype=torch.int64, device=device)
 
 
 def _segment_kth(samples: torch.Tensor, plan: _DevicePlan) -> torch.Tensor:
@@ -723,7 +752,6 @@ def _segment_scan(row: torch.Tensor, plan: _DevicePlan) -> torch.Tensor:
 class _ManyPlan:
     """The C tables of :meth:`TopKCodec.encode_many` for one bucket layout."""
     seg: torch.Tensor           # int64 [nseg, 6]: offset, n, k, stride, m, t
-    ids: torch.Tensor           # int64 tensor ids
     sample_off: torch.Tensor    # int64: where each tensor's sample starts
     buf_off: torch.Tensor       # int64 [nseg + 1]: each tensor's candidate buffer
     samples: int
@@ -731,19 +759,12 @@ class _ManyPlan:
 
 
 @lru_cache(maxsize=256)
-def _many_plan(segments: tuple[tuple[int, int, int], ...], ratio: float,
-               sample_ratio: float) -> _ManyPlan:
-    rows, sample_off, buf_off = [], [], [0]
-    total = 0
-    for offset, n, _ in segments:
-        stride, m = sample_plan(n, ratio, sample_ratio)
-        k = max(1, ceil_ratio(ratio, n))
-        rows.append([offset, n, k, stride, m, ceil_ratio(ratio, m)])
-        sample_off.append(total)
-        total += m
-        buf_off.append(buf_off[-1] + _CPU_BUFFER * k)
-    return _ManyPlan(_i64(rows), _i64([i for _, _, i in segments]), _i64(sample_off),
-                     _i64(buf_off), total, buf_off[-1])
+def _many_plan(segments: tuple[tuple[int, int], ...], ratio: float, sample_ratio: float) -> _ManyPlan:
+    codec = TopKCodec(ratio=ratio, sample_ratio=sample_ratio)
+    rows = [[offset, n, *codec.sample_row(n)] for offset, n in segments]
+    sample_off = [0, *accumulate(r[4] for r in rows)]
+    buf_off = [0, *accumulate(_CPU_BUFFER * r[2] for r in rows)]
+    return _ManyPlan(_i64(rows), _i64(sample_off[:-1]), _i64(buf_off), sample_off[-1], buf_off[-1])
 
 
 def _i64(values: list) -> torch.Tensor:

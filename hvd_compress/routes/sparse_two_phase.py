@@ -10,9 +10,11 @@ most one).
    ``cap = ceil(1.5 C / P)`` entries from each rank (C: the segments' payload capacities, so
    1.5x a fair share of the most a rank can select); a run longer than that sends its first
    ``cap`` entries and puts the others back into the rank's residual (r_i <- r_i + D(v_i),
-   which restores r_i = g'_i exactly: they are sent in a later step).  So the chunks have a
-   fixed size on a device (padded with index = slice length, no host read of the split points)
-   and hold just the entries on the host, the same entries on both.
+   which restores r_i = g'_i, exactly but at a saturated fp16 value: they are sent in a later
+   step; without error feedback they are dropped).  So the chunks have a fixed size on a device
+   (padded with index = slice length, no host read of the split points: a rank sends up to
+   1.5 x 1.3 k entries in phase 1 there, against about k on the host) and hold just the
+   entries on the host, the same entries on both.
 2. In the flush, each owner scatter-adds the entries it received in rank order into its dense
    slice, **re-sparsifies** that sum with the same codec (ratio of the slice) and its own server
    error feedback (Philox id ``derived_id(bucket id, 2, owner)``, the owner's seed), and the
@@ -59,8 +61,9 @@ class SparseTwoPhaseRoute(Route):
             values = values[order]
         bounds = chunk_bounds(n, size)
         total = sum(segment_codec(job, seg).capacity(seg.numel) for seg in job.segments)
-        cap = max(1, math.ceil(self.CHUNK_SLACK * total / size))
-        edges = torch.tensor(bounds, dtype=torch.int64, device=device)
+        # never more than the entries there are (a shape: the exact and threshold modes' count)
+        cap = max(1, min(math.ceil(self.CHUNK_SLACK * total / size), index.numel()))
+        edges = _edges(tuple(bounds), device)
         owner = torch.searchsorted(edges, index, right=True) - 1       # padding: owner `size`
         mine = owner < size
         owner = torch.clamp_max(owner, size - 1)
@@ -113,6 +116,12 @@ def _bucket_index(indices: torch.Tensor, offset: int, numel: int, total: int) ->
 
 
 @lru_cache(maxsize=64)
+def _edges(bounds: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The owners' slice boundaries on the device, copied once per layout."""
+    return torch.tensor(bounds, dtype=torch.int64, device=device)
+
+
+@lru_cache(maxsize=64)
 def _padding(lengths: tuple[int, ...], cap: int, device: torch.device) -> torch.Tensor:
     """Chunk indices before the entries go in: ``cap`` paddings (the slice length) per owner,
     and one discarded slot; built once per layout (no host-to-device copy per step)."""
@@ -135,6 +144,6 @@ def _sent(payloads: list[Payload], segments, keep: torch.Tensor,
         if order is None:
             out.append(Payload(p.numel, {"indices": idx[mask], "values": val[mask]}, p.finite))
         else:
-            out.append(Payload(p.numel, {"indices": torch.where(mask, idx, seg.numel), "values": val},
-                               p.finite))
+            out.append(Payload(p.numel, {"indices": torch.where(mask, idx, seg.numel),
+                                         "values": torch.where(mask, val, 0)}, p.finite))
     return out

@@ -27,6 +27,8 @@ CASES: dict[str, tuple[dict, int, str, float | None, RandomKey]] = {
     "sampled_fp32": (dict(ratio=0.01, value_dtype=torch.float32), 4099, "heavy", None,
                      RandomKey(2, 0, 1)),
     "exact_fp16_ties": (dict(ratio=0.05, mode="exact"), 1027, "ties", 0.25, RandomKey(5, 9, 0)),
+    # exact ties: thr selects far more than 1.3 k, so the band above it fills k in index order
+    "sampled_band_ties": (dict(ratio=0.05), 4099, "ties", None, RandomKey(7, 1, 2)),
     "threshold_fp32_ef": (dict(mode="threshold", threshold=1.5, value_dtype=torch.float32), 1000,
                           "normal", 0.25, RandomKey(0, 0, 0)),
     "exact_k_mostly_zeros": (dict(ratio=0.2, exact_k=True), 37, "sparse", None, RandomKey(1, 1, 1)),

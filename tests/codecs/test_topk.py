@@ -219,8 +219,11 @@ def test_independent_of_threads_and_candidate_buffers(monkeypatch, threads):
 def test_encode_many_is_each_encode_bit_for_bit(monkeypatch, threads, kwargs, ef):
     """A bucket's tensors in two C calls (the host's one call per bucket) give each tensor's own
     payload and residual, including tensors whose count at thr is out of range (ties, a spike)
-    and tiny ones; other modes and a device fall back to one encode per tensor."""
+    and tiny ones."""
     monkeypatch.setenv("HVD_COMPRESS_CPU_THREADS", threads)
+    calls = []
+    real_call = topk.cpu.call
+    monkeypatch.setattr(topk.cpu, "call", lambda name, *args: (calls.append(name), real_call(name, *args)))
     parts = [make("normal", 40_000, seed=1), make("equal", 5000), make("heavy", 70_001, seed=2),
              make("ties", 9000, seed=3), torch.tensor([3.0]), make("mostly_zeros", 30_000, seed=4)]
     parts[2][:300] *= 1e3
@@ -229,15 +232,18 @@ def test_encode_many_is_each_encode_bit_for_bit(monkeypatch, threads, kwargs, ef
     for p in parts:
         offsets.append(offsets[-1] + p.numel())
     segments = [(offsets[j], p.numel(), RandomKey(5, 6, 10 + j)) for j, p in enumerate(parts)]
-    for codec in (TopKCodec(**kwargs), TopKCodec(mode="exact", **kwargs)):
-        r_many = make("normal", x.numel(), seed=9) * 0.1 if ef else None
-        r_each = r_many.clone() if ef else None
-        many = codec.encode_many(x, segments, r_many)
-        each = [codec.encode(x[o:o + n], key, residual=None if r_each is None else r_each[o:o + n])
-                for o, n, key in segments]
-        for a, b in zip(many, each):
-            assert a.numel == b.numel and all(torch.equal(a.parts[q], b.parts[q]) for q in a.parts)
-        assert not ef or torch.equal(r_many, r_each)
+    codec = TopKCodec(**kwargs)
+    r_many = make("normal", x.numel(), seed=9) * 0.1 if ef else None
+    r_each = r_many.clone() if ef else None
+    many = codec.encode_many(x, segments, r_many)
+    assert calls == ["hvdc_topk_select_many", "hvdc_topk_compact_many"]
+    each = [codec.encode(x[o:o + n], key, residual=None if r_each is None else r_each[o:o + n])
+            for o, n, key in segments]
+    for a, b in zip(many, each):
+        assert a.numel == b.numel and all(torch.equal(a.parts[q], b.parts[q]) for q in a.parts)
+    assert not ef or torch.equal(r_many, r_each)
+    with pytest.raises(ValueError, match="outside"):
+        codec.encode_many(x, segments + [(x.numel() - 1, 2, RandomKey(5, 6, 0))], r_many)
 
 
 def test_decode_many_is_each_decode_bit_for_bit():

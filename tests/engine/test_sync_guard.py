@@ -41,8 +41,8 @@ STEPS, WATCHED_FROM = 4, 2        # the first steps plan (and re-plan with the t
 
 #: every site (module:function, the innermost of the package) that still reads, and why
 REASONS = {
-    "codecs/topk.py:select_many": "STC's exact top-k: with more than k candidates the exact trim "
-                              "branches on their count, which sizes the payload",
+    "codecs/topk.py:select_many": "STC's exact top-k reads its level counts: the chosen level and "
+                                  "the trim of more than k candidates size the payload",
     "codecs/ternary.py:_encode": "AdaComp's and STC's payload sizes follow the data (the count of "
                                  "selected entries, the Golomb-coded length)",
     "codecs/base.py:as_fp32_flat": "STC's and eSGD's mean |g| (local_scales) checks its input on "
