@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from itertools import accumulate
 
 import numpy as np
 import pytest
@@ -213,6 +214,17 @@ def test_independent_of_threads_and_candidate_buffers(monkeypatch, threads):
     assert torch.equal(r1, r2)
 
 
+def bucket(scale: int) -> tuple[torch.Tensor, list[tuple[int, int, RandomKey]]]:
+    """A bucket of awkward tensors (sizes / scale): normal, all equal, heavy-tailed with a spike,
+    integer ties, one element, mostly zeros; and its segments (offset, numel, key)."""
+    parts = [make("normal", 40_000 // scale, seed=1), make("equal", 5000 // scale),
+             make("heavy", 70_001 // scale, seed=2), make("ties", 9000 // scale, seed=3),
+             torch.tensor([3.0]), make("mostly_zeros", 30_000 // scale, seed=4)]
+    parts[2][:300 // scale] *= 1e3
+    offsets = [0, *accumulate(p.numel() for p in parts)]
+    return torch.cat(parts), [(offsets[j], p.numel(), RandomKey(5, 6, 10 + j)) for j, p in enumerate(parts)]
+
+
 @pytest.mark.parametrize("threads", ["1", "3"])
 @pytest.mark.parametrize("kwargs", [dict(), dict(value_dtype=torch.float32, ratio=0.003)])
 @pytest.mark.parametrize("ef", [True, False])
@@ -224,14 +236,7 @@ def test_encode_many_is_each_encode_bit_for_bit(monkeypatch, threads, kwargs, ef
     calls = []
     real_call = topk.cpu.call
     monkeypatch.setattr(topk.cpu, "call", lambda name, *args: (calls.append(name), real_call(name, *args)))
-    parts = [make("normal", 40_000, seed=1), make("equal", 5000), make("heavy", 70_001, seed=2),
-             make("ties", 9000, seed=3), torch.tensor([3.0]), make("mostly_zeros", 30_000, seed=4)]
-    parts[2][:300] *= 1e3
-    x = torch.cat(parts)
-    offsets = [0]
-    for p in parts:
-        offsets.append(offsets[-1] + p.numel())
-    segments = [(offsets[j], p.numel(), RandomKey(5, 6, 10 + j)) for j, p in enumerate(parts)]
+    x, segments = bucket(scale=1)
     codec = TopKCodec(**kwargs)
     r_many = make("normal", x.numel(), seed=9) * 0.1 if ef else None
     r_each = r_many.clone() if ef else None
@@ -502,14 +507,7 @@ def test_cuda_matches_cpu(kind, kwargs, n, kernels):
 def test_encode_many_on_the_device_is_the_hosts_bit_for_bit(kwargs, kernels):
     """A bucket's tensors in one launch per kernel (segment tables, the choice per tensor on the
     device): each tensor's entries, values and residual as the host's, padded to capacity."""
-    parts = [make("normal", 9000, seed=1), make("equal", 3000), make("heavy", 12_001, seed=2),
-             make("ties", 5000, seed=3), torch.tensor([3.0]), make("mostly_zeros", 8000, seed=4)]
-    parts[2][:100] *= 1e3
-    x = torch.cat(parts)
-    offsets = [0]
-    for p in parts:
-        offsets.append(offsets[-1] + p.numel())
-    segments = [(offsets[j], p.numel(), RandomKey(5, 6, 10 + j)) for j, p in enumerate(parts)]
+    x, segments = bucket(scale=4)
     codec = TopKCodec(**kwargs)
     r_cpu = make("normal", x.numel(), seed=9) * 0.1
     r_gpu = kernels.put(r_cpu)
