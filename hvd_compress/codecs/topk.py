@@ -355,20 +355,27 @@ class TopKCodec(Codec):
         """``out[offset:offset + numel] +=`` the payloads of each segment (offset, numel), workers
         in list order: what :meth:`decode_accumulate` of each segment gives, bit for bit.  On
         the host in one C call (``hvdc_topk_decode_many``), every payload checked before
-        anything is written; elsewhere segment by segment."""
+        anything is written; on a device every payload checked with one host read (the flush's
+        only one for the bucket), then scattered."""
         if out.dtype != torch.float32 or not out.is_contiguous():
             raise ValueError("top-k decode needs a contiguous fp32 output tensor")
         _check_layout(out, None, segments)
         if len(payloads) != len(segments):
             raise ValueError(f"{len(payloads)} payload lists for {len(segments)} segments")
-        flat = out.view(-1)
-        if _ops(out.device) is not _CpuOps or len(segments) < 2:
-            for (o, n), ps in zip(segments, payloads):
-                self.decode_accumulate(ps, flat[o:o + n])
-            return out
-        held, firsts = [], [0]
+        flat, ops = out.view(-1), _ops(out.device)
         for (_, n), ps in zip(segments, payloads):
             _validate(ps, n, out.device)
+        if not ops.host:
+            entries = [(w, n, p.parts["indices"].contiguous(), p.parts["values"].contiguous(), o)
+                       for (o, n), ps in zip(segments, payloads) for w, p in enumerate(ps)]
+            ops.check([e[2] for e in entries], [e[1] for e in entries], padded=True,
+                      workers=[e[0] for e in entries])
+            for _, n, idx, val, o in entries:
+                if idx.numel():
+                    ops.scatter_add(idx, val, n, flat[o:o + n])
+            return out
+        held, firsts = [], [0]
+        for ps in payloads:
             held += [(p.parts["indices"].contiguous(), p.parts["values"].contiguous()) for p in ps]
             firsts.append(len(held))
         tables = [_i64(firsts), _i64([n for _, n in segments]), _i64([o for o, _ in segments]),
@@ -642,17 +649,20 @@ class _CudaOps:
                    seg, values, np.int32(values.dtype == torch.float16), val if r is None else r,
                    np.int32(r is not None)))
 
-    def check(self, indices, n, padded=False):
+    def check(self, indices, n, padded=False, workers=None):
+        """IndexError naming the first bad payload's worker (``workers[i]``, default i); ``n``:
+        the dense size, one for all or one per payload.  One host read for all of them."""
         if not indices:
             return
+        ns = n if isinstance(n, list) else [n] * len(indices)
         bad = torch.zeros(len(indices), dtype=torch.int32, device=indices[0].device)
-        for w, idx in enumerate(indices):
+        for i, idx in enumerate(indices):
             if idx.numel():
                 self._run("hvdc_topk_check", idx.device, self._grid(idx.numel(), idx.device),
-                          (idx, np.int64(idx.numel()), np.int64(n), np.int32(padded), bad[w:w + 1]))
-        for w, flag in enumerate(bad.tolist()):              # one host sync per decode
+                          (idx, np.int64(idx.numel()), np.int64(ns[i]), np.int32(padded), bad[i:i + 1]))
+        for i, flag in enumerate(bad.tolist()):              # one host read per decode
             if flag:
-                raise _bad_index_error(w, indices[w], n)
+                raise _bad_index_error(i if workers is None else workers[i], indices[i], ns[i])
 
     def normalize(self, src, divisor, out):
         self._run("hvdc_topk_normalize", src.device, self._grid(src.numel(), src.device),

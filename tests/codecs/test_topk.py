@@ -521,6 +521,29 @@ def test_encode_many_on_the_device_is_the_hosts_bit_for_bit(kwargs, kernels):
     assert torch.equal(r_cpu, r_gpu.cpu())
 
 
+def test_decode_many_on_the_device_is_the_hosts_bit_for_bit(kernels):
+    """A bucket's padded device payloads decoded with one check for all: the host's sums; a bad
+    index in a later segment raises, naming its worker, before anything is written."""
+    x, segments = bucket(scale=4)
+    codec = TopKCodec()
+    workers = [codec.encode_many(x * (w + 1), segments, None) for w in range(2)]
+    per_segment = [[workers[w][s] for w in range(2)] for s in range(len(segments))]
+    layout = [(o, n) for o, n, _ in segments]
+    host = codec.decode_many(per_segment, torch.zeros(x.numel()), layout)
+    with kernels:
+        dev_workers = [codec.encode_many(kernels.put(x * (w + 1)), segments, None) for w in range(2)]
+        dev = [[dev_workers[w][s] for w in range(2)] for s in range(len(segments))]
+        out = kernels.put(torch.zeros(x.numel()))
+        codec.decode_many(dev, out, layout)
+        assert torch.equal(out.cpu(), host)
+        dev[-1][1] = Payload(segments[-1][1], {"indices": kernels.put(torch.tensor([3, 2], dtype=torch.int32)),
+                                               "values": kernels.put(torch.ones(2, dtype=torch.float16))})
+        before = out.clone()
+        with pytest.raises(IndexError, match="worker 1"):
+            codec.decode_many(dev, out, layout)
+        assert torch.equal(out.cpu(), before.cpu())
+
+
 def test_cuda_decode_rejects_bad_indices(kernels):
     p = payload(3, [0, 4], [1.0, 1.0])
     p.parts = {k: kernels.put(v) for k, v in p.parts.items()}
