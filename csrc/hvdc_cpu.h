@@ -63,6 +63,11 @@ void hvdc_tern_encode(const float *g, float *r, hvdc_i64 n, hvdc_i64 bucket, con
                       hvdc_u64 seed, hvdc_u32 step, hvdc_u32 tensor_id, hvdc_u8 *codes, int nthreads);
 void hvdc_tern_decode_acc(const hvdc_u8 *const *codes, const float *const *scales, int nworkers,
                           hvdc_i64 n, hvdc_i64 bucket, float *out, int nthreads);
+void hvdc_tern_encode_many(const float *g, float *r, hvdc_i64 nseg, const hvdc_i64 *seg, float clip,
+                           hvdc_u64 seed, hvdc_u32 step, const hvdc_i64 *ids, float *scales,
+                           hvdc_u8 *codes, float *buf, int nthreads);
+void hvdc_tern_decode_many(const hvdc_u8 *const *codes, const float *const *scales, int nworkers,
+                           hvdc_i64 nseg, const hvdc_i64 *seg, float *out, int nthreads);
 void hvdc_qsgd_encode(const float *g, float *r, hvdc_i64 n, hvdc_i64 bucket, int bits, int maxnorm,
                       hvdc_u64 seed, hvdc_u32 step, hvdc_u32 tensor_id, hvdc_u8 *codes, float *norms,
                       int nthreads);

@@ -138,29 +138,41 @@ __device__ __forceinline__ hvdc_u32 hvdc_load_code(const void *in, long long i)
     return (byte >> (bits * (int)(i % (8 / bits)))) & ((1u << bits) - 1u);
 }
 
-/* One thread per 4-element block; scales[i / bucket] (null: fp16, no scale). */
+/* Philox block k (elements 4k ..) of an n-element tensor; scales[i / bucket] (null: fp16, no
+ * scale). */
 template <int KIND>
-__device__ __forceinline__ void hvdc_encode_scaled(const float *g, float *r, long long n,
-                                                   long long bucket, const float *scales, hvdc_u64 seed,
-                                                   hvdc_u32 step, hvdc_u32 tensor_id, void *out)
+__device__ __forceinline__ void hvdc_encode_scaled_block(const float *g, float *r, long long n, long long k,
+                                                         long long bucket, const float *scales,
+                                                         hvdc_u64 seed, hvdc_u32 step, hvdc_u32 tensor_id,
+                                                         void *out)
 {
-    long long k = hvdc_thread_index(), lo = 4 * k;
-    if (lo >= n) return;
+    long long lo = 4 * k;
     int cnt = n - lo < 4 ? (int)(n - lo) : 4;
     float s = scales ? scales[lo / bucket] : 0.0f;
     hvdc_u32x4 u = hvdc_stream_block(seed, step, tensor_id, (hvdc_u64)k);
     hvdc_store_block<KIND>(out, lo, cnt, hvdc_encode_block<KIND>(g, r, lo, cnt, s, u));
 }
 
-/* out_i <- (((out_i + D_0,i) + D_1,i) + ...), workers in list order; one thread per 4 elements.
- * parts / scales hold the addresses of each worker's buffers (scales null for fp16). */
+/* One thread per 4-element block. */
 template <int KIND>
-__device__ __forceinline__ void hvdc_decode_acc(const unsigned long long *parts,
-                                                const unsigned long long *scales, int nworkers,
-                                                long long n, long long bucket, float *out)
+__device__ __forceinline__ void hvdc_encode_scaled(const float *g, float *r, long long n,
+                                                   long long bucket, const float *scales, hvdc_u64 seed,
+                                                   hvdc_u32 step, hvdc_u32 tensor_id, void *out)
 {
-    long long lo = 4 * hvdc_thread_index();
-    if (lo >= n) return;
+    long long k = hvdc_thread_index();
+    if (4 * k >= n) return;
+    hvdc_encode_scaled_block<KIND>(g, r, n, k, bucket, scales, seed, step, tensor_id, out);
+}
+
+/* out_i <- (((out_i + D_0,i) + D_1,i) + ...) for the elements of block k (4k ..) of an n-element
+ * tensor, workers in list order.  parts / scales hold the addresses of each worker's buffers
+ * (scales null for fp16). */
+template <int KIND>
+__device__ __forceinline__ void hvdc_decode_block(const unsigned long long *parts,
+                                                  const unsigned long long *scales, int nworkers,
+                                                  long long n, long long k, long long bucket, float *out)
+{
+    long long lo = 4 * k;
     int cnt = n - lo < 4 ? (int)(n - lo) : 4;
     float acc[4];
     for (int q = 0; q < cnt; ++q) acc[q] = out[lo + q];
@@ -170,6 +182,17 @@ __device__ __forceinline__ void hvdc_decode_acc(const unsigned long long *parts,
         for (int q = 0; q < cnt; ++q) acc[q] += hvdc_q_value(KIND, hvdc_load_code<KIND>(p, lo + q), s);
     }
     for (int q = 0; q < cnt; ++q) out[lo + q] = acc[q];
+}
+
+/* One thread per 4 elements. */
+template <int KIND>
+__device__ __forceinline__ void hvdc_decode_acc(const unsigned long long *parts,
+                                                const unsigned long long *scales, int nworkers,
+                                                long long n, long long bucket, float *out)
+{
+    long long k = hvdc_thread_index();
+    if (4 * k >= n) return;
+    hvdc_decode_block<KIND>(parts, scales, nworkers, n, k, bucket, out);
 }
 
 /* QSGD: one warp per bucket; norm = sqrt(warp sum of v^2) (maxnorm: max |v|), then lane j
@@ -240,6 +263,113 @@ __global__ void hvdc_fp16_decode_acc(const unsigned long long *values, int nwork
                                      float *out)
 {
     hvdc_decode_acc<HVDC_Q_FP16>(values, (const unsigned long long *)0, nworkers, n, n, out);
+}
+
+}  /* extern "C" */
+
+/* ---- TernGrad over a bucket's tensors in one launch per kernel ----
+ * seg: int64 [nseg][4] = the tensor's offset in the bucket, its n, its first chunk of
+ * HVDC_SUM_CHUNK elements, its first Philox block (= its first code byte).  A thread (or warp)
+ * finds its tensor among the firsts and does what the kernels above do for that tensor alone,
+ * with the tensor's own key: bit for bit the per-tensor launches' results. */
+
+/* The tensor s whose first (column col of seg) is the last one <= k. */
+__device__ __forceinline__ int hvdc_seg_of(const long long *seg, int nseg, int col, long long k)
+{
+    int lo = 0, hi = nseg - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (seg[4 * mid + col] <= k) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo;
+}
+
+extern "C" {
+
+/* hvdc_chunk_sums of every tensor: one warp per chunk of the bucket; total (per tensor) as there. */
+__global__ void hvdc_seg_chunk_sums(const float *g, const float *r, const long long *seg, int nseg,
+                                    long long nchunks, const float *total, float *partial, float *chunk_max)
+{
+    long long k = hvdc_thread_index() / 32;
+    int lane = threadIdx.x & 31;
+    if (k >= nchunks) return;                  /* whole warps: k is uniform in a warp */
+    int s = hvdc_seg_of(seg, nseg, 2, k);
+    long long off = seg[4 * s], n = seg[4 * s + 1], lo = (k - seg[4 * s + 2]) * HVDC_SUM_CHUNK;
+    long long len = n - lo < HVDC_SUM_CHUNK ? n - lo : HVDC_SUM_CHUNK;
+    float mean = total ? total[s] / (float)n : 0.0f, mx;
+    float sum = hvdc_butterfly_sum(hvdc_lane_sum(total ? 1 : 0, g + off, r ? r + off : r, lo, len, mean,
+                                                 lane, &mx));
+    mx = hvdc_butterfly_max(mx);
+    if (lane == 0) {
+        partial[k] = sum;
+        if (chunk_max) chunk_max[k] = mx;
+    }
+}
+
+/* Each tensor's chunk sums (and maxima) to one, one warp per tensor: its only chunk's as it is,
+ * else hvdc_reduce_chunks' one level (a tensor has at most HVDC_SUM_CHUNK chunks here). */
+__global__ void hvdc_seg_reduce(const float *in, const float *in_max, const long long *seg, int nseg,
+                                float *out, float *out_max)
+{
+    long long s = hvdc_thread_index() / 32;
+    int lane = threadIdx.x & 31;
+    if (s >= nseg) return;
+    long long lo = seg[4 * s + 2], len = (seg[4 * s + 1] + HVDC_SUM_CHUNK - 1) / HVDC_SUM_CHUNK;
+    float acc = 0.0f, mx = 0.0f;
+    if (len == 1) {
+        acc = in[lo];
+        if (in_max) mx = in_max[lo];
+    } else {
+        for (long long i = lane; i < len; i += 32) {
+            acc += in[lo + i];
+            if (in_max) mx = fmaxf(mx, in_max[lo + i]);
+        }
+        acc = hvdc_butterfly_sum(acc);
+        mx = hvdc_butterfly_max(mx);
+    }
+    if (lane == 0) {
+        out[s] = acc;
+        if (out_max) out_max[s] = mx;
+    }
+}
+
+/* hvdc_tern_finalize of every tensor: one thread per tensor. */
+__global__ void hvdc_seg_tern_finalize(const float *sq_dev_sum, const long long *seg, int nseg, float clip,
+                                       const float *maxabs, float *scales)
+{
+    long long s = hvdc_thread_index();
+    if (s >= nseg) return;
+    float t = sq_dev_sum ? hvdc_tern_clip_threshold(sq_dev_sum[s], seg[4 * s + 1], clip)
+                         : hvdc_u2f(0x7F800000u);
+    scales[s] = maxabs[s] < t ? maxabs[s] : t;
+}
+
+/* hvdc_tern_encode of every tensor (its scale scales[s], its key ids[s]): one thread per block. */
+__global__ void hvdc_seg_tern_encode(const float *g, float *r, const long long *seg, int nseg,
+                                     long long nblocks, const float *scales, hvdc_u64 seed, hvdc_u32 step,
+                                     const long long *ids, hvdc_u8 *codes)
+{
+    long long k = hvdc_thread_index();
+    if (k >= nblocks) return;
+    int s = hvdc_seg_of(seg, nseg, 3, k);
+    long long off = seg[4 * s], first = seg[4 * s + 3], n = seg[4 * s + 1];
+    hvdc_encode_scaled_block<HVDC_Q_TERN>(g + off, r ? r + off : r, n, k - first, n, scales + s, seed, step,
+                                          (hvdc_u32)ids[s], codes + first);
+}
+
+/* hvdc_tern_decode_acc of every tensor: codes / scales hold nworkers addresses per tensor
+ * (tensor-major); one thread per block. */
+__global__ void hvdc_seg_tern_decode_acc(const unsigned long long *codes, const unsigned long long *scales,
+                                         int nworkers, const long long *seg, int nseg, long long nblocks,
+                                         float *out)
+{
+    long long k = hvdc_thread_index();
+    if (k >= nblocks) return;
+    int s = hvdc_seg_of(seg, nseg, 3, k);
+    long long n = seg[4 * s + 1];
+    hvdc_decode_block<HVDC_Q_TERN>(codes + (long long)s * nworkers, scales + (long long)s * nworkers, nworkers,
+                                   n, k - seg[4 * s + 3], n, out + seg[4 * s]);
 }
 
 }  /* extern "C" */

@@ -3,6 +3,8 @@ CUDA launch helpers, argument checks.  The numerics live in ``kernels/quant.h``.
 from __future__ import annotations
 
 import ctypes
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
@@ -16,6 +18,8 @@ _P, _I64, _U64, _U32, _INT, _F32 = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_ui
 cpu.register("hvdc_tern_scales", _P, _P, _I64, _I64, _F32, _P, _P, _INT)
 cpu.register("hvdc_tern_encode", _P, _P, _I64, _I64, _P, _U64, _U32, _U32, _P, _INT)
 cpu.register("hvdc_tern_decode_acc", _P, _P, _INT, _I64, _I64, _P, _INT)
+cpu.register("hvdc_tern_encode_many", _P, _P, _I64, _P, _F32, _U64, _U32, _P, _P, _P, _P, _INT)
+cpu.register("hvdc_tern_decode_many", _P, _P, _INT, _I64, _P, _P, _INT)
 cpu.register("hvdc_qsgd_encode", _P, _P, _I64, _I64, _INT, _INT, _U64, _U32, _U32, _P, _P, _INT)
 cpu.register("hvdc_qsgd_decode_acc", _P, _P, _INT, _I64, _I64, _INT, _P, _INT)
 cpu.register("hvdc_fp16sr_encode", _P, _P, _I64, _U64, _U32, _U32, _P, _INT)
@@ -23,6 +27,8 @@ cpu.register("hvdc_fp16_decode_acc", _P, _INT, _I64, _P, _INT)
 
 #: the CUDA source of every quantizer kernel (kernels/quantizers.cu)
 SOURCE = "quantizers.cu"
+#: HVDC_SUM_CHUNK of kernels/hvdc_common.h: long sums go by chunks of this many elements
+SUM_CHUNK = 8192
 #: threads per block of the element-wise kernels (one thread per 4 elements) and of the
 #: warp-per-segment kernels (8 warps)
 BLOCK = 256
@@ -99,3 +105,28 @@ def check_residual(flat: torch.Tensor, residual: torch.Tensor | None, name: str)
         raise ValueError(f"{name}: residual must be a contiguous fp32 tensor of {flat.numel()} "
                          f"elements on {flat.device}")
     return residual.view(-1)
+
+
+@dataclass(frozen=True)
+class SegmentTable:
+    """The table of a bucket layout for the calls that take all its tensors at once
+    (``hvdc_tern_encode_many`` and the ``hvdc_seg_*`` kernels): ``seg`` is int64 [nseg, 4] =
+    offset, n, first chunk of :data:`SUM_CHUNK` elements, first 4-element block (= first 2-bit
+    code byte) of each tensor; built once per layout and device."""
+    seg: torch.Tensor
+    firsts: tuple[int, ...]     # each tensor's first block, then the bucket's blocks
+    chunks: int
+
+    @property
+    def blocks(self) -> int:
+        return self.firsts[-1]
+
+
+@lru_cache(maxsize=256)
+def segment_table(layout: tuple[tuple[int, int], ...], device: torch.device) -> SegmentTable:
+    rows, chunks, blocks = [], [0], [0]
+    for offset, n in layout:
+        rows.append([offset, n, chunks[-1], blocks[-1]])
+        chunks.append(chunks[-1] + -(-n // SUM_CHUNK))
+        blocks.append(blocks[-1] + -(-n // 4))
+    return SegmentTable(torch.tensor(rows, dtype=torch.int64, device=device), tuple(blocks), chunks[-1])

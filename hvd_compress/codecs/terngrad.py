@@ -57,10 +57,7 @@ import torch
 
 from ..backends import cpu, kernel_backend
 from . import _quant as q
-from .base import Codec, Payload, RandomKey, as_fp32_flat
-
-#: HVDC_SUM_CHUNK of kernels/hvdc_common.h: long sums go by chunks of this many elements
-_SUM_CHUNK = 8192
+from .base import Codec, Payload, RandomKey, as_fp32_flat, check_segments, device_ids
 
 
 def clip_error(c: float, workers: int) -> float:
@@ -147,7 +144,7 @@ class TernGradCodec(Codec):
         if kernels is not None:
             _cuda_scales(kernels, g, r, n, bucket, clip, scales)
         else:
-            scratch = torch.empty(2 * -(-n // _SUM_CHUNK), dtype=torch.float32)
+            scratch = torch.empty(2 * -(-n // q.SUM_CHUNK), dtype=torch.float32)
             cpu.call("hvdc_tern_scales", q.ptr(g), q.ptr(r), n, bucket, clip, q.ptr(scales),
                      q.ptr(scratch), cpu.threads())
         return scales
@@ -174,6 +171,82 @@ class TernGradCodec(Codec):
                          key.seed, key.step, key.tensor_id, q.ptr(codes), cpu.threads())
         return Payload(n, {"codes": codes, "scales": scales})
 
+    def _batched(self, sizes: Sequence[int]) -> bool:
+        """Whether a bucket's tensors of these sizes go in one call: one scale per tensor, none
+        shared, no empty tensor, none whose long sum needs a second reduction level (over
+        SUM_CHUNK^2 = 2^26 elements)."""
+        return (len(sizes) > 1 and self.bucket_size is None and self.shared_scales is None
+                and all(0 < n <= q.SUM_CHUNK ** 2 for n in sizes))
+
+    def encode_many(self, x: torch.Tensor, segments: Sequence[tuple[int, int, RandomKey]],
+                    residual: torch.Tensor | None) -> list[Payload]:
+        """The payloads of the segments ``x[offset:offset + numel]`` (a bucket's tensors; ``x``
+        contiguous fp32, already checked), each with its key and its slice of ``residual``: bit
+        for bit what :meth:`encode` gives each.  On the host one C call for the bucket
+        (``hvdc_tern_encode_many``) instead of two per tensor; on a device one launch per
+        kernel (the ``hvdc_seg_*`` kernels with a segment table: up to six launches for the
+        bucket instead of up to seven per tensor), no host reads.  Per-bucket or shared scales,
+        empty or huge tensors, and keys of different steps go one by one."""
+        check_segments(x, residual, [(o, n) for o, n, _ in segments])
+        keys = {(key.seed, key.step) for _, _, key in segments}
+        if len(keys) != 1 or not self._batched([n for _, n, _ in segments]):
+            return [self.encode(x[o:o + n], key, residual=None if residual is None else residual[o:o + n],
+                                check_finite=False) for o, n, key in segments]
+        (seed, step), = keys
+        dev, nseg = x.device, len(segments)
+        table = q.segment_table(tuple((o, n) for o, n, _ in segments), dev)
+        ids = device_ids(tuple(key.tensor_id for _, _, key in segments), dev)
+        scales = torch.empty(nseg, dtype=torch.float32, device=dev)
+        codes = torch.empty(table.blocks, dtype=torch.uint8, device=dev)
+        clip = float(self.clip or 0.0)
+        kernels = kernel_backend(dev)
+        if kernels is None:
+            scratch = torch.empty(2 * table.chunks, dtype=torch.float32)
+            cpu.call("hvdc_tern_encode_many", q.ptr(x), q.ptr(residual), nseg, q.ptr(table.seg), clip, seed, step,
+                     q.ptr(ids), q.ptr(scales), q.ptr(codes), q.ptr(scratch), cpu.threads())
+        else:
+            _cuda_scales_many(kernels, x, residual, table, clip, scales)
+            kernels.launch(kernels.kernel(q.SOURCE, "hvdc_seg_tern_encode", dev), q.grid(table.blocks, q.BLOCK),
+                           q.BLOCK, (x, q.dptr(residual), table.seg, np.int32(nseg), np.int64(table.blocks),
+                                     scales, np.uint64(seed), np.uint32(step), ids, codes))
+        f = table.firsts
+        return [Payload(n, {"codes": codes[f[s]:f[s + 1]], "scales": scales[s:s + 1]})
+                for s, (_, n, _) in enumerate(segments)]
+
+    def decode_many(self, payloads: Sequence[Sequence[Payload]], out: torch.Tensor,
+                    segments: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """``out[offset:offset + numel] +=`` the payloads of each segment (offset, numel), workers
+        in list order: what :meth:`decode_accumulate` of each gives, bit for bit, in one C call
+        (``hvdc_tern_decode_many``) or one launch; every payload is checked before anything is
+        written."""
+        if out.dtype != torch.float32 or not out.is_contiguous():
+            raise ValueError("TernGrad decode needs a contiguous fp32 output tensor")
+        check_segments(out, None, segments)
+        if len(payloads) != len(segments):
+            raise ValueError(f"{len(payloads)} payload lists for {len(segments)} segments")
+        flat = out.view(-1)
+        for (o, n), ps in zip(segments, payloads):
+            q.accumulate_target(ps, flat[o:o + n], {"codes": (torch.uint8, -(-n // 4)),
+                                                    "scales": (torch.float32, self.n_scales(n))})
+        workers = {len(ps) for ps in payloads}
+        if len(workers) != 1 or not self._batched([n for _, n in segments]):
+            for (o, n), ps in zip(segments, payloads):
+                self.decode_accumulate(ps, flat[o:o + n])
+            return out
+        (nworkers,), nseg = workers, len(segments)
+        table = q.segment_table(tuple((o, n) for o, n in segments), out.device)
+        kernels = kernel_backend(out.device)
+        codes = q.ptr_array([p.parts["codes"] for ps in payloads for p in ps], kernels)
+        scales = q.ptr_array([p.parts["scales"] for ps in payloads for p in ps], kernels)
+        if kernels is not None:
+            kernels.launch(kernels.kernel(q.SOURCE, "hvdc_seg_tern_decode_acc", out.device),
+                           q.grid(table.blocks, q.BLOCK), q.BLOCK,
+                           (codes, scales, np.int32(nworkers), table.seg, np.int32(nseg), np.int64(table.blocks), flat))
+        else:
+            cpu.call("hvdc_tern_decode_many", codes, scales, nworkers, nseg, q.ptr(table.seg), q.ptr(flat),
+                     cpu.threads())
+        return out
+
     def decode_accumulate(self, payloads: Sequence[Payload], out: torch.Tensor) -> torch.Tensor:
         n = payloads[0].numel if payloads else 0
         flat = q.accumulate_target(payloads, out, {"codes": (torch.uint8, -(-n // 4)),
@@ -197,9 +270,9 @@ class TernGradCodec(Codec):
 def _cuda_long_sum(kernels, g: torch.Tensor, r: torch.Tensor | None, n: int, total: torch.Tensor | None,
                    with_max: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sum of g (+ r) (``total`` None; also max |g + r| when ``with_max``) or of
-    (g + r - total / n)^2, in the contract's order: one warp per chunk of HVDC_SUM_CHUNK, then
+    (g + r - total / n)^2, in the contract's order: one warp per chunk of HVDCq.SUM_CHUNK, then
     the partial sums the same way until one is left.  Returns 1-element device tensors."""
-    chunk, dev = _SUM_CHUNK, g.device
+    chunk, dev = q.SUM_CHUNK, g.device
     m = -(-n // chunk)
     partial = torch.empty(m, dtype=torch.float32, device=dev)
     cmax = torch.empty(m, dtype=torch.float32, device=dev) if with_max else None
@@ -232,3 +305,31 @@ def _cuda_scales(kernels, g: torch.Tensor, r: torch.Tensor | None, n: int, bucke
     kernels.launch(kernels.kernel(q.SOURCE, "hvdc_tern_finalize", dev), q.grid(scales.numel(), q.BLOCK),
                 q.BLOCK, (q.dptr(sq_dev), np.int64(n), np.float32(clip), maxabs,
                           np.int64(scales.numel()), scales))
+
+
+def _cuda_scales_many(kernels, g: torch.Tensor, r: torch.Tensor | None, table: q.SegmentTable, clip: float,
+                      scales: torch.Tensor) -> None:
+    """:func:`_cuda_scales` of every tensor of ``table`` (one scale each) in one launch per
+    kernel: the chunk sums of the whole bucket, each tensor's to one, again for the squared
+    deviations when clipping, then the scales."""
+    dev, nseg = g.device, table.seg.shape[0]
+    chunk_sums = kernels.kernel(q.SOURCE, "hvdc_seg_chunk_sums", dev)
+    reduce = kernels.kernel(q.SOURCE, "hvdc_seg_reduce", dev)
+
+    def sums(total: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        with_max = total is None
+        partial = torch.empty(table.chunks, dtype=torch.float32, device=dev)
+        cmax = torch.empty(table.chunks, dtype=torch.float32, device=dev) if with_max else None
+        kernels.launch(chunk_sums, q.grid(32 * table.chunks, q.BLOCK), q.BLOCK,
+                       (g, q.dptr(r), table.seg, np.int32(nseg), np.int64(table.chunks), q.dptr(total),
+                        partial, q.dptr(cmax)))
+        out = torch.empty(nseg, dtype=torch.float32, device=dev)
+        out_max = torch.empty(nseg, dtype=torch.float32, device=dev) if with_max else None
+        kernels.launch(reduce, q.grid(32 * nseg, q.BLOCK), q.BLOCK,
+                       (partial, q.dptr(cmax), table.seg, np.int32(nseg), out, q.dptr(out_max)))
+        return out, out_max
+
+    total, maxabs = sums(None)
+    sq_dev = sums(total)[0] if clip > 0 else None
+    kernels.launch(kernels.kernel(q.SOURCE, "hvdc_seg_tern_finalize", dev), q.grid(nseg, q.BLOCK), q.BLOCK,
+                   (q.dptr(sq_dev), table.seg, np.int32(nseg), np.float32(clip), maxabs, scales))

@@ -77,7 +77,7 @@ import numpy as np
 import torch
 
 from ..backends import cpu, cuda, kernel_backend
-from .base import Codec, Payload, RandomKey
+from .base import Codec, Payload, RandomKey, check_segments, device_ids
 
 _P, _I64, _U64, _U32, _INT = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32,
                               ctypes.c_int)
@@ -287,7 +287,7 @@ class TopKCodec(Codec):
         per thread, quickselect for the thresholds) instead of four per tensor plus a
         ``torch.topk``; on a device in one launch per kernel for the bucket (segment tables),
         without host reads; the other modes encode them one by one."""
-        _check_layout(x, residual, [(o, n) for o, n, _ in segments])
+        check_segments(x, residual, [(o, n) for o, n, _ in segments])
         keys = {(key.seed, key.step) for _, _, key in segments}
         ops = _ops(x.device)
         batched = (type(self) is TopKCodec and self.mode == "sampled" and not self.exact_k
@@ -359,7 +359,7 @@ class TopKCodec(Codec):
         only one for the bucket), then scattered."""
         if out.dtype != torch.float32 or not out.is_contiguous():
             raise ValueError("top-k decode needs a contiguous fp32 output tensor")
-        _check_layout(out, None, segments)
+        check_segments(out, None, segments)
         if len(payloads) != len(segments):
             raise ValueError(f"{len(payloads)} payload lists for {len(segments)} segments")
         flat, ops = out.view(-1), _ops(out.device)
@@ -389,17 +389,6 @@ class TopKCodec(Codec):
             s = next(s for s in range(len(segments)) if firsts[s + 1] > p)
             raise _bad_index_error(p - firsts[s], held[p][0], segments[s][1], j)
         return out
-
-
-def _check_layout(x: torch.Tensor, residual: torch.Tensor | None,
-                  segments: Sequence[tuple[int, int]]) -> None:
-    """ValueError unless every segment (offset, numel) lies in ``x`` (and in ``residual``, as
-    long as ``x``): the batched calls write through raw pointers."""
-    if residual is not None and (residual.numel() != x.numel() or not residual.is_contiguous()):
-        raise ValueError(f"residual of {residual.numel()} elements for a {x.numel()}-element input")
-    for o, n in segments:
-        if o < 0 or n < 0 or o + n > x.numel():
-            raise ValueError(f"segment [{o}, {o + n}) outside a {x.numel()}-element tensor")
 
 
 def _validate(payloads: Sequence[Payload], n: int, device: torch.device) -> None:
@@ -589,7 +578,7 @@ class _CudaOps:
             levels = _constant((codec.threshold,), dev).reshape(1, 1)
         else:
             samples = torch.empty(plan.samples, dtype=torch.float32, device=dev)
-            ids = _device_ids(tuple(k.tensor_id for _, _, k in segments), dev)
+            ids = device_ids(tuple(k.tensor_id for _, _, k in segments), dev)
             self._run("hvdc_topk_sample", dev, self._grid(plan.samples, dev),
                       (x, r, np.int32(has_r), plan.seg, ids, plan.sample_seg, plan.sample_off,
                        np.int64(plan.samples), np.uint64(key.seed), np.uint32(key.step), samples))
@@ -730,12 +719,6 @@ def _device_plan(layout: tuple[tuple[int, int], ...], ratio: float, sample_ratio
         padding=torch.repeat_interleave(ints([n for _, n in layout]), cap_t).to(torch.int32))
     return _DevicePlan(**{name: t.to(device) for name, t in tables.items()}, samples=samples[-1],
                        tiles=len(tile_lo), caps=caps, bases=bases[:-1], entries=bases[-1])
-
-
-@lru_cache(maxsize=1024)
-def _device_ids(ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """The tensors' ids (their Philox streams) on the device, copied once per layout."""
-    return torch.tensor(ids, dtype=torch.int64, device=device)
 
 
 @lru_cache(maxsize=256)

@@ -11,6 +11,8 @@ import torch
 
 from engine_helpers import SLOW, grad, members_of, run_engines, same_bits
 from hvd_compress import methods
+from hvd_compress.codecs.terngrad import TernGradCodec
+from hvd_compress.codecs.topk import TopKCodec
 from hvd_compress.engine.engine import Engine, Timings
 from hvd_compress.engine.local import LocalWorld
 
@@ -116,3 +118,22 @@ def test_fixed_capacity_top_k_gives_the_host_bits(spec, grad_fn):
         for step in range(3):
             for a, b in zip(host[rank][0][step], device[rank][0][step]):
                 assert same_bits(a, b), (rank, step)
+
+
+@pytest.mark.parametrize("spec,codec_cls", [("terngrad:route='allgather'", TernGradCodec),
+                                            ("topk:route='allgather'", TopKCodec)])
+def test_a_bucket_is_one_codec_call(monkeypatch, spec, codec_cls):
+    """After the first step (which sizes the payloads once), the engine hands a bucket's tensors
+    to the codec at once: one ``encode_many`` and one ``decode_many`` per bucket and rank, no
+    per-tensor encode or decode (their results: the engine tests' simulations, which encode
+    tensor by tensor)."""
+    calls: dict[int, list[str]] = {}
+    for name in ("encode_many", "decode_many", "_encode", "decode_accumulate"):
+        real = getattr(codec_cls, name)
+        monkeypatch.setattr(codec_cls, name, lambda self, *a, _real=real, _name=name, **k:
+                            (calls.setdefault(threading.get_ident(), []).append(_name), _real(self, *a, **k))[1])
+    results = run_engines(spec, 2, steps=2, after_step=lambda rank, step, engine:
+                          calls.pop(threading.get_ident(), None) if step == 0 else None)
+    compressed = [b for b in results[0][1].buckets if not b.small]
+    assert compressed and sum(len(b.members) for b in compressed) > len(compressed)
+    assert sorted(sum(calls.values(), [])) == sorted(["encode_many", "decode_many"] * 2 * len(compressed))
