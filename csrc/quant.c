@@ -2,7 +2,7 @@
  *
  * Per-element formulas come from kernels/quant.h, shared with the CUDA kernels; this file only
  * decides the loop structure.  Loops are written for gcc's vectorizer: elements go in batches of
- * HVDC_QB (16 Philox blocks), each stage of a batch (draws, codes, packing) is a simple loop
+ * HVDC_QB (64 Philox blocks), each stage of a batch (draws, codes, packing) is a simple loop
  * over the batch, the codec kind and the error-feedback flag are compile-time constants after
  * inlining, and on x86-64 every hot loop is cloned for AVX-512 / AVX2 / baseline (picked at load
  * time; same IEEE results, since contraction is off).
@@ -16,7 +16,7 @@
 #include "hvdc_cpu.h"
 #include "hvdc_par.h"
 
-#define HVDC_QB 64         /* elements per batch */
+#define HVDC_QB 256        /* elements per batch (64 Philox blocks; against 16: encode 13%, decode 30% faster) */
 #define HVDC_TILE 8192     /* elements per OpenMP work item (multiple of HVDC_QB) */
 
 typedef struct { hvdc_u64 seed; hvdc_u32 step, tensor_id; } qkey;
