@@ -310,33 +310,31 @@ void hvdc_tern_decode_acc(const hvdc_u8 *const *codes, const float *const *scale
     run_parallel(w_decode, &j, ntiles(n), nthreads);
 }
 
-/* A bucket's tensors in one call (TernGrad per tensor): seg is int64 [nseg][4] = the tensor's
- * offset in the bucket, its n, its first chunk of HVDC_SUM_CHUNK elements, its first code byte
- * (kernels/quantizers.cu's hvdc_seg_* take the same table).  Each tensor gets exactly what
- * hvdc_tern_scales + hvdc_tern_encode give it alone, with its key ids[s]; buf: scratch of 2 floats
- * per chunk. */
+/* A bucket's tensors in one call (TernGrad per tensor), seg a segment table (hvdc_common.h):
+ * each tensor gets exactly what hvdc_tern_scales + hvdc_tern_encode give it alone, with its key
+ * ids[s]; buf: scratch of 2 floats per chunk. */
 void hvdc_tern_encode_many(const float *g, float *r, hvdc_i64 nseg, const hvdc_i64 *seg, float clip,
                            hvdc_u64 seed, hvdc_u32 step, const hvdc_i64 *ids, float *scales,
                            hvdc_u8 *codes, float *buf, int nthreads)
 {
     for (hvdc_i64 s = 0; s < nseg; ++s) {
-        const hvdc_i64 *t = seg + 4 * s;
-        float *rs = r ? r + t[0] : NULL;
-        hvdc_tern_scales(g + t[0], rs, t[1], t[1], clip, scales + s, buf + 2 * t[2], nthreads);
-        hvdc_tern_encode(g + t[0], rs, t[1], t[1], scales + s, seed, step, (hvdc_u32)ids[s], codes + t[3],
+        const hvdc_i64 *t = seg + HVDC_SEG_COLS * s, off = t[HVDC_SEG_OFFSET], n = t[HVDC_SEG_N];
+        float *rs = r ? r + off : NULL;
+        hvdc_tern_scales(g + off, rs, n, n, clip, scales + s, buf + 2 * t[HVDC_SEG_CHUNK], nthreads);
+        hvdc_tern_encode(g + off, rs, n, n, scales + s, seed, step, (hvdc_u32)ids[s], codes + t[HVDC_SEG_BLOCK4],
                          nthreads);
     }
 }
 
-/* hvdc_tern_decode_acc of each tensor of the table: codes / scales hold nworkers addresses per
- * tensor, tensor-major. */
+/* hvdc_tern_decode_acc of each tensor of a segment table: codes / scales hold nworkers
+ * addresses per tensor, tensor-major. */
 void hvdc_tern_decode_many(const hvdc_u8 *const *codes, const float *const *scales, int nworkers,
                            hvdc_i64 nseg, const hvdc_i64 *seg, float *out, int nthreads)
 {
     for (hvdc_i64 s = 0; s < nseg; ++s) {
-        const hvdc_i64 *t = seg + 4 * s;
-        hvdc_tern_decode_acc(codes + s * nworkers, scales + s * nworkers, nworkers, t[1], t[1], out + t[0],
-                             nthreads);
+        const hvdc_i64 *t = seg + HVDC_SEG_COLS * s;
+        hvdc_tern_decode_acc(codes + s * nworkers, scales + s * nworkers, nworkers, t[HVDC_SEG_N], t[HVDC_SEG_N],
+                             out + t[HVDC_SEG_OFFSET], nthreads);
     }
 }
 

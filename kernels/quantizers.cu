@@ -267,23 +267,9 @@ __global__ void hvdc_fp16_decode_acc(const unsigned long long *values, int nwork
 
 }  /* extern "C" */
 
-/* ---- TernGrad over a bucket's tensors in one launch per kernel ----
- * seg: int64 [nseg][4] = the tensor's offset in the bucket, its n, its first chunk of
- * HVDC_SUM_CHUNK elements, its first Philox block (= its first code byte).  A thread (or warp)
- * finds its tensor among the firsts and does what the kernels above do for that tensor alone,
- * with the tensor's own key: bit for bit the per-tensor launches' results. */
-
-/* The tensor s whose first (column col of seg) is the last one <= k. */
-__device__ __forceinline__ int hvdc_seg_of(const long long *seg, int nseg, int col, long long k)
-{
-    int lo = 0, hi = nseg - 1;
-    while (lo < hi) {
-        int mid = (lo + hi + 1) / 2;
-        if (seg[4 * mid + col] <= k) lo = mid;
-        else hi = mid - 1;
-    }
-    return lo;
-}
+/* ---- TernGrad over a bucket's tensors in one launch per kernel (hvdc_common.h's segment
+ * tables): a thread (or warp) finds its tensor and does what the kernels above do for that
+ * tensor alone, with the tensor's own key: bit for bit the per-tensor launches' results. ---- */
 
 extern "C" {
 
@@ -294,8 +280,9 @@ __global__ void hvdc_seg_chunk_sums(const float *g, const float *r, const long l
     long long k = hvdc_thread_index() / 32;
     int lane = threadIdx.x & 31;
     if (k >= nchunks) return;                  /* whole warps: k is uniform in a warp */
-    int s = hvdc_seg_of(seg, nseg, 2, k);
-    long long off = seg[4 * s], n = seg[4 * s + 1], lo = (k - seg[4 * s + 2]) * HVDC_SUM_CHUNK;
+    int s = hvdc_seg_of(seg, nseg, HVDC_SEG_CHUNK, k);
+    const long long *t = seg + HVDC_SEG_COLS * s;
+    long long off = t[HVDC_SEG_OFFSET], n = t[HVDC_SEG_N], lo = (k - t[HVDC_SEG_CHUNK]) * HVDC_SUM_CHUNK;
     long long len = n - lo < HVDC_SUM_CHUNK ? n - lo : HVDC_SUM_CHUNK;
     float mean = total ? total[s] / (float)n : 0.0f, mx;
     float sum = hvdc_butterfly_sum(hvdc_lane_sum(total ? 1 : 0, g + off, r ? r + off : r, lo, len, mean,
@@ -315,7 +302,8 @@ __global__ void hvdc_seg_reduce(const float *in, const float *in_max, const long
     long long s = hvdc_thread_index() / 32;
     int lane = threadIdx.x & 31;
     if (s >= nseg) return;
-    long long lo = seg[4 * s + 2], len = (seg[4 * s + 1] + HVDC_SUM_CHUNK - 1) / HVDC_SUM_CHUNK;
+    const long long *t = seg + HVDC_SEG_COLS * s;
+    long long lo = t[HVDC_SEG_CHUNK], len = (t[HVDC_SEG_N] + HVDC_SUM_CHUNK - 1) / HVDC_SUM_CHUNK;
     float acc = 0.0f, mx = 0.0f;
     if (len == 1) {
         acc = in[lo];
@@ -340,7 +328,7 @@ __global__ void hvdc_seg_tern_finalize(const float *sq_dev_sum, const long long 
 {
     long long s = hvdc_thread_index();
     if (s >= nseg) return;
-    float t = sq_dev_sum ? hvdc_tern_clip_threshold(sq_dev_sum[s], seg[4 * s + 1], clip)
+    float t = sq_dev_sum ? hvdc_tern_clip_threshold(sq_dev_sum[s], seg[HVDC_SEG_COLS * s + HVDC_SEG_N], clip)
                          : hvdc_u2f(0x7F800000u);
     scales[s] = maxabs[s] < t ? maxabs[s] : t;
 }
@@ -352,8 +340,9 @@ __global__ void hvdc_seg_tern_encode(const float *g, float *r, const long long *
 {
     long long k = hvdc_thread_index();
     if (k >= nblocks) return;
-    int s = hvdc_seg_of(seg, nseg, 3, k);
-    long long off = seg[4 * s], first = seg[4 * s + 3], n = seg[4 * s + 1];
+    int s = hvdc_seg_of(seg, nseg, HVDC_SEG_BLOCK4, k);
+    const long long *t = seg + HVDC_SEG_COLS * s;
+    long long off = t[HVDC_SEG_OFFSET], first = t[HVDC_SEG_BLOCK4], n = t[HVDC_SEG_N];
     hvdc_encode_scaled_block<HVDC_Q_TERN>(g + off, r ? r + off : r, n, k - first, n, scales + s, seed, step,
                                           (hvdc_u32)ids[s], codes + first);
 }
@@ -366,10 +355,11 @@ __global__ void hvdc_seg_tern_decode_acc(const unsigned long long *codes, const 
 {
     long long k = hvdc_thread_index();
     if (k >= nblocks) return;
-    int s = hvdc_seg_of(seg, nseg, 3, k);
-    long long n = seg[4 * s + 1];
+    int s = hvdc_seg_of(seg, nseg, HVDC_SEG_BLOCK4, k);
+    const long long *t = seg + HVDC_SEG_COLS * s;
+    long long n = t[HVDC_SEG_N];
     hvdc_decode_block<HVDC_Q_TERN>(codes + (long long)s * nworkers, scales + (long long)s * nworkers, nworkers,
-                                   n, k - seg[4 * s + 3], n, out + seg[4 * s]);
+                                   n, k - t[HVDC_SEG_BLOCK4], n, out + t[HVDC_SEG_OFFSET]);
 }
 
 }  /* extern "C" */

@@ -107,26 +107,32 @@ def check_residual(flat: torch.Tensor, residual: torch.Tensor | None, name: str)
     return residual.view(-1)
 
 
+#: columns of a segment table (kernels/hvdc_common.h): offset, n, first chunk of SUM_CHUNK
+#: elements, first 4-element block (= first 2-bit code byte), first byte of 1-bit codes, first
+#: 32-element warp slot
+OFFSET, N, CHUNK, BLOCK4, BYTE8, SLOT32 = range(6)
+_UNITS = {CHUNK: SUM_CHUNK, BLOCK4: 4, BYTE8: 8, SLOT32: 32}
+
+
 @dataclass(frozen=True)
 class SegmentTable:
-    """The table of a bucket layout for the calls that take all its tensors at once
-    (``hvdc_tern_encode_many`` and the ``hvdc_seg_*`` kernels): ``seg`` is int64 [nseg, 4] =
-    offset, n, first chunk of :data:`SUM_CHUNK` elements, first 4-element block (= first 2-bit
-    code byte) of each tensor; built once per layout and device."""
+    """The table of a bucket layout (int64 [nseg, 6], the columns above) for the calls that take
+    all its tensors at once (``hvdc_*_many``, the ``hvdc_seg_*`` kernels), built once per layout
+    and device; ``bounds[col]``: each tensor's first in that column, then the total."""
     seg: torch.Tensor
-    firsts: tuple[int, ...]     # each tensor's first block, then the bucket's blocks
-    chunks: int
+    bounds: dict[int, tuple[int, ...]]
 
-    @property
-    def blocks(self) -> int:
-        return self.firsts[-1]
+    def total(self, col: int) -> int:
+        return self.bounds[col][-1]
 
 
 @lru_cache(maxsize=256)
 def segment_table(layout: tuple[tuple[int, int], ...], device: torch.device) -> SegmentTable:
-    rows, chunks, blocks = [], [0], [0]
+    bounds = {col: [0] for col in _UNITS}
+    rows = []
     for offset, n in layout:
-        rows.append([offset, n, chunks[-1], blocks[-1]])
-        chunks.append(chunks[-1] + -(-n // SUM_CHUNK))
-        blocks.append(blocks[-1] + -(-n // 4))
-    return SegmentTable(torch.tensor(rows, dtype=torch.int64, device=device), tuple(blocks), chunks[-1])
+        rows.append([offset, n, *(bounds[col][-1] for col in _UNITS)])
+        for col, unit in _UNITS.items():
+            bounds[col].append(bounds[col][-1] + -(-n // unit))
+    return SegmentTable(torch.tensor(rows, dtype=torch.int64, device=device),
+                        {col: tuple(b) for col, b in bounds.items()})

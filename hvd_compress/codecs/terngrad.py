@@ -197,19 +197,19 @@ class TernGradCodec(Codec):
         table = q.segment_table(tuple((o, n) for o, n, _ in segments), dev)
         ids = device_ids(tuple(key.tensor_id for _, _, key in segments), dev)
         scales = torch.empty(nseg, dtype=torch.float32, device=dev)
-        codes = torch.empty(table.blocks, dtype=torch.uint8, device=dev)
+        codes = torch.empty(table.total(q.BLOCK4), dtype=torch.uint8, device=dev)
         clip = float(self.clip or 0.0)
         kernels = kernel_backend(dev)
         if kernels is None:
-            scratch = torch.empty(2 * table.chunks, dtype=torch.float32)
+            scratch = torch.empty(2 * table.total(q.CHUNK), dtype=torch.float32)
             cpu.call("hvdc_tern_encode_many", q.ptr(x), q.ptr(residual), nseg, q.ptr(table.seg), clip, seed, step,
                      q.ptr(ids), q.ptr(scales), q.ptr(codes), q.ptr(scratch), cpu.threads())
         else:
             _cuda_scales_many(kernels, x, residual, table, clip, scales)
-            kernels.launch(kernels.kernel(q.SOURCE, "hvdc_seg_tern_encode", dev), q.grid(table.blocks, q.BLOCK),
-                           q.BLOCK, (x, q.dptr(residual), table.seg, np.int32(nseg), np.int64(table.blocks),
+            kernels.launch(kernels.kernel(q.SOURCE, "hvdc_seg_tern_encode", dev), q.grid(codes.numel(), q.BLOCK),
+                           q.BLOCK, (x, q.dptr(residual), table.seg, np.int32(nseg), np.int64(codes.numel()),
                                      scales, np.uint64(seed), np.uint32(step), ids, codes))
-        f = table.firsts
+        f = table.bounds[q.BLOCK4]
         return [Payload(n, {"codes": codes[f[s]:f[s + 1]], "scales": scales[s:s + 1]})
                 for s, (_, n, _) in enumerate(segments)]
 
@@ -235,13 +235,13 @@ class TernGradCodec(Codec):
             return out
         (nworkers,), nseg = workers, len(segments)
         table = q.segment_table(tuple((o, n) for o, n in segments), out.device)
-        kernels = kernel_backend(out.device)
+        kernels, blocks = kernel_backend(out.device), table.total(q.BLOCK4)
         codes = q.ptr_array([p.parts["codes"] for ps in payloads for p in ps], kernels)
         scales = q.ptr_array([p.parts["scales"] for ps in payloads for p in ps], kernels)
         if kernels is not None:
             kernels.launch(kernels.kernel(q.SOURCE, "hvdc_seg_tern_decode_acc", out.device),
-                           q.grid(table.blocks, q.BLOCK), q.BLOCK,
-                           (codes, scales, np.int32(nworkers), table.seg, np.int32(nseg), np.int64(table.blocks), flat))
+                           q.grid(blocks, q.BLOCK), q.BLOCK,
+                           (codes, scales, np.int32(nworkers), table.seg, np.int32(nseg), np.int64(blocks), flat))
         else:
             cpu.call("hvdc_tern_decode_many", codes, scales, nworkers, nseg, q.ptr(table.seg), q.ptr(flat),
                      cpu.threads())
@@ -312,16 +312,16 @@ def _cuda_scales_many(kernels, g: torch.Tensor, r: torch.Tensor | None, table: q
     """:func:`_cuda_scales` of every tensor of ``table`` (one scale each) in one launch per
     kernel: the chunk sums of the whole bucket, each tensor's to one, again for the squared
     deviations when clipping, then the scales."""
-    dev, nseg = g.device, table.seg.shape[0]
+    dev, nseg, chunks = g.device, table.seg.shape[0], table.total(q.CHUNK)
     chunk_sums = kernels.kernel(q.SOURCE, "hvdc_seg_chunk_sums", dev)
     reduce = kernels.kernel(q.SOURCE, "hvdc_seg_reduce", dev)
 
     def sums(total: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         with_max = total is None
-        partial = torch.empty(table.chunks, dtype=torch.float32, device=dev)
-        cmax = torch.empty(table.chunks, dtype=torch.float32, device=dev) if with_max else None
-        kernels.launch(chunk_sums, q.grid(32 * table.chunks, q.BLOCK), q.BLOCK,
-                       (g, q.dptr(r), table.seg, np.int32(nseg), np.int64(table.chunks), q.dptr(total),
+        partial = torch.empty(chunks, dtype=torch.float32, device=dev)
+        cmax = torch.empty(chunks, dtype=torch.float32, device=dev) if with_max else None
+        kernels.launch(chunk_sums, q.grid(32 * chunks, q.BLOCK), q.BLOCK,
+                       (g, q.dptr(r), table.seg, np.int32(nseg), np.int64(chunks), q.dptr(total),
                         partial, q.dptr(cmax)))
         out = torch.empty(nseg, dtype=torch.float32, device=dev)
         out_max = torch.empty(nseg, dtype=torch.float32, device=dev) if with_max else None
