@@ -85,6 +85,10 @@ void hvdc_sign_encode(const float *g, float *r, hvdc_i64 n, hvdc_i64 bucket, int
                       const float *scales, hvdc_u8 *bits, int nthreads);
 void hvdc_sign_decode_acc(const hvdc_u8 *const *bits, const float *const *scales, int nworkers,
                           hvdc_i64 n, hvdc_i64 bucket, int kind, float *out, int nthreads);
+void hvdc_sign_encode_many(const float *g, float *r, hvdc_i64 nseg, const hvdc_i64 *seg, int kind,
+                           float *sums, hvdc_i64 *counts, float *scales, hvdc_u8 *bits, int nthreads);
+void hvdc_sign_decode_many(const hvdc_u8 *const *bits, const float *const *scales, int nworkers, hvdc_i64 nseg,
+                           const hvdc_i64 *seg, int kind, float *out, int nthreads);
 
 /* Random-k and the shared permutation (csrc/randk.c). */
 void hvdc_perm_indices(hvdc_i64 *out, hvdc_i64 k, hvdc_i64 n, int bits, hvdc_u64 seed,

@@ -113,7 +113,8 @@ HVDC_FN float hvdc_lane_combine(float v[32])
 /* ---- Segment tables: a bucket's tensors in one call ----
  * int64 [nseg][HVDC_SEG_COLS], per tensor: its offset in the bucket, its n, and its first chunk
  * of HVDC_SUM_CHUNK elements, first 4-element block (= first 2-bit code byte), first byte of
- * 1-bit codes and first 32-element warp slot in the bucket's concatenation of each
+ * 1-bit codes and first thread of its range of ceil(n / 32) whole warps, in the bucket's
+ * concatenation of each
  * (hvd_compress/codecs/_quant.py builds it).  A thread finds its tensor among the firsts of one
  * column, then does what the one-tensor code does, on that tensor alone. */
 #define HVDC_SEG_COLS 6

@@ -109,9 +109,10 @@ def check_residual(flat: torch.Tensor, residual: torch.Tensor | None, name: str)
 
 #: columns of a segment table (kernels/hvdc_common.h): offset, n, first chunk of SUM_CHUNK
 #: elements, first 4-element block (= first 2-bit code byte), first byte of 1-bit codes, first
-#: 32-element warp slot
+#: thread of its warp-aligned range (ceil(n / 32) warps per tensor)
 OFFSET, N, CHUNK, BLOCK4, BYTE8, SLOT32 = range(6)
-_UNITS = {CHUNK: SUM_CHUNK, BLOCK4: 4, BYTE8: 8, SLOT32: 32}
+#: per column: elements per unit, and the column's count per unit
+_UNITS = {CHUNK: (SUM_CHUNK, 1), BLOCK4: (4, 1), BYTE8: (8, 1), SLOT32: (32, 32)}
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ def segment_table(layout: tuple[tuple[int, int], ...], device: torch.device) -> 
     rows = []
     for offset, n in layout:
         rows.append([offset, n, *(bounds[col][-1] for col in _UNITS)])
-        for col, unit in _UNITS.items():
-            bounds[col].append(bounds[col][-1] + -(-n // unit))
+        for col, (unit, count) in _UNITS.items():
+            bounds[col].append(bounds[col][-1] + count * -(-n // unit))
     return SegmentTable(torch.tensor(rows, dtype=torch.int64, device=device),
                         {col: tuple(b) for col, b in bounds.items()})

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 from typing import ClassVar, Sequence
 
 import numpy as np
@@ -49,19 +50,19 @@ import torch
 
 from ..backends import cpu, kernel_backend
 from . import _quant as q
-from .base import Codec, Payload, RandomKey, as_fp32_flat, overflow_check
+from .base import Codec, Payload, RandomKey, as_fp32_flat, check_segments, overflow_check
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 cpu.register("hvdc_sign_stats", _P, _P, _I64, _I64, _INT, _P, _P, _P, _INT)
 cpu.register("hvdc_sign_encode", _P, _P, _I64, _I64, _INT, _P, _P, _INT)
 cpu.register("hvdc_sign_decode_acc", _P, _P, _INT, _I64, _I64, _INT, _P, _INT)
+cpu.register("hvdc_sign_encode_many", _P, _P, _I64, _P, _INT, _P, _P, _P, _P, _INT)
+cpu.register("hvdc_sign_decode_many", _P, _P, _INT, _I64, _P, _INT, _P, _INT)
 
 #: the CUDA source of the sign kernels
 SOURCE = "signs.cu"
 #: kernels/signs.h: HVDC_SIGN_ONEBIT, HVDC_SIGN_SCALED, HVDC_SIGN_PLAIN
 _ONEBIT, _SCALED, _PLAIN = 0, 1, 2
-#: HVDC_SUM_CHUNK of kernels/hvdc_common.h
-_SUM_CHUNK = 8192
 
 
 class _SignCodec(Codec):
@@ -72,6 +73,8 @@ class _SignCodec(Codec):
     #: fp32 scales per bucket on the wire, and their part's name
     _nscales: ClassVar[int]
     _scales_part: ClassVar[str] = ""
+    #: False where encode rejects a residual (the vote codecs)
+    _error_feedback: ClassVar[bool] = True
     bucket_size: int | None = None
 
     def _check_bucket(self) -> None:
@@ -113,7 +116,7 @@ class _SignCodec(Codec):
         if n == 0:
             return scales
         bucket, nb = self._bucket(n), self.n_buckets(n)
-        nchunks = -(-min(bucket, n) // _SUM_CHUNK)
+        nchunks = -(-min(bucket, n) // q.SUM_CHUNK)
         kernels = kernel_backend(v.device)
         if kernels is not None:
             _cuda_scales(kernels, v, r, n, bucket, self._kind, nb, nchunks, scales)
@@ -169,6 +172,102 @@ class _SignCodec(Codec):
             cpu.call("hvdc_sign_decode_acc", bits, scales, len(payloads), n, self._bucket(n),
                      self._kind, q.ptr(flat), cpu.threads())
         return out
+
+
+    def _batched(self, sizes: Sequence[int]) -> bool:
+        """Whether a bucket's tensors of these sizes go in one call: one sign bucket per tensor,
+        no empty tensor, none whose sums need a second reduction level (over SUM_CHUNK^2)."""
+        return (len(sizes) > 1 and self.bucket_size is None
+                and all(0 < n <= q.SUM_CHUNK ** 2 for n in sizes))
+
+    def encode_many(self, x: torch.Tensor, segments: Sequence[tuple[int, int, RandomKey]],
+                    residual: torch.Tensor | None) -> list[Payload]:
+        """The payloads of the segments ``x[offset:offset + numel]`` (a bucket's tensors; ``x``
+        contiguous fp32, already checked), each with its slice of ``residual``: bit for bit
+        what :meth:`encode` gives each (the keys are not used: the sign codecs are
+        deterministic).  One C call for the bucket on the host (``hvdc_sign_encode_many``), one
+        launch per kernel on a device (``hvdc_seg_sign_*``: three for the bucket instead of
+        four per tensor), no host reads; a scale that overflows raises on the host and clears
+        its payload's ``finite`` flag on a device, as :meth:`encode` does."""
+        check_segments(x, residual, [(o, n) for o, n, _ in segments])
+        if not self._batched([n for _, n, _ in segments]) or (residual is not None and not self._error_feedback):
+            return [self.encode(x[o:o + n], key, residual=None if residual is None else residual[o:o + n],
+                                check_finite=False) for o, n, key in segments]
+        dev, nseg, ns = x.device, len(segments), self._nscales
+        table = q.segment_table(tuple((o, n) for o, n, _ in segments), dev)
+        bits = torch.empty(table.total(q.BYTE8), dtype=torch.uint8, device=dev)
+        scales = torch.empty(ns * nseg, dtype=torch.float32, device=dev)
+        chunks = table.total(q.CHUNK)
+        sums = torch.empty(2 * chunks, dtype=torch.float32, device=dev)
+        counts = torch.empty(chunks, dtype=torch.int64, device=dev) if self._kind == _ONEBIT else None
+        kernels = kernel_backend(dev)
+        if kernels is None:
+            cpu.call("hvdc_sign_encode_many", q.ptr(x), q.ptr(residual), nseg, q.ptr(table.seg), self._kind,
+                     q.ptr(sums), q.ptr(counts), q.ptr(scales), q.ptr(bits), cpu.threads())
+            flags = [None] * nseg
+            if ns:
+                overflow_check(scales, False, lambda: self._overflow(x))
+        else:
+            if ns:
+                kernels.launch(kernels.kernel(SOURCE, "hvdc_seg_sign_stats", dev), q.grid(32 * chunks, q.BLOCK),
+                               q.BLOCK, (x, q.dptr(residual), table.seg, np.int32(nseg), np.int64(chunks),
+                                         np.int32(self._kind), sums, q.dptr(counts)))
+                kernels.launch(kernels.kernel(SOURCE, "hvdc_seg_sign_finalize", dev), q.grid(32 * nseg, q.BLOCK),
+                               q.BLOCK, (sums, q.dptr(counts), table.seg, np.int32(nseg), np.int32(self._kind),
+                                         scales))
+            slots = table.total(q.SLOT32)
+            kernels.launch(kernels.kernel(SOURCE, "hvdc_seg_sign_encode", dev), q.grid(slots, q.BLOCK), q.BLOCK,
+                           (x, q.dptr(residual), table.seg, np.int32(nseg), np.int64(slots), np.int32(self._kind),
+                            q.dptr(scales if ns else None), bits))
+            flags = list(torch.isfinite(scales.view(nseg, ns)).all(1)) if ns else [None] * nseg
+        f = table.bounds[q.BYTE8]
+        return [Payload(n, {"bits": bits[f[s]:f[s + 1]], **({self._scales_part: scales[ns * s:ns * (s + 1)]}
+                                                            if ns else {})}, flags[s])
+                for s, (_, n, _) in enumerate(segments)]
+
+    def decode_many(self, payloads: Sequence[Sequence[Payload]], out: torch.Tensor,
+                    segments: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """``out[offset:offset + numel] +=`` the payloads of each segment (offset, numel), workers
+        in list order: what :meth:`decode_accumulate` of each gives, bit for bit, in one C call
+        (``hvdc_sign_decode_many``) or one launch; every payload is checked before anything is
+        written."""
+        flat = self._decode_target(payloads, out, segments)
+        if not self._decode_batched(payloads, segments):
+            for (o, n), ps in zip(segments, payloads):
+                self.decode_accumulate(ps, flat[o:o + n])
+            return out
+        nworkers, nseg = len(payloads[0]), len(segments)
+        table = q.segment_table(tuple((o, n) for o, n in segments), out.device)
+        kernels = kernel_backend(out.device)
+        bits = q.ptr_array([p.parts["bits"] for ps in payloads for p in ps], kernels)
+        scales = (q.ptr_array([p.parts[self._scales_part] for ps in payloads for p in ps], kernels)
+                  if self._nscales else None)
+        if kernels is not None:
+            slots = table.total(q.SLOT32)
+            kernels.launch(kernels.kernel(SOURCE, "hvdc_seg_sign_decode_acc", out.device), q.grid(slots, q.BLOCK),
+                           q.BLOCK, (bits, q.dptr(scales), np.int32(nworkers), table.seg, np.int32(nseg),
+                                     np.int64(slots), np.int32(self._kind), flat))
+        else:
+            cpu.call("hvdc_sign_decode_many", bits, scales, nworkers, nseg, q.ptr(table.seg), self._kind,
+                     q.ptr(flat), cpu.threads())
+        return out
+
+    def _decode_target(self, payloads: Sequence[Sequence[Payload]], out: torch.Tensor,
+                       segments: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """The flat view of ``out`` after checking it, the layout and every payload (before
+        anything is written)."""
+        if out.dtype != torch.float32 or not out.is_contiguous():
+            raise ValueError(f"{self.name} decode needs a contiguous fp32 output tensor")
+        check_segments(out, None, segments)
+        if len(payloads) != len(segments):
+            raise ValueError(f"{len(payloads)} payload lists for {len(segments)} segments")
+        flat = out.view(-1)
+        for (o, n), ps in zip(segments, payloads):
+            q.accumulate_target(ps, flat[o:o + n], self._parts(n))
+        return flat
+
+    def _decode_batched(self, payloads: Sequence[Sequence[Payload]], segments: Sequence[tuple[int, int]]) -> bool:
+        return len({len(ps) for ps in payloads}) == 1 and self._batched([n for _, n in segments])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,6 +337,7 @@ class SignCodec(_SignCodec):
     name = "signsgd"
     _kind = _PLAIN
     _nscales = 0
+    _error_feedback = False
 
     def _encode(self, x: torch.Tensor, key: RandomKey, residual: torch.Tensor | None) -> Payload:
         if residual is not None:
@@ -264,6 +364,7 @@ class MajorityVoteCodec(ScaledSignCodec):
     gradient length) while the vote stays scale-free.  No error feedback."""
 
     name = "signsgd"
+    _error_feedback = False
 
     def _encode(self, x: torch.Tensor, key: RandomKey, residual: torch.Tensor | None) -> Payload:
         if residual is not None:
@@ -274,13 +375,42 @@ class MajorityVoteCodec(ScaledSignCodec):
         if not payloads:
             raise ValueError("decode_accumulate needs at least one payload")
         n = payloads[0].numel
-        votes = SignCodec().decode_accumulate(
-            [Payload(p.numel, {"bits": p.parts["bits"]}) for p in payloads],
-            torch.zeros(n, dtype=torch.float32, device=out.device))
-        scale = torch.stack([p.parts["scales"] for p in payloads]).sum(0)
+        votes = SignCodec().decode_accumulate(_bits_only(payloads), torch.zeros(n, dtype=torch.float32,
+                                                                                device=out.device))
+        scale = _sum_in_order([p.parts["scales"] for p in payloads])
         per_element = scale.repeat_interleave(self._bucket(n))[:n] if scale.numel() > 1 else scale
         out.view(-1).add_(majority_vote(votes) * per_element)
         return out
+
+    def decode_many(self, payloads: Sequence[Sequence[Payload]], out: torch.Tensor,
+                    segments: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """:meth:`decode_accumulate` of each segment, bit for bit: the votes of the whole bucket in
+        one :meth:`SignCodec.decode_many`, then every tensor's vote times its summed scale in
+        one pass (segments that tile a range; others one by one)."""
+        flat = self._decode_target(payloads, out, segments)
+        tiled = all(a[0] + a[1] == b[0] for a, b in zip(segments, segments[1:]))
+        if not tiled or not self._decode_batched(payloads, segments):
+            for (o, n), ps in zip(segments, payloads):
+                self.decode_accumulate(ps, flat[o:o + n])
+            return out
+        lo, hi = segments[0][0], segments[-1][0] + segments[-1][1]
+        votes = SignCodec().decode_many([_bits_only(ps) for ps in payloads],
+                                        torch.zeros(hi - lo, dtype=torch.float32, device=out.device),
+                                        [(o - lo, n) for o, n in segments])
+        scale = _sum_in_order([torch.cat([ps[w].parts["scales"] for ps in payloads])
+                               for w in range(len(payloads[0]))])
+        lengths = torch.tensor([n for _, n in segments], device=out.device)
+        flat[lo:hi].add_(majority_vote(votes) * scale.repeat_interleave(lengths, output_size=hi - lo))
+        return out
+
+
+def _bits_only(payloads: Sequence[Payload]) -> list[Payload]:
+    return [Payload(p.numel, {"bits": p.parts["bits"]}) for p in payloads]
+
+
+def _sum_in_order(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """((t_0 + t_1) + t_2) + ...: the workers' scales summed in list order on every device."""
+    return functools.reduce(torch.add, tensors)
 
 
 def majority_vote(total: torch.Tensor) -> torch.Tensor:
@@ -302,7 +432,7 @@ def _cuda_scales(kernels, v: torch.Tensor, r: torch.Tensor | None, n: int, bucke
                     q.dptr(counts)))
     reduce = kernels.kernel(SOURCE, "hvdc_sign_reduce", dev)
     while m > 1:
-        mo = -(-m // _SUM_CHUNK)
+        mo = -(-m // q.SUM_CHUNK)
         s_next = torch.empty(2 * nb * mo, dtype=torch.float32, device=dev)
         c_next = torch.empty(nb * mo, dtype=torch.int64, device=dev) if counts is not None else None
         kernels.launch(reduce, q.grid(32 * nb * mo, q.BLOCK), q.BLOCK,

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from hvd_compress.codecs import OneBitCodec, ScaledSignCodec, SignCodec, majority_vote
+from hvd_compress.codecs.sign import MajorityVoteCodec
 from hvd_compress.codecs.base import RandomKey
+import batch_contract as batch
 from quant_contract import CodecContract, contract_sum
 
 CASES = {"onebit": OneBitCodec(), "onebit_b64": OneBitCodec(bucket_size=64),
@@ -217,3 +219,38 @@ def test_wire_sizes() -> None:
     assert OneBitCodec().encode(torch.randn(1)).nbytes == 1 + 8
     for codec in (OneBitCodec(), ScaledSignCodec(), SignCodec()):
         assert codec.encode(torch.randn(0)).nbytes == 0
+
+
+# ---- a bucket's tensors in one call (encode_many / decode_many) ---------------------------------
+
+BATCHED = {"onebit": (OneBitCodec(), True), "scaled": (ScaledSignCodec(), True), "signsgd": (SignCodec(), False),
+           "majority": (MajorityVoteCodec(), False)}
+
+
+@pytest.mark.parametrize("threads", ["1", "3"])
+@pytest.mark.parametrize("case", list(BATCHED))
+def test_encode_many_is_each_encode_bit_for_bit(monkeypatch, threads, case) -> None:
+    monkeypatch.setenv("HVD_COMPRESS_CPU_THREADS", threads)
+    codec, ef = BATCHED[case]
+    batch.check_encode_many(monkeypatch, codec, ef, "hvdc_sign_encode_many")
+
+
+@pytest.mark.parametrize("case", list(BATCHED))
+def test_decode_many_is_each_decode_bit_for_bit(case) -> None:
+    batch.check_decode_many(BATCHED[case][0], BATCHED[case][0])
+
+
+def test_encode_many_of_an_overflowing_bucket_raises_on_the_host() -> None:
+    """A tensor whose sum overflows fp32 raises as its own encode does (the engine then flags the
+    bucket's members)."""
+    x, segments = batch.awkward_bucket()
+    x[segments[3][0]:segments[3][0] + 100] = 3e37
+    for codec in (OneBitCodec(), ScaledSignCodec()):
+        with pytest.raises(FloatingPointError, match="overflows"):
+            codec.encode_many(x, segments, None)
+
+
+@pytest.mark.parametrize("case", list(BATCHED))
+def test_encode_many_on_the_device_is_the_hosts_bit_for_bit(case, kernels) -> None:
+    codec, ef = BATCHED[case]
+    batch.check_many_on_device(codec, kernels, ef)

@@ -9,7 +9,8 @@ import torch
 import hvd_compress
 from hvd_compress.codecs.base import RandomKey
 from hvd_compress.codecs.terngrad import TernGradCodec
-from quant_contract import KEY, CodecContract, chi2_check, contract_sum, repeat_draws
+import batch_contract as batch
+from quant_contract import KEY, CodecContract, chi2_check, contract_sum, payload_equal, repeat_draws
 
 # (recorded in the golden file with the paper's clip; the default's clip goes through the same
 # kernels, and test_emulator.py holds CUDA == C for it)
@@ -195,94 +196,29 @@ def test_auto_clip_fits_the_number_of_workers() -> None:
 
 # ---- a bucket's tensors in one call (encode_many / decode_many) ---------------------------------
 
-def bucket() -> tuple[torch.Tensor, list[tuple[int, int, RandomKey]]]:
-    """Awkward tensors end to end: one element, three (a partial code byte), a constant one
-    (sigma 0: not clipped), one just over a sum chunk, one of nine chunks with a spike, zeros;
-    and their segments (offset, numel, key)."""
-    g = torch.Generator().manual_seed(3)
-    parts = [torch.tensor([-2.0]), torch.randn(3, generator=g), torch.full((100,), 0.25),
-             torch.randn(8192 + 5, generator=g), torch.randn(70_001, generator=g), torch.zeros(4000)]
-    parts[4][17] = 40.0
-    offsets = np.cumsum([0] + [p.numel() for p in parts]).tolist()
-    return torch.cat(parts), [(offsets[j], p.numel(), RandomKey(7, 2, 30 + j)) for j, p in enumerate(parts)]
-
-
-def each(codec: TernGradCodec, x: torch.Tensor, segments, residual):
-    return [codec.encode(x[o:o + n], key, residual=None if residual is None else residual[o:o + n])
-            for o, n, key in segments]
-
-
 @pytest.mark.parametrize("threads", ["1", "3"])
 @pytest.mark.parametrize("clip", [1.23, None])
 @pytest.mark.parametrize("ef", [True, False])
 def test_encode_many_is_each_encode_bit_for_bit(monkeypatch, threads, clip, ef) -> None:
-    """One C call for the bucket gives every tensor its own encode's codes, scale and residual."""
     monkeypatch.setenv("HVD_COMPRESS_CPU_THREADS", threads)
-    from hvd_compress.codecs import terngrad
-    calls = []
-    real_call = terngrad.cpu.call
-    monkeypatch.setattr(terngrad.cpu, "call", lambda name, *args: (calls.append(name), real_call(name, *args)))
-    x, segments = bucket()
-    codec = TernGradCodec(clip=clip)
-    r_many = torch.randn(x.numel(), generator=torch.Generator().manual_seed(4)) * 0.1 if ef else None
-    r_each = r_many.clone() if ef else None
-    many = codec.encode_many(x, segments, r_many)
-    assert calls == ["hvdc_tern_encode_many"]
-    for a, b in zip(many, each(codec, x, segments, r_each)):
-        assert a.numel == b.numel and list(a.parts) == list(b.parts)
-        assert all(torch.equal(a.parts[q], b.parts[q]) for q in a.parts)
-    if ef:
-        assert torch.equal(r_many, r_each)
+    batch.check_encode_many(monkeypatch, TernGradCodec(clip=clip), ef, "hvdc_tern_encode_many")
 
 
 def test_decode_many_is_each_decode_bit_for_bit() -> None:
-    """One C call decodes every segment as its own decode does (workers in list order); a bad
-    payload anywhere raises before anything is written."""
-    x, segments = bucket()
-    codec = TernGradCodec()
-    workers = [codec.encode_many(x * (w + 1), segments, None) for w in range(3)]
-    per_segment = [[workers[w][s] for w in range(3)] for s in range(len(segments))]
-    layout = [(o, n) for o, n, _ in segments]
-    start = torch.randn(x.numel(), generator=torch.Generator().manual_seed(5))
-    many = codec.decode_many(per_segment, start.clone(), layout)
-    expected = start.clone()
-    for (o, n), ps in zip(layout, per_segment):
-        codec.decode_accumulate(ps, expected[o:o + n])
-    assert torch.equal(many, expected)
-    per_segment[-1][1] = codec.encode(torch.randn(7))
-    out = start.clone()
-    with pytest.raises(ValueError, match="payload 1"):
-        codec.decode_many(per_segment, out, layout)
-    assert torch.equal(out, start)
+    batch.check_decode_many(TernGradCodec(), TernGradCodec())
 
 
 def test_encode_many_falls_back_where_one_call_does_not_apply() -> None:
     """Per-bucket scales, shared scales and keys of different steps are encoded one by one: still
     each tensor's own encode."""
-    x, segments = bucket()
-    shared = TernGradCodec().with_scales(torch.ones(1))
-    for codec, segs in [(TernGradCodec(bucket_size=64), segments), (TernGradCodec(), [
-            (o, n, RandomKey(7, j, 1)) for j, (o, n, _) in enumerate(segments)])]:
-        for a, b in zip(codec.encode_many(x, segs, None), each(codec, x, segs, None)):
-            assert all(torch.equal(a.parts[q], b.parts[q]) for q in a.parts)
-    assert shared._batched([4, 4]) is False
+    x, segments = batch.awkward_bucket()
+    by_step = [(o, n, RandomKey(7, j, 1)) for j, (o, n, _) in enumerate(segments)]
+    for codec, segs in [(TernGradCodec(bucket_size=64), segments), (TernGradCodec(), by_step)]:
+        assert all(payload_equal(a, b) for a, b in zip(codec.encode_many(x, segs, None),
+                                                       batch.each(codec, x, segs, None)))
+    assert TernGradCodec().with_scales(torch.ones(1))._batched([4, 4]) is False
 
 
 @pytest.mark.parametrize("clip", [1.23, None])
 def test_encode_many_on_the_device_is_the_hosts_bit_for_bit(clip, kernels) -> None:
-    """The bucket in one launch per kernel (segment tables): the host's codes, scales, residual
-    and decoded sums."""
-    x, segments = bucket()
-    codec = TernGradCodec(clip=clip)
-    r_cpu = torch.randn(x.numel(), generator=torch.Generator().manual_seed(4)) * 0.1
-    r_dev = kernels.put(r_cpu)
-    host = codec.encode_many(x, segments, r_cpu)
-    layout = [(o, n) for o, n, _ in segments]
-    out_cpu = codec.decode_many([[p, p] for p in host], torch.ones(x.numel()), layout)
-    with kernels:
-        dev = codec.encode_many(kernels.put(x), segments, r_dev)
-        out_dev = codec.decode_many([[p, p] for p in dev], kernels.put(torch.ones(x.numel())), layout)
-    for a, b in zip(host, dev):
-        assert all(torch.equal(a.parts[q], b.parts[q].cpu()) for q in a.parts)
-    assert torch.equal(r_cpu, r_dev.cpu())
-    assert torch.equal(out_cpu, out_dev.cpu())
+    batch.check_many_on_device(TernGradCodec(clip=clip), kernels, ef=True)

@@ -11,6 +11,7 @@ import torch
 
 from engine_helpers import SLOW, grad, members_of, run_engines, same_bits
 from hvd_compress import methods
+from hvd_compress.codecs.sign import MajorityVoteCodec, OneBitCodec, ScaledSignCodec
 from hvd_compress.codecs.terngrad import TernGradCodec
 from hvd_compress.codecs.topk import TopKCodec
 from hvd_compress.engine.engine import Engine, Timings
@@ -121,7 +122,10 @@ def test_fixed_capacity_top_k_gives_the_host_bits(spec, grad_fn):
 
 
 @pytest.mark.parametrize("spec,codec_cls", [("terngrad:route='allgather'", TernGradCodec),
-                                            ("topk:route='allgather'", TopKCodec)])
+                                            ("topk:route='allgather'", TopKCodec),
+                                            ("onebit:route='allgather'", OneBitCodec),
+                                            ("efsignsgd:route='allgather'", ScaledSignCodec),
+                                            ("signsgd:route='allgather'", MajorityVoteCodec)])
 def test_a_bucket_is_one_codec_call(monkeypatch, spec, codec_cls):
     """After the first step (which sizes the payloads once), the engine hands a bucket's tensors
     to the codec at once: one ``encode_many`` and one ``decode_many`` per bucket and rank, no
