@@ -98,6 +98,12 @@ void hvdc_randk_gather(float *src, int clear, hvdc_i64 k, hvdc_i64 n, int bits, 
 void hvdc_randk_scatter_acc(const float *const *values, int nworkers, hvdc_i64 k, hvdc_i64 n,
                             int bits, hvdc_u64 seed, hvdc_u32 step, hvdc_u32 tensor_id, float *out,
                             int nthreads);
+void hvdc_randk_gather_many(float *src, int clear, hvdc_i64 nseg, const hvdc_i64 *seg, hvdc_i64 nitems,
+                            const float *scales, hvdc_u64 seed, hvdc_u32 step, const hvdc_i64 *ids, float *values,
+                            int nthreads);
+void hvdc_randk_scatter_many(const float *const *values, int nworkers, hvdc_i64 nseg, const hvdc_i64 *seg,
+                             hvdc_i64 nitems, hvdc_u64 seed, hvdc_u32 step, const hvdc_i64 *ids, float *out,
+                             int nthreads);
 
 /* Sketched update (csrc/sketch.c). */
 void hvdc_sketch_encode(const float *g, hvdc_i64 n, hvdc_i64 block, hvdc_i64 kept, const hvdc_i64 *sel,

@@ -137,3 +137,40 @@ void hvdc_randk_scatter_acc(const float *const *values, int nworkers, hvdc_i64 k
               .tensor_id = tensor_id, .wvalues = values, .out = out};
     hvdc_parallel(w_scatter, &j, k, 16 * k, nthreads);
 }
+
+/* ---- a bucket's tensors in one call, seg a segment table (hvdc_common.h) whose items are each
+ * tensor's k values (nitems in all): tensor s gets exactly what the one-tensor call gives it,
+ * keyed (seed, step, ids[s]). ---- */
+
+static hvdc_i64 items_of(const hvdc_i64 *seg, hvdc_i64 nseg, hvdc_i64 nitems, hvdc_i64 s)
+{
+    hvdc_i64 end = s + 1 < nseg ? seg[HVDC_SEG_COLS * (s + 1) + HVDC_SEG_ITEM] : nitems;
+    return end - seg[HVDC_SEG_COLS * s + HVDC_SEG_ITEM];
+}
+
+/* hvdc_randk_gather of every tensor, its values scaled by scales[s]. */
+void hvdc_randk_gather_many(float *src, int clear, hvdc_i64 nseg, const hvdc_i64 *seg, hvdc_i64 nitems,
+                            const float *scales, hvdc_u64 seed, hvdc_u32 step, const hvdc_i64 *ids, float *values,
+                            int nthreads)
+{
+    for (hvdc_i64 s = 0; s < nseg; ++s) {
+        const hvdc_i64 *t = seg + HVDC_SEG_COLS * s, n = t[HVDC_SEG_N], k = items_of(seg, nseg, nitems, s);
+        if (k)
+            hvdc_randk_gather(src + t[HVDC_SEG_OFFSET], clear, k, n, hvdc_perm_bits(n), scales[s], seed, step,
+                              (hvdc_u32)ids[s], values + t[HVDC_SEG_ITEM], nthreads);
+    }
+}
+
+/* hvdc_randk_scatter_acc of every tensor: values holds nworkers addresses per tensor, each
+ * pointing at the tensor's k values (tensor-major). */
+void hvdc_randk_scatter_many(const float *const *values, int nworkers, hvdc_i64 nseg, const hvdc_i64 *seg,
+                             hvdc_i64 nitems, hvdc_u64 seed, hvdc_u32 step, const hvdc_i64 *ids, float *out,
+                             int nthreads)
+{
+    for (hvdc_i64 s = 0; s < nseg; ++s) {
+        const hvdc_i64 *t = seg + HVDC_SEG_COLS * s, n = t[HVDC_SEG_N], k = items_of(seg, nseg, nitems, s);
+        if (k)
+            hvdc_randk_scatter_acc(values + s * nworkers, nworkers, k, n, hvdc_perm_bits(n), seed, step,
+                                   (hvdc_u32)ids[s], out + t[HVDC_SEG_OFFSET], nthreads);
+    }
+}

@@ -55,6 +55,15 @@ HVDC_FN hvdc_u64 hvdc_feistel(hvdc_u64 x, int bits, hvdc_u64 seed, hvdc_u32 step
     return (left << wr) | right;
 }
 
+/* bits = ceil(log2 n) of the domain that holds [0, n) (0 for n = 1): permutation_bits of
+ * hvd_compress/codecs/randk.py. */
+HVDC_FN int hvdc_perm_bits(hvdc_i64 n)
+{
+    int bits = 0;
+    while (((hvdc_i64)1 << bits) < n) ++bits;
+    return bits;
+}
+
 /* pi(j) for j < n <= 2^bits (bits = ceil(log2 n); 0 for n = 1). */
 HVDC_FN hvdc_i64 hvdc_perm_index(hvdc_i64 j, hvdc_i64 n, int bits, hvdc_u64 seed, hvdc_u32 step,
                                  hvdc_u32 tensor_id)

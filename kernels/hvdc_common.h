@@ -113,12 +113,13 @@ HVDC_FN float hvdc_lane_combine(float v[32])
 /* ---- Segment tables: a bucket's tensors in one call ----
  * int64 [nseg][HVDC_SEG_COLS], per tensor: its offset in the bucket, its n, and its first chunk
  * of HVDC_SUM_CHUNK elements, first 4-element block (= first 2-bit code byte), first byte of
- * 1-bit codes and first thread of its range of ceil(n / 32) whole warps, in the bucket's
- * concatenation of each
+ * 1-bit codes, first thread of its range of ceil(n / 32) whole warps and first item of the
+ * codec's own count (random-k: its k values), in the bucket's concatenation of each
  * (hvd_compress/codecs/_quant.py builds it).  A thread finds its tensor among the firsts of one
  * column, then does what the one-tensor code does, on that tensor alone. */
-#define HVDC_SEG_COLS 6
-enum { HVDC_SEG_OFFSET, HVDC_SEG_N, HVDC_SEG_CHUNK, HVDC_SEG_BLOCK4, HVDC_SEG_BYTE8, HVDC_SEG_SLOT32 };
+#define HVDC_SEG_COLS 7
+enum { HVDC_SEG_OFFSET, HVDC_SEG_N, HVDC_SEG_CHUNK, HVDC_SEG_BLOCK4, HVDC_SEG_BYTE8, HVDC_SEG_SLOT32,
+       HVDC_SEG_ITEM };
 
 /* The tensor s whose first in column col is the last one <= k. */
 HVDC_FN int hvdc_seg_of(const hvdc_i64 *seg, int nseg, int col, hvdc_i64 k)

@@ -109,15 +109,15 @@ def check_residual(flat: torch.Tensor, residual: torch.Tensor | None, name: str)
 
 #: columns of a segment table (kernels/hvdc_common.h): offset, n, first chunk of SUM_CHUNK
 #: elements, first 4-element block (= first 2-bit code byte), first byte of 1-bit codes, first
-#: thread of its warp-aligned range (ceil(n / 32) warps per tensor)
-OFFSET, N, CHUNK, BLOCK4, BYTE8, SLOT32 = range(6)
+#: thread of its warp-aligned range (ceil(n / 32) warps per tensor), first of the codec's items
+OFFSET, N, CHUNK, BLOCK4, BYTE8, SLOT32, ITEM = range(7)
 #: per column: elements per unit, and the column's count per unit
 _UNITS = {CHUNK: (SUM_CHUNK, 1), BLOCK4: (4, 1), BYTE8: (8, 1), SLOT32: (32, 32)}
 
 
 @dataclass(frozen=True)
 class SegmentTable:
-    """The table of a bucket layout (int64 [nseg, 6], the columns above) for the calls that take
+    """The table of a bucket layout (int64 [nseg, 7], the columns above) for the calls that take
     all its tensors at once (``hvdc_*_many``, the ``hvdc_seg_*`` kernels), built once per layout
     and device; ``bounds[col]``: each tensor's first in that column, then the total."""
     seg: torch.Tensor
@@ -128,12 +128,16 @@ class SegmentTable:
 
 
 @lru_cache(maxsize=256)
-def segment_table(layout: tuple[tuple[int, int], ...], device: torch.device) -> SegmentTable:
-    bounds = {col: [0] for col in _UNITS}
+def segment_table(layout: tuple[tuple[int, int], ...], device: torch.device,
+                  items: tuple[int, ...] | None = None) -> SegmentTable:
+    """The table of the tensors ``layout`` (offset, n), ``items`` the codec's own count per tensor
+    (random-k's k; default none)."""
+    bounds = {col: [0] for col in (*_UNITS, ITEM)}
     rows = []
-    for offset, n in layout:
-        rows.append([offset, n, *(bounds[col][-1] for col in _UNITS)])
+    for j, (offset, n) in enumerate(layout):
+        rows.append([offset, n, *(bounds[col][-1] for col in (*_UNITS, ITEM))])
         for col, (unit, count) in _UNITS.items():
             bounds[col].append(bounds[col][-1] + count * -(-n // unit))
+        bounds[ITEM].append(bounds[ITEM][-1] + (items[j] if items else 0))
     return SegmentTable(torch.tensor(rows, dtype=torch.int64, device=device),
                         {col: tuple(b) for col, b in bounds.items()})

@@ -152,20 +152,19 @@ def as_fp32_flat(x: torch.Tensor, name: str, check_finite: bool = True) -> torch
     return flat
 
 
-def check_segments(x: torch.Tensor, residual: torch.Tensor | None,
-                   segments: Sequence[tuple[int, int]]) -> None:
-    """ValueError unless every segment (offset, numel) lies in ``x`` (and ``residual`` is as
+def check_segments(x: torch.Tensor, residual: torch.Tensor | None, segments: Sequence[tuple]) -> None:
+    """ValueError unless every segment (offset, numel, ...) lies in ``x`` (and ``residual`` is as
     long as ``x`` and contiguous): the batched calls of a bucket's tensors (``encode_many``,
     ``decode_many``) write through raw pointers."""
     if residual is not None and (residual.numel() != x.numel() or not residual.is_contiguous()):
         raise ValueError(f"residual of {residual.numel()} elements for a {x.numel()}-element input")
-    for o, n in segments:
+    for o, n, *_ in segments:
         if o < 0 or n < 0 or o + n > x.numel():
             raise ValueError(f"segment [{o}, {o + n}) outside a {x.numel()}-element tensor")
 
 
 @lru_cache(maxsize=1024)
-def device_ids(ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """The tensors' ids (their Philox streams) as an int64 tensor on ``device``, copied once per
-    bucket layout."""
-    return torch.tensor(ids, dtype=torch.int64, device=device)
+def device_constant(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``values`` as a tensor on ``device`` (the tensors' ids of a bucket layout, a codec's
+    constants), copied there once: no host-to-device copy per call."""
+    return torch.tensor(values, dtype=dtype, device=device)

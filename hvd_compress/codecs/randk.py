@@ -41,7 +41,7 @@ import torch
 
 from ..backends import cpu, kernel_backend
 from . import _quant as q
-from .base import Codec, Payload, RandomKey
+from .base import Codec, Payload, RandomKey, check_segments, device_constant
 from .topk import ceil_ratio
 
 _P, _I64, _U64, _U32, _INT, _F32 = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32,
@@ -49,6 +49,8 @@ _P, _I64, _U64, _U32, _INT, _F32 = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_ui
 cpu.register("hvdc_perm_indices", _P, _I64, _I64, _INT, _U64, _U32, _U32, _INT)
 cpu.register("hvdc_randk_gather", _P, _INT, _I64, _I64, _INT, _F32, _U64, _U32, _U32, _P, _INT)
 cpu.register("hvdc_randk_scatter_acc", _P, _INT, _I64, _I64, _INT, _U64, _U32, _U32, _P, _INT)
+cpu.register("hvdc_randk_gather_many", _P, _INT, _I64, _P, _I64, _P, _U64, _U32, _P, _P, _INT)
+cpu.register("hvdc_randk_scatter_many", _P, _INT, _I64, _P, _I64, _U64, _U32, _P, _P, _INT)
 
 #: the CUDA source of the random-k kernels (and of hvdc_perm_indices)
 SOURCE = "randk.cu"
@@ -188,4 +190,95 @@ class RandomKCodec(SharedKeyCodec):
         else:
             cpu.call("hvdc_randk_scatter_acc", values, len(payloads), k, n, permutation_bits(n),
                      shared.seed, shared.step, shared.tensor_id, q.ptr(flat), cpu.threads())
+        return out
+
+    def _for_tensor(self, key: RandomKey) -> "RandomKCodec":
+        """This codec keyed for one tensor of a bucket: the shared key with ``key``'s tensor id
+        (what the routes' ``codec_for`` gives that tensor)."""
+        shared = self._shared()
+        return self.with_shared_key(RandomKey(shared.seed, shared.step, key.tensor_id))
+
+    def _batch(self, segments: Sequence[tuple]) -> tuple | None:
+        """(layout, ks, ids) when the segments go in one call: several, non-empty, tiling a range."""
+        layout = tuple((o, n) for o, n, *_ in segments)
+        tiled = all(a[0] + a[1] == b[0] for a, b in zip(layout, layout[1:]))
+        if len(layout) < 2 or not tiled or not all(0 < n < _MAX_N for _, n in layout):
+            return None
+        return layout, tuple(self.k(n) for _, n in layout), tuple(key.tensor_id for _, _, key in segments)
+
+    def encode_many(self, x: torch.Tensor, segments: Sequence[tuple[int, int, RandomKey]],
+                    residual: torch.Tensor | None) -> list[Payload]:
+        """The payloads of the segments ``x[offset:offset + numel]`` (a bucket's tensors; ``x``
+        contiguous fp32, already checked), tensor s selected by the shared key with its key's
+        tensor id (the ranks' keys are not used): bit for bit what :meth:`encode` of
+        ``_for_tensor(key)`` gives each, in one C call (``hvdc_randk_gather_many``) or one
+        launch (``hvdc_seg_randk_gather``)."""
+        check_segments(x, residual, segments)
+        batch = self._batch(segments)
+        if batch is None:
+            return [self._for_tensor(key).encode(x[o:o + n], key, check_finite=False,
+                                                 residual=None if residual is None else residual[o:o + n])
+                    for o, n, key in segments]
+        if residual is not None and self.unbiased:
+            raise ValueError("RandomKCodec(unbiased=True) has no error feedback (the n/k scaling "
+                             "would make the residual grow); use unbiased=False with a residual")
+        layout, ks, ids = batch
+        shared, dev, nseg = self._shared(), x.device, len(layout)
+        lo, hi = layout[0][0], layout[-1][0] + layout[-1][1]
+        table = q.segment_table(tuple((o - lo, n) for o, n in layout), dev, ks)
+        nitems = table.total(q.ITEM)
+        scales = device_constant(tuple(self.scale(n) for _, n in layout), torch.float32, dev)
+        ids_t = device_constant(ids, torch.int64, dev)
+        values = torch.empty(nitems, dtype=torch.float32, device=dev)
+        if residual is not None:
+            residual[lo:hi].add_(x[lo:hi])     # r <- g + r: one exact fp32 addition, CPU == GPU
+        src, clear = (residual[lo:hi], 1) if residual is not None else (x[lo:hi], 0)
+        kernels = kernel_backend(dev)
+        if kernels is not None:
+            kernels.launch(kernels.kernel(SOURCE, "hvdc_seg_randk_gather", dev),
+                           kernels.grid_size(nitems, q.BLOCK, dev), q.BLOCK,
+                           (src, np.int32(clear), table.seg, np.int32(nseg), np.int64(nitems), scales,
+                            np.uint64(shared.seed), np.uint32(shared.step), ids_t, values))
+        else:
+            cpu.call("hvdc_randk_gather_many", q.ptr(src), clear, nseg, q.ptr(table.seg), nitems, q.ptr(scales),
+                     shared.seed, shared.step, q.ptr(ids_t), q.ptr(values), cpu.threads())
+        f = table.bounds[q.ITEM]
+        return [Payload(n, {"values": values[f[s]:f[s + 1]]}) for s, (_, n) in enumerate(layout)]
+
+    def decode_many(self, payloads: Sequence[Sequence[Payload]], out: torch.Tensor,
+                    segments: Sequence[tuple[int, int, RandomKey]]) -> torch.Tensor:
+        """``out[offset:offset + numel] +=`` the payloads of each segment (offset, numel, key),
+        workers in list order, tensor s selected as in :meth:`encode_many`: what
+        :meth:`decode_accumulate` of ``_for_tensor(key)`` gives each, bit for bit, in one call;
+        every payload is checked before anything is written."""
+        if out.dtype != torch.float32 or not out.is_contiguous():
+            raise ValueError("random-k decode needs a contiguous fp32 output tensor")
+        check_segments(out, None, segments)
+        if len(payloads) != len(segments):
+            raise ValueError(f"{len(payloads)} payload lists for {len(segments)} segments")
+        flat = out.view(-1)
+        for (o, n, _), ps in zip(segments, payloads):
+            q.accumulate_target(ps, flat[o:o + n], {"values": (torch.float32, self.k(n))})
+        batch = self._batch(segments)
+        if batch is None or len({len(ps) for ps in payloads}) != 1:
+            for (o, n, key), ps in zip(segments, payloads):
+                self._for_tensor(key).decode_accumulate(ps, flat[o:o + n])
+            return out
+        layout, ks, ids = batch
+        shared, dev, nseg, nworkers = self._shared(), out.device, len(layout), len(payloads[0])
+        lo = layout[0][0]
+        table = q.segment_table(tuple((o - lo, n) for o, n in layout), dev, ks)
+        nitems = table.total(q.ITEM)
+        kernels = kernel_backend(dev)
+        values = q.ptr_array([p.parts["values"] for ps in payloads for p in ps], kernels)
+        ids_t = device_constant(ids, torch.int64, dev)
+        target = flat[lo:layout[-1][0] + layout[-1][1]]
+        if kernels is not None:
+            kernels.launch(kernels.kernel(SOURCE, "hvdc_seg_randk_scatter_acc", dev),
+                           kernels.grid_size(nitems, q.BLOCK, dev), q.BLOCK,
+                           (values, np.int32(nworkers), table.seg, np.int32(nseg), np.int64(nitems),
+                            np.uint64(shared.seed), np.uint32(shared.step), ids_t, target))
+        else:
+            cpu.call("hvdc_randk_scatter_many", values, nworkers, nseg, q.ptr(table.seg), nitems, shared.seed,
+                     shared.step, q.ptr(ids_t), q.ptr(target), cpu.threads())
         return out

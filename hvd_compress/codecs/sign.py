@@ -226,18 +226,18 @@ class _SignCodec(Codec):
                 for s, (_, n, _) in enumerate(segments)]
 
     def decode_many(self, payloads: Sequence[Sequence[Payload]], out: torch.Tensor,
-                    segments: Sequence[tuple[int, int]]) -> torch.Tensor:
-        """``out[offset:offset + numel] +=`` the payloads of each segment (offset, numel), workers
+                    segments: Sequence[tuple]) -> torch.Tensor:
+        """``out[offset:offset + numel] +=`` the payloads of each segment (offset, numel, key), workers
         in list order: what :meth:`decode_accumulate` of each gives, bit for bit, in one C call
         (``hvdc_sign_decode_many``) or one launch; every payload is checked before anything is
         written."""
         flat = self._decode_target(payloads, out, segments)
         if not self._decode_batched(payloads, segments):
-            for (o, n), ps in zip(segments, payloads):
+            for (o, n, *_), ps in zip(segments, payloads):
                 self.decode_accumulate(ps, flat[o:o + n])
             return out
         nworkers, nseg = len(payloads[0]), len(segments)
-        table = q.segment_table(tuple((o, n) for o, n in segments), out.device)
+        table = q.segment_table(tuple((o, n) for o, n, *_ in segments), out.device)
         kernels = kernel_backend(out.device)
         bits = q.ptr_array([p.parts["bits"] for ps in payloads for p in ps], kernels)
         scales = (q.ptr_array([p.parts[self._scales_part] for ps in payloads for p in ps], kernels)
@@ -253,7 +253,7 @@ class _SignCodec(Codec):
         return out
 
     def _decode_target(self, payloads: Sequence[Sequence[Payload]], out: torch.Tensor,
-                       segments: Sequence[tuple[int, int]]) -> torch.Tensor:
+                       segments: Sequence[tuple]) -> torch.Tensor:
         """The flat view of ``out`` after checking it, the layout and every payload (before
         anything is written)."""
         if out.dtype != torch.float32 or not out.is_contiguous():
@@ -262,12 +262,12 @@ class _SignCodec(Codec):
         if len(payloads) != len(segments):
             raise ValueError(f"{len(payloads)} payload lists for {len(segments)} segments")
         flat = out.view(-1)
-        for (o, n), ps in zip(segments, payloads):
+        for (o, n, *_), ps in zip(segments, payloads):
             q.accumulate_target(ps, flat[o:o + n], self._parts(n))
         return flat
 
     def _decode_batched(self, payloads: Sequence[Sequence[Payload]], segments: Sequence[tuple[int, int]]) -> bool:
-        return len({len(ps) for ps in payloads}) == 1 and self._batched([n for _, n in segments])
+        return len({len(ps) for ps in payloads}) == 1 and self._batched([n for _, n, *_ in segments])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -383,23 +383,23 @@ class MajorityVoteCodec(ScaledSignCodec):
         return out
 
     def decode_many(self, payloads: Sequence[Sequence[Payload]], out: torch.Tensor,
-                    segments: Sequence[tuple[int, int]]) -> torch.Tensor:
+                    segments: Sequence[tuple]) -> torch.Tensor:
         """:meth:`decode_accumulate` of each segment, bit for bit: the votes of the whole bucket in
         one :meth:`SignCodec.decode_many`, then every tensor's vote times its summed scale in
         one pass (segments that tile a range; others one by one)."""
         flat = self._decode_target(payloads, out, segments)
         tiled = all(a[0] + a[1] == b[0] for a, b in zip(segments, segments[1:]))
         if not tiled or not self._decode_batched(payloads, segments):
-            for (o, n), ps in zip(segments, payloads):
+            for (o, n, *_), ps in zip(segments, payloads):
                 self.decode_accumulate(ps, flat[o:o + n])
             return out
         lo, hi = segments[0][0], segments[-1][0] + segments[-1][1]
         votes = SignCodec().decode_many([_bits_only(ps) for ps in payloads],
                                         torch.zeros(hi - lo, dtype=torch.float32, device=out.device),
-                                        [(o - lo, n) for o, n in segments])
+                                        [(o - lo, n) for o, n, *_ in segments])
         scale = _sum_in_order([torch.cat([ps[w].parts["scales"] for ps in payloads])
                                for w in range(len(payloads[0]))])
-        lengths = torch.tensor([n for _, n in segments], device=out.device)
+        lengths = torch.tensor([n for _, n, *_ in segments], device=out.device)
         flat[lo:hi].add_(majority_vote(votes) * scale.repeat_interleave(lengths, output_size=hi - lo))
         return out
 

@@ -57,7 +57,7 @@ import torch
 
 from ..backends import cpu, kernel_backend
 from . import _quant as q
-from .base import Codec, Payload, RandomKey, as_fp32_flat, check_segments, device_ids
+from .base import Codec, Payload, RandomKey, as_fp32_flat, check_segments, device_constant
 
 
 def clip_error(c: float, workers: int) -> float:
@@ -195,7 +195,7 @@ class TernGradCodec(Codec):
         (seed, step), = keys
         dev, nseg = x.device, len(segments)
         table = q.segment_table(tuple((o, n) for o, n, _ in segments), dev)
-        ids = device_ids(tuple(key.tensor_id for _, _, key in segments), dev)
+        ids = device_constant(tuple(key.tensor_id for _, _, key in segments), torch.int64, dev)
         scales = torch.empty(nseg, dtype=torch.float32, device=dev)
         codes = torch.empty(table.total(q.BLOCK4), dtype=torch.uint8, device=dev)
         clip = float(self.clip or 0.0)
@@ -214,8 +214,8 @@ class TernGradCodec(Codec):
                 for s, (_, n, _) in enumerate(segments)]
 
     def decode_many(self, payloads: Sequence[Sequence[Payload]], out: torch.Tensor,
-                    segments: Sequence[tuple[int, int]]) -> torch.Tensor:
-        """``out[offset:offset + numel] +=`` the payloads of each segment (offset, numel), workers
+                    segments: Sequence[tuple]) -> torch.Tensor:
+        """``out[offset:offset + numel] +=`` the payloads of each segment (offset, numel, key), workers
         in list order: what :meth:`decode_accumulate` of each gives, bit for bit, in one C call
         (``hvdc_tern_decode_many``) or one launch; every payload is checked before anything is
         written."""
@@ -225,16 +225,16 @@ class TernGradCodec(Codec):
         if len(payloads) != len(segments):
             raise ValueError(f"{len(payloads)} payload lists for {len(segments)} segments")
         flat = out.view(-1)
-        for (o, n), ps in zip(segments, payloads):
+        for (o, n, *_), ps in zip(segments, payloads):
             q.accumulate_target(ps, flat[o:o + n], {"codes": (torch.uint8, -(-n // 4)),
                                                     "scales": (torch.float32, self.n_scales(n))})
         workers = {len(ps) for ps in payloads}
-        if len(workers) != 1 or not self._batched([n for _, n in segments]):
-            for (o, n), ps in zip(segments, payloads):
+        if len(workers) != 1 or not self._batched([n for _, n, *_ in segments]):
+            for (o, n, *_), ps in zip(segments, payloads):
                 self.decode_accumulate(ps, flat[o:o + n])
             return out
         (nworkers,), nseg = workers, len(segments)
-        table = q.segment_table(tuple((o, n) for o, n in segments), out.device)
+        table = q.segment_table(tuple((o, n) for o, n, *_ in segments), out.device)
         kernels, blocks = kernel_backend(out.device), table.total(q.BLOCK4)
         codes = q.ptr_array([p.parts["codes"] for ps in payloads for p in ps], kernels)
         scales = q.ptr_array([p.parts["scales"] for ps in payloads for p in ps], kernels)

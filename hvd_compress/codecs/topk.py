@@ -77,7 +77,7 @@ import numpy as np
 import torch
 
 from ..backends import cpu, cuda, kernel_backend
-from .base import Codec, Payload, RandomKey, check_segments, device_ids
+from .base import Codec, Payload, RandomKey, check_segments, device_constant
 
 _P, _I64, _U64, _U32, _INT = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32,
                               ctypes.c_int)
@@ -233,11 +233,11 @@ class TopKCodec(Codec):
         n, (k, stride, m, t) = x.numel(), self.sample_row(x.numel())
         src = residual if residual is not None else x
         if self.mode == "threshold":
-            levels = _constant((self.threshold,), x.device)
+            levels = device_constant((self.threshold,), torch.float32, x.device)
         else:
             thr = kth_largest(ops.sample(x, residual, stride, m, key), t)
             factors = _LEVEL_FACTORS[_UP:] if self.exact_k else _LEVEL_FACTORS
-            levels = torch.clamp_min(thr * _constant(factors, x.device), _SMALLEST)
+            levels = torch.clamp_min(thr * device_constant(factors, torch.float32, x.device), _SMALLEST)
             if self.exact_k:
                 levels = torch.cat([levels, levels.new_zeros(1)])
         if self.mode == "sampled" and not self.exact_k:
@@ -274,7 +274,7 @@ class TopKCodec(Codec):
         a, c, budget = (int(v) for v in _choose(ext.sum(1)[None], _i64([lo]), _i64([hi]), _i64([k])))
         pair = torch.tensor([a, min(a + 1, ext.shape[0] - 1)])
         rows = ext.index_select(0, pair)
-        thresholds = torch.cat([_constant((math.inf,), x.device), levels]).index_select(0, pair)
+        thresholds = torch.cat([device_constant((math.inf,), torch.float32, x.device), levels]).index_select(0, pair)
         return ops.compact(src, (thresholds[:1], thresholds[1:]), (_scan(rows[0]), _scan(rows[1] - rows[0])),
                            budget, c, scratch)
 
@@ -315,7 +315,8 @@ class TopKCodec(Codec):
         sel = torch.empty(2 * nseg, dtype=torch.int64)
         has_r = residual is not None
         cpu.call("hvdc_topk_select_many", cpu.ptr(x, torch.float32), _opt(residual), int(has_r), nseg,
-                 cpu.ptr(plan.seg), seed, step, cpu.ptr(ids), cpu.ptr(_constant(_LEVEL_FACTORS, x.device)),
+                 cpu.ptr(plan.seg), seed, step, cpu.ptr(ids),
+                 cpu.ptr(device_constant(_LEVEL_FACTORS, torch.float32, x.device)),
                  cpu.ptr(samples), cpu.ptr(plan.sample_off), cpu.ptr(buf_idx), cpu.ptr(buf_val),
                  cpu.ptr(plan.buf_off), cpu.ptr(fill), cpu.ptr(level), cpu.ptr(thr), cpu.ptr(sel),
                  cpu.threads())
@@ -351,8 +352,8 @@ class TopKCodec(Codec):
 
 
     def decode_many(self, payloads: Sequence[Sequence[Payload]], out: torch.Tensor,
-                    segments: Sequence[tuple[int, int]]) -> torch.Tensor:
-        """``out[offset:offset + numel] +=`` the payloads of each segment (offset, numel), workers
+                    segments: Sequence[tuple]) -> torch.Tensor:
+        """``out[offset:offset + numel] +=`` the payloads of each segment (offset, numel, key), workers
         in list order: what :meth:`decode_accumulate` of each segment gives, bit for bit.  On
         the host in one C call (``hvdc_topk_decode_many``), every payload checked before
         anything is written; on a device every payload checked with one host read (the flush's
@@ -363,11 +364,11 @@ class TopKCodec(Codec):
         if len(payloads) != len(segments):
             raise ValueError(f"{len(payloads)} payload lists for {len(segments)} segments")
         flat, ops = out.view(-1), _ops(out.device)
-        for (_, n), ps in zip(segments, payloads):
+        for (_, n, *_), ps in zip(segments, payloads):
             _validate(ps, n, out.device)
         if not ops.host:
             entries = [(w, n, p.parts["indices"].contiguous(), p.parts["values"].contiguous(), o)
-                       for (o, n), ps in zip(segments, payloads) for w, p in enumerate(ps)]
+                       for (o, n, *_), ps in zip(segments, payloads) for w, p in enumerate(ps)]
             ops.check([e[2] for e in entries], [e[1] for e in entries], padded=True,
                       workers=[e[0] for e in entries])
             for _, n, idx, val, o in entries:
@@ -378,7 +379,7 @@ class TopKCodec(Codec):
         for ps in payloads:
             held += [(p.parts["indices"].contiguous(), p.parts["values"].contiguous()) for p in ps]
             firsts.append(len(held))
-        tables = [_i64(firsts), _i64([n for _, n in segments]), _i64([o for o, _ in segments]),
+        tables = [_i64(firsts), _i64([n for _, n, *_ in segments]), _i64([o for o, *_ in segments]),
                   _i64([i.data_ptr() for i, _ in held]), _i64([v.data_ptr() for _, v in held]),
                   _i64([i.numel() for i, _ in held]), _i64([v.dtype == torch.float16 for _, v in held])]
         bad = torch.empty(2, dtype=torch.int64)
@@ -575,15 +576,16 @@ class _CudaOps:
             raise ValueError("the exact and threshold modes encode one tensor at a time")
         has_r, r = residual is not None, x if residual is None else residual
         if codec.mode == "threshold":
-            levels = _constant((codec.threshold,), dev).reshape(1, 1)
+            levels = device_constant((codec.threshold,), torch.float32, dev).reshape(1, 1)
         else:
             samples = torch.empty(plan.samples, dtype=torch.float32, device=dev)
-            ids = device_ids(tuple(k.tensor_id for _, _, k in segments), dev)
+            ids = device_constant(tuple(k.tensor_id for _, _, k in segments), torch.int64, dev)
             self._run("hvdc_topk_sample", dev, self._grid(plan.samples, dev),
                       (x, r, np.int32(has_r), plan.seg, ids, plan.sample_seg, plan.sample_off,
                        np.int64(plan.samples), np.uint64(key.seed), np.uint32(key.step), samples))
             factors = _LEVEL_FACTORS[_UP:] if codec.exact_k else _LEVEL_FACTORS
-            levels = torch.clamp_min(_segment_kth(samples, plan)[:, None] * _constant(factors, dev),
+            factors_t = device_constant(factors, torch.float32, dev)
+            levels = torch.clamp_min(_segment_kth(samples, plan)[:, None] * factors_t,
                                      _SMALLEST)
             if codec.exact_k:
                 levels = torch.cat([levels, levels.new_zeros(levels.shape[0], 1)], 1)
@@ -792,12 +794,6 @@ def _choose(totals: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
     c_a = totals.gather(1, a[:, None])[:, 0]
     c = torch.where(fits, c_j, torch.maximum(c_a, k))
     return a, c, c - c_a
-
-
-@lru_cache(maxsize=None)
-def _constant(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
-    """fp32 constants, copied to each device once (no host-to-device copy per call)."""
-    return torch.tensor(values, dtype=torch.float32, device=device)
 
 
 def _ops(device: torch.device) -> type[_CpuOps] | _CudaOps:

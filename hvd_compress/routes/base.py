@@ -153,12 +153,12 @@ def segment_codec(job: Job, seg: Any) -> Codec:
 
 
 def encode_segments(job: Job, x: torch.Tensor | None = None) -> list[Payload]:
-    """Encode each segment of ``x`` (default: the job's input) with its key and working residual."""
+    """Encode each segment of ``x`` (default: the job's input) with its key and working residual:
+    in one call where the codec has ``encode_many``."""
     x = job.x if x is None else x
-    if _one_call(job, "encode_many"):
-        # one call for the bucket (top-k), each segment's payload as its own encode gives it
-        return job.codec.encode_many(x, [(seg.offset, seg.numel, job.key(seg.tensor_id))
-                                         for seg in job.segments], job.residual)
+    codec = _batch_codec(job, "encode_many")
+    if codec is not None:
+        return codec.encode_many(x, _keyed(job), job.residual)
     out = []
     for seg in job.segments:
         part = slice(seg.offset, seg.offset + seg.numel)
@@ -168,20 +168,29 @@ def encode_segments(job: Job, x: torch.Tensor | None = None) -> list[Payload]:
     return out
 
 
-def _one_call(job: Job, method: str) -> bool:
-    """Whether the job's codec handles all its segments in one call (``method``): several
-    segments, one codec for all of them, no per-segment layout."""
-    codec = job.codec
-    return len(job.segments) > 1 and hasattr(codec, method) and not hasattr(codec, "with_layout") \
-        and all(job.codec_for(seg.tensor_id) is codec for seg in job.segments)
+def _batch_codec(job: Job, method: str) -> Codec | None:
+    """The codec that handles all the job's segments in one call (``method``), or None: several
+    segments, a codec with that method and no per-segment layout.  A shared-key codec comes
+    keyed for the bucket and keys each segment with its tensor id (what :meth:`Job.codec_for`
+    gives it)."""
+    codec = job.codec_for(job.tensor_id)
+    if len(job.segments) > 1 and hasattr(codec, method) and not hasattr(codec, "with_layout"):
+        return codec
+    return None
+
+
+def _keyed(job: Job) -> list[tuple[int, int, RandomKey]]:
+    """The segments as the batched calls take them: (offset, numel, this rank's key)."""
+    return [(seg.offset, seg.numel, job.key(seg.tensor_id)) for seg in job.segments]
 
 
 def decode_segments(job: Job, blocks: list[list[Payload]], out: torch.Tensor) -> torch.Tensor:
     """``out`` (the bucket, zeroed) += every rank's payload of each segment (``blocks[rank][s]``),
-    ranks in order: one call for the bucket where the codec has ``decode_many`` (top-k)."""
+    ranks in order: in one call where the codec has ``decode_many``."""
     per_segment = [[rank_blocks[s] for rank_blocks in blocks] for s in range(len(job.segments))]
-    if _one_call(job, "decode_many"):
-        return job.codec.decode_many(per_segment, out, [(seg.offset, seg.numel) for seg in job.segments])
+    codec = _batch_codec(job, "decode_many")
+    if codec is not None:
+        return codec.decode_many(per_segment, out, _keyed(job))
     for seg, payloads in zip(job.segments, per_segment):
         segment_codec(job, seg).decode_accumulate(payloads, out[seg.offset:seg.offset + seg.numel])
     return out

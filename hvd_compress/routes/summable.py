@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..codecs.base import Payload
-from .base import Job, Link, Pending, Route, Speed, codec_seconds, encode_segments, ring_allreduce_bytes
+from .base import (Job, Link, Pending, Route, Speed, codec_seconds, decode_segments, encode_segments,
+                   ring_allreduce_bytes)
 
 _FP16 = 2
 
@@ -34,14 +35,12 @@ class SummableRoute(Route):
 
     def finish(self, pending: Pending) -> torch.Tensor:
         job, total = pending.job, pending.handle.wait()
-        out = job.out.zero_()
-        pos = 0
+        summed, pos = [], 0
         for seg, mine in zip(job.segments, pending.payloads):
             (name, part), = mine.parts.items()
-            summed = Payload(seg.numel, {name: total[pos:pos + part.numel()]})
+            summed.append(Payload(seg.numel, {name: total[pos:pos + part.numel()]}))
             pos += part.numel()
-            job.codec_for(seg.tensor_id).decode_accumulate([summed], out[seg.offset:seg.offset + seg.numel])
-        return out
+        return decode_segments(job, [summed], job.out.zero_())
 
     def seconds(self, n: int, world: int, payload_bytes: float, segments: int, link: Link,
                 speed: Speed) -> float:

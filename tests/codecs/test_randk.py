@@ -14,6 +14,8 @@ import torch
 from hvd_compress.codecs import RandomKCodec
 from hvd_compress.codecs.base import Payload, RandomKey
 from hvd_compress.codecs.randk import permutation_bits, random_indices
+
+import batch_contract as batch
 from quant_contract import KEY, CodecContract, chi2_check
 
 SHARED = RandomKey(seed=0xFEEDFACE, step=7, tensor_id=3)
@@ -175,3 +177,35 @@ def test_gpu_indices_match_cpu(size: int, kernels) -> None:
     with kernels:
         gpu = random_indices(size, k, SHARED, kernels.device)
     assert torch.equal(gpu.cpu(), random_indices(size, k, SHARED))
+
+
+# ---- a bucket's tensors in one call (encode_many / decode_many) ---------------------------------
+
+SHARED = RandomKey(11, 4, 0)
+BATCHED = {"ef": (RandomKCodec(ratio=0.05).with_shared_key(SHARED), True),
+           "unbiased": (RandomKCodec(ratio=0.3, unbiased=True).with_shared_key(SHARED), False)}
+
+
+def for_tensor(codec: RandomKCodec, key: RandomKey) -> RandomKCodec:
+    """A tensor alone: the shared key with the tensor's id (the routes' codec_for)."""
+    return codec.with_shared_key(RandomKey(SHARED.seed, SHARED.step, key.tensor_id))
+
+
+@pytest.mark.parametrize("threads", ["1", "3"])
+@pytest.mark.parametrize("case", list(BATCHED))
+def test_encode_many_is_each_encode_bit_for_bit(monkeypatch, threads, case) -> None:
+    monkeypatch.setenv("HVD_COMPRESS_CPU_THREADS", threads)
+    codec, ef = BATCHED[case]
+    batch.check_encode_many(monkeypatch, codec, ef, "hvdc_randk_gather_many", for_tensor)
+
+
+@pytest.mark.parametrize("case", list(BATCHED))
+def test_decode_many_is_each_decode_bit_for_bit(case) -> None:
+    codec = BATCHED[case][0]
+    batch.check_decode_many(codec, codec, for_tensor)
+
+
+@pytest.mark.parametrize("case", list(BATCHED))
+def test_encode_many_on_the_device_is_the_hosts_bit_for_bit(case, kernels) -> None:
+    codec, ef = BATCHED[case]
+    batch.check_many_on_device(codec, kernels, ef)

@@ -12,6 +12,7 @@ import torch
 from hvd_compress.codecs import OneBitCodec, ScaledSignCodec, SignCodec, majority_vote
 from hvd_compress.codecs.sign import MajorityVoteCodec
 from hvd_compress.codecs.base import RandomKey
+
 import batch_contract as batch
 from quant_contract import CodecContract, contract_sum
 

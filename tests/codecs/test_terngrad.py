@@ -9,6 +9,7 @@ import torch
 import hvd_compress
 from hvd_compress.codecs.base import RandomKey
 from hvd_compress.codecs.terngrad import TernGradCodec
+
 import batch_contract as batch
 from quant_contract import KEY, CodecContract, chi2_check, contract_sum, payload_equal, repeat_draws
 

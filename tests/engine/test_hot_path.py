@@ -11,6 +11,7 @@ import torch
 
 from engine_helpers import SLOW, grad, members_of, run_engines, same_bits
 from hvd_compress import methods
+from hvd_compress.codecs.randk import RandomKCodec
 from hvd_compress.codecs.sign import MajorityVoteCodec, OneBitCodec, ScaledSignCodec
 from hvd_compress.codecs.terngrad import TernGradCodec
 from hvd_compress.codecs.topk import TopKCodec
@@ -125,7 +126,8 @@ def test_fixed_capacity_top_k_gives_the_host_bits(spec, grad_fn):
                                             ("topk:route='allgather'", TopKCodec),
                                             ("onebit:route='allgather'", OneBitCodec),
                                             ("efsignsgd:route='allgather'", ScaledSignCodec),
-                                            ("signsgd:route='allgather'", MajorityVoteCodec)])
+                                            ("signsgd:route='allgather'", MajorityVoteCodec),
+                                            ("randomk:route='allreduce'", RandomKCodec)])
 def test_a_bucket_is_one_codec_call(monkeypatch, spec, codec_cls):
     """After the first step (which sizes the payloads once), the engine hands a bucket's tensors
     to the codec at once: one ``encode_many`` and one ``decode_many`` per bucket and rank, no

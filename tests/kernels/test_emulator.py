@@ -361,9 +361,9 @@ def test_every_kernel_runs_on_the_emulator():
             p = codec.encode(g, RandomKey(4, 5, 6), residual=r.clone())
             codec.decode_accumulate([p, p], torch.zeros(20_000))
         segments = [(0, 12_000, RandomKey(4, 5, 6)), (12_000, 8000, RandomKey(4, 5, 7))]
-        for codec in (TernGradCodec(), OneBitCodec()):
+        for codec in (TernGradCodec(), OneBitCodec(), RandomKCodec().with_shared_key(RandomKey(7, 5, 6))):
             many = codec.encode_many(g, segments, r.clone())
-            codec.decode_many([[p, p] for p in many], torch.zeros(20_000), [(0, 12_000), (12_000, 8000)])
+            codec.decode_many([[p, p] for p in many], torch.zeros(20_000), segments)
         laq = InnovationCodec()
         laq.decode_accumulate([laq.encode(g)] * 2, torch.zeros(20_000))
         momentum_step(g, r, r.abs(), 0.9, g.abs().mean().reshape(1), RandomKey(4, 5, 6), torch.empty(20_000))
