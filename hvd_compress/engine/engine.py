@@ -323,7 +323,7 @@ class Engine:
         comm = _Counted(self._comm_factory(), self.stats, self.timings)
         replan = self._trial.next_step(self)
         topology_changed = self.plan is not None and self._planned_topology(comm.size) != self.plan.topology
-        if replan or topology_changed or self.plan is None or \
+        if replan or topology_changed or self.plan is None or self.plan.padded != self._padded() or \
                 (comm.size, comm.rank) != (self.plan.world, self.plan.rank):
             owner = (self.plan.world, self.plan.rank) if self.plan is not None else self._loaded_owner
             if owner not in (None, (comm.size, comm.rank)):
@@ -351,17 +351,24 @@ class Engine:
         topology = self._planned_topology(self.comm.size)
         plans = []
         dense = self._trial.dense_reason()
+        padded = self._padded()
         for b in self.buckets:
             bplan = plan_bucket(b, self.comm.size, link, self.speeds.get(id(b.method), Speed()), self.step,
-                                dense_if_auto=dense, topology=topology, intra=intra)
+                                dense_if_auto=dense, topology=topology, intra=intra, padded=padded)
             bplan.external = (self.external_dense and bplan.route is DENSE and not b.method.transforms_gradients
                               and all(m.dtype in _HOROVOD_DTYPES for m in b.members))
             plans.append(bplan)
         self.plan = Plan(self.comm.size, self.comm.rank, link, self.link_source, self.cap_bytes, plans,
-                         decided=self._trial.summary(), topology=topology, intra=intra)
+                         decided=self._trial.summary(), topology=topology, intra=intra, padded=padded)
         self._check_due = True
         self.plan.stateful = any(not p.external for p in plans) or any(s.buffers for s in self.states)
         self._announce()
+
+    def _padded(self) -> bool:
+        """Whether the gradients live on a device, where top-k's payloads go at their fixed
+        capacity: known once a step has filled the buckets' inputs (the first plan assumes the
+        host, and the next step's plan counts the padding)."""
+        return any(on_device(x) for x in self._inputs.values())
 
     def _planned_topology(self, size: int) -> Topology:
         """The topology the plan is made for: the learned one where the hierarchical routes can

@@ -60,6 +60,8 @@ class Plan:
     stateful: bool = True
     #: how the choice between compressing and not was made (the engine's trial), if it was
     decided: str = ""
+    #: made for gradients on a device (payloads at their fixed capacity, see plan_bucket)
+    padded: bool = False
 
     @property
     def engine_buckets(self) -> bool:
@@ -143,11 +145,12 @@ def _size(n: float) -> str:
 
 def plan_bucket(bucket: Bucket, world: int, link: Link, speed: Speed, step: int,
                 dense_if_auto: str | None = None, *, topology: Topology | None = None,
-                intra: Link | None = None) -> BucketPlan:
+                intra: Link | None = None, padded: bool = False) -> BucketPlan:
     """The route of one bucket.  ``dense_if_auto``: send buckets whose method has
     ``route="auto"`` uncompressed, for this reason (the engine's measured trial).  ``topology``
     (default: one rank per host) and ``intra`` (the link inside a host) open the hierarchical
-    routes."""
+    routes.  ``padded``: the gradients live on a device, where payloads of a data-dependent size
+    go at their fixed capacity (top-k's)."""
     topology = topology or Topology.flat(world)
     method = bucket.method
     n = bucket.numel
@@ -159,7 +162,7 @@ def plan_bucket(bucket: Bucket, world: int, link: Link, speed: Speed, step: int,
     if bucket.small or world < 2 or (dense_if_auto and method.route == AUTO):
         return dense("below min_numel" if bucket.small else "single rank" if world < 2 else dense_if_auto)
     codec = method.codec_at(step, world)
-    payload = method.payload_bytes(bucket, codec)
+    payload = method.payload_bytes(bucket, codec, padded)
     segments = len(bucket.segments(method.scope))
     candidates, note = routes_for(method, topology)
     wanted = method.route

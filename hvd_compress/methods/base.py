@@ -144,8 +144,9 @@ class Method:
             return _SUMMABLE_ROUTES
         return _FIXED_ROUTES if self.codec.fixed_size else _SPARSE_ROUTES
 
-    def payload_bytes(self, bucket: Bucket, codec: Codec) -> float:
-        """This rank's payload bytes for the bucket per step (exact for fixed-size codecs)."""
+    def payload_bytes(self, bucket: Bucket, codec: Codec, padded: bool = False) -> float:
+        """This rank's payload bytes for the bucket per step (exact for fixed-size codecs);
+        ``padded``: as a device sends them, at a fixed capacity where the size follows the data."""
         return sum(codec.payload_nbytes(seg.numel) for seg in bucket.segments(self.scope))
 
     def prepare(self, bucket: Bucket, grads: list[torch.Tensor | None], x: torch.Tensor,

@@ -79,7 +79,7 @@ class ESGD(_AggregateMethod):
         from ..codecs.topk import ceil_ratio
         return max(1, ceil_ratio(self.ratio, n)) if n else 0
 
-    def payload_bytes(self, bucket: Bucket, codec: Codec) -> float:
+    def payload_bytes(self, bucket: Bucket, codec: Codec, padded: bool = False) -> float:
         return 8 * sum(self.k(seg.numel) for seg in bucket.segments(self.scope))
 
     def prepare(self, bucket, grads, x, state, comm):

@@ -61,7 +61,7 @@ class LAQ(_AggregateMethod):
         return (f"LAQ(bits={self.codec.bits}, D={self.D}, xi={self.xi}, t_bar={self.t_bar}, "
                 f"{self._options()})")
 
-    def payload_bytes(self, bucket: Bucket, codec: Codec) -> float:
+    def payload_bytes(self, bucket: Bucket, codec: Codec, padded: bool = False) -> float:
         """Bytes of an upload (a skip costs only the block header)."""
         return sum(-(-seg.numel * codec.bits // 8) + 4 for seg in bucket.segments(self.scope))
 

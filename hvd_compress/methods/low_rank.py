@@ -40,7 +40,7 @@ class PowerSGD(Method):
     def candidates(self) -> dict:
         return {"powersgd": self._route}
 
-    def payload_bytes(self, bucket: Bucket, codec: Codec | None) -> float:
+    def payload_bytes(self, bucket: Bucket, codec: Codec | None, padded: bool = False) -> float:
         from ..routes.low_rank import matrix_shape, pays
         total = 0
         for m in bucket.members:

@@ -50,8 +50,8 @@ class TernGrad(Method):
     def candidates(self) -> dict:
         return _SHARED_SCALE_ROUTES if self.shared_scale else _FIXED_ROUTES
 
-    def payload_bytes(self, bucket: Bucket, codec: Codec) -> float:
-        return 2 * bucket.numel if self.shared_scale else super().payload_bytes(bucket, codec)
+    def payload_bytes(self, bucket: Bucket, codec: Codec, padded: bool = False) -> float:
+        return 2 * bucket.numel if self.shared_scale else super().payload_bytes(bucket, codec, padded)
 
 
 @register

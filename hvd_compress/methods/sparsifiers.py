@@ -35,11 +35,12 @@ class TopK(Method):
     def __repr__(self) -> str:
         return f"{super().__repr__()[:-1]}, scope={self.scope!r})"
 
-    def payload_bytes(self, bucket: Bucket, codec: Codec) -> float:
+    def payload_bytes(self, bucket: Bucket, codec: Codec, padded: bool = False) -> float:
         entry = 4 + torch.empty(0, dtype=codec.value_dtype).element_size()
         if codec.mode == "threshold":   # unknown in advance: assume the default 1%
             return entry * 0.01 * bucket.numel
-        return entry * sum(codec.k(seg.numel) for seg in bucket.segments(self.scope))
+        size = codec.capacity if padded else codec.k     # (a device payload: floor(1.3 k) entries)
+        return entry * sum(size(seg.numel) for seg in bucket.segments(self.scope))
 
 
 @register
@@ -94,7 +95,7 @@ class AdaComp(Method):
     def candidates(self) -> dict:
         return {"allgather": _FIXED_ROUTES["allgather"]}
 
-    def payload_bytes(self, bucket: Bucket, codec: Codec) -> float:
+    def payload_bytes(self, bucket: Bucket, codec: Codec, padded: bool = False) -> float:
         total = 0.0
         for m in bucket.members:
             bins = codec.with_layout([m.shape]).n_bins(m.numel)
@@ -121,7 +122,7 @@ class STC(Method):
     def candidates(self) -> dict:
         return {"allgather": _FIXED_ROUTES["allgather"]}
 
-    def payload_bytes(self, bucket: Bucket, codec: Codec) -> float:
+    def payload_bytes(self, bucket: Bucket, codec: Codec, padded: bool = False) -> float:
         return sum(codec.expected_nbytes(seg.numel) for seg in bucket.segments(self.scope))
 
 
@@ -143,5 +144,5 @@ class RandomK(Method):
     def candidates(self) -> dict:
         return {"allreduce": _SUMMABLE_ROUTES["allreduce"]}
 
-    def payload_bytes(self, bucket: Bucket, codec: Codec) -> float:
+    def payload_bytes(self, bucket: Bucket, codec: Codec, padded: bool = False) -> float:
         return 4 * sum(codec.k(seg.numel) for seg in bucket.segments(self.scope))

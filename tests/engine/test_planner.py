@@ -9,7 +9,7 @@ from hvd_compress.engine import cost
 from hvd_compress.engine.plan import plan_bucket
 from hvd_compress.routes.base import Link, Speed
 
-from engine_helpers import members_of, run_like_the_adaptor
+from engine_helpers import members_of, run_engines, run_like_the_adaptor
 from hvd_compress.engine.buckets import assign_buckets
 
 FAST = Link.gbps(100, latency_us=5)
@@ -76,3 +76,34 @@ def test_the_real_measurement_is_plausible_between_threads():
     import torch
     results = LocalWorld(2).run(lambda comm: cost.measure_link_checked(comm, torch.device("cpu"), "t"))
     assert results[0] == results[1]             # every number was agreed across ranks
+
+
+def test_device_payloads_are_planned_at_their_capacity():
+    """On a device top-k's payloads go at their fixed capacity (floor(1.3 k) entries, padding
+    included): the plan counts those bytes there, the exact entries on the host."""
+    method = methods.from_spec("topk:ratio=0.01")
+    bucket, = [b for b in assign_buckets(members_of(method, [(30_000,), (20_000,)]), 25 << 20) if not b.small]
+    codec = method.codec_at(0, 2)
+    host = plan_bucket(bucket, 2, Link.gbps(1), Speed(), 0)
+    device = plan_bucket(bucket, 2, Link.gbps(1), Speed(), 0, padded=True)
+    assert host.payload_bytes == 6 * (codec.k(30_000) + codec.k(20_000)) == 6 * 500
+    assert device.payload_bytes == 6 * (codec.capacity(30_000) + codec.capacity(20_000)) == 6 * 650
+
+
+def test_the_engine_plans_device_payloads_from_the_second_step():
+    """The first step shows the gradients are on a device (the emulated CUDA path): from the
+    second step on the plan counts top-k's padded payloads; on the host it never does."""
+    spec = "topk:ratio=0.01,route='allgather'"
+    for cuda_path in (False, True):
+        seen = {}
+
+        def record(rank, step, engine):
+            compressed = next(b for b in engine.plan.buckets if not b.bucket.small)
+            codec = compressed.bucket.method.codec
+            sizes = [seg.numel for seg in compressed.bucket.segments("tensor")]
+            seen[rank, step] = (engine.plan.padded, compressed.payload_bytes,
+                                6 * sum(map(codec.k, sizes)), 6 * sum(map(codec.capacity, sizes)))
+        run_engines(spec, 2, steps=3, cuda_path=cuda_path, after_step=record)
+        for (rank, step), (padded, planned, exact, capacity) in seen.items():
+            assert padded == (cuda_path and step > 0)
+            assert planned == (capacity if padded else exact) and capacity > exact
