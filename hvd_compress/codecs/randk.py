@@ -256,6 +256,8 @@ class RandomKCodec(SharedKeyCodec):
         check_segments(out, None, segments)
         if len(payloads) != len(segments):
             raise ValueError(f"{len(payloads)} payload lists for {len(segments)} segments")
+        if not all(len(seg) == 3 and isinstance(seg[2], RandomKey) for seg in segments):
+            raise ValueError("random-k's decode_many needs (offset, numel, key) segments: the keys select")
         flat = out.view(-1)
         for (o, n, _), ps in zip(segments, payloads):
             q.accumulate_target(ps, flat[o:o + n], {"values": (torch.float32, self.k(n))})

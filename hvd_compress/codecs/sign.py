@@ -187,7 +187,7 @@ class _SignCodec(Codec):
         what :meth:`encode` gives each (the keys are not used: the sign codecs are
         deterministic).  One C call for the bucket on the host (``hvdc_sign_encode_many``), one
         launch per kernel on a device (``hvdc_seg_sign_*``: three for the bucket instead of
-        four per tensor), no host reads; a scale that overflows raises on the host and clears
+        three or four per tensor), no host reads; a scale that overflows raises on the host and clears
         its payload's ``finite`` flag on a device, as :meth:`encode` does."""
         check_segments(x, residual, [(o, n) for o, n, _ in segments])
         if not self._batched([n for _, n, _ in segments]) or (residual is not None and not self._error_feedback):

@@ -184,8 +184,8 @@ class TernGradCodec(Codec):
         contiguous fp32, already checked), each with its key and its slice of ``residual``: bit
         for bit what :meth:`encode` gives each.  On the host one C call for the bucket
         (``hvdc_tern_encode_many``) instead of two per tensor; on a device one launch per
-        kernel (the ``hvdc_seg_*`` kernels with a segment table: up to six launches for the
-        bucket instead of up to seven per tensor), no host reads.  Per-bucket or shared scales,
+        kernel (the ``hvdc_seg_*`` kernels with a segment table: six launches for the bucket
+        instead of four to six per tensor), no host reads.  Per-bucket or shared scales,
         empty or huge tensors, and keys of different steps go one by one."""
         check_segments(x, residual, [(o, n) for o, n, _ in segments])
         keys = {(key.seed, key.step) for _, _, key in segments}

@@ -209,3 +209,11 @@ def test_decode_many_is_each_decode_bit_for_bit(case) -> None:
 def test_encode_many_on_the_device_is_the_hosts_bit_for_bit(case, kernels) -> None:
     codec, ef = BATCHED[case]
     batch.check_many_on_device(codec, kernels, ef)
+
+
+def test_decode_many_needs_the_keys() -> None:
+    codec = BATCHED["ef"][0]
+    x, segments = batch.awkward_bucket()
+    payloads = [[p] for p in codec.encode_many(x, segments, None)]
+    with pytest.raises(ValueError, match="needs \\(offset, numel, key\\)"):
+        codec.decode_many(payloads, torch.zeros(x.numel()), [(o, n) for o, n, _ in segments])
