@@ -203,19 +203,25 @@ void hvdc_sign_decode_acc(const hvdc_u8 *const *bits, const float *const *scales
 
 /* A bucket's tensors in one call (one sign bucket per tensor), seg a segment table
  * (hvdc_common.h): each tensor gets exactly what hvdc_sign_stats (kinds with scales) and
- * hvdc_sign_encode give it alone.  sums / counts: scratch of 2 floats / 1 count per chunk. */
+ * hvdc_sign_encode give it alone.  Every tensor's scales come first: if one is not finite (a
+ * sum overflowed) nothing is encoded and no residual changes (the caller raises, as the
+ * one-tensor path does before encoding).  sums / counts: scratch of 2 floats / 1 count per
+ * chunk (NULL without scales). */
 void hvdc_sign_encode_many(const float *g, float *r, hvdc_i64 nseg, const hvdc_i64 *seg, int kind,
                            float *sums, hvdc_i64 *counts, float *scales, hvdc_u8 *bits, int nthreads)
 {
     int ns = hvdc_sign_nscales(kind);
+    for (hvdc_i64 s = 0; ns && s < nseg; ++s) {
+        const hvdc_i64 *t = seg + HVDC_SEG_COLS * s, off = t[HVDC_SEG_OFFSET];
+        hvdc_sign_stats(g + off, r ? r + off : NULL, t[HVDC_SEG_N], t[HVDC_SEG_N], kind, sums + 2 * t[HVDC_SEG_CHUNK],
+                        counts ? counts + t[HVDC_SEG_CHUNK] : NULL, scales + ns * s, nthreads);
+    }
+    for (hvdc_i64 i = 0; i < ns * nseg; ++i)
+        if (!isfinite(scales[i])) return;
     for (hvdc_i64 s = 0; s < nseg; ++s) {
-        const hvdc_i64 *t = seg + HVDC_SEG_COLS * s, off = t[HVDC_SEG_OFFSET], n = t[HVDC_SEG_N];
-        float *rs = r ? r + off : NULL;
-        if (ns)
-            hvdc_sign_stats(g + off, rs, n, n, kind, sums + 2 * t[HVDC_SEG_CHUNK],
-                            counts ? counts + t[HVDC_SEG_CHUNK] : NULL, scales + ns * s, nthreads);
-        hvdc_sign_encode(g + off, rs, n, n, kind, ns ? scales + ns * s : NULL, bits + t[HVDC_SEG_BYTE8],
-                         nthreads);
+        const hvdc_i64 *t = seg + HVDC_SEG_COLS * s, off = t[HVDC_SEG_OFFSET];
+        hvdc_sign_encode(g + off, r ? r + off : NULL, t[HVDC_SEG_N], t[HVDC_SEG_N], kind, ns ? scales + ns * s : NULL,
+                         bits + t[HVDC_SEG_BYTE8], nthreads);
     }
 }
 

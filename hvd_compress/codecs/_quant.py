@@ -5,13 +5,13 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from ..backends import cpu
-from .base import Payload, RandomKey
+from .base import Payload, RandomKey, check_segments
 
 _P, _I64, _U64, _U32, _INT, _F32 = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32,
                                     ctypes.c_int, ctypes.c_float)
@@ -141,3 +141,30 @@ def segment_table(layout: tuple[tuple[int, int], ...], device: torch.device,
         bounds[ITEM].append(bounds[ITEM][-1] + (items[j] if items else 0))
     return SegmentTable(torch.tensor(rows, dtype=torch.int64, device=device),
                         {col: tuple(b) for col, b in bounds.items()})
+
+
+def batchable(sizes: Sequence[int], bucket_size: int | None) -> bool:
+    """Whether tensors of these sizes go through the batched calls of a per-tensor-scaled codec:
+    several, one scale per tensor (no ``bucket_size``), none empty, none whose long sums need a
+    second reduction level (over SUM_CHUNK^2 = 2^26 elements: the kernels reduce once)."""
+    return len(sizes) > 1 and bucket_size is None and all(0 < n <= SUM_CHUNK ** 2 for n in sizes)
+
+
+def tiled(layout: Sequence[tuple]) -> bool:
+    """Whether the segments (offset, numel, ...) follow each other without gaps."""
+    return all(a[0] + a[1] == b[0] for a, b in zip(layout, layout[1:]))
+
+
+def decode_target(payloads: Sequence[Sequence[Payload]], out: torch.Tensor, segments: Sequence[tuple],
+                  parts: Callable[[int], dict[str, tuple[torch.dtype, int]]]) -> torch.Tensor:
+    """The batched decodes' checks, all before anything is written: ``out`` contiguous fp32, the
+    segments (offset, numel, ...) inside it and apart, one payload list per segment and every
+    payload with the ``parts(numel)`` of its segment (:func:`accumulate_target`).  Returns the
+    flat view of ``out``."""
+    check_segments(out, None, segments, "out")
+    if len(payloads) != len(segments):
+        raise ValueError(f"{len(payloads)} payload lists for {len(segments)} segments")
+    flat = out.view(-1)
+    for (o, n, *_), ps in zip(segments, payloads):
+        accumulate_target(ps, flat[o:o + n], parts(n))
+    return flat

@@ -152,15 +152,24 @@ def as_fp32_flat(x: torch.Tensor, name: str, check_finite: bool = True) -> torch
     return flat
 
 
-def check_segments(x: torch.Tensor, residual: torch.Tensor | None, segments: Sequence[tuple]) -> None:
-    """ValueError unless every segment (offset, numel, ...) lies in ``x`` (and ``residual`` is as
-    long as ``x`` and contiguous): the batched calls of a bucket's tensors (``encode_many``,
-    ``decode_many``) write through raw pointers."""
-    if residual is not None and (residual.numel() != x.numel() or not residual.is_contiguous()):
-        raise ValueError(f"residual of {residual.numel()} elements for a {x.numel()}-element input")
-    for o, n, *_ in segments:
+def check_segments(x: torch.Tensor, residual: torch.Tensor | None, segments: Sequence[tuple],
+                   name: str = "input") -> None:
+    """ValueError unless ``x`` (and ``residual``) is a contiguous fp32 tensor (on ``x``'s device,
+    as long as ``x``) and the segments (offset, numel, ...) lie in it without overlapping: the
+    batched calls of a bucket's tensors (``encode_many``, ``decode_many``) read and write
+    through raw pointers, all segments at once."""
+    for what, t in ((name, x), ("residual", residual)):
+        if t is not None and (t.dtype != torch.float32 or not t.is_contiguous() or t.device != x.device
+                              or t.numel() != x.numel()):
+            raise ValueError(f"{what} must be a contiguous fp32 tensor of {x.numel()} elements on {x.device}, "
+                             f"got {t.numel()} {t.dtype} on {t.device}")
+    end = 0
+    for o, n, *_ in sorted(segments, key=lambda seg: seg[0]):
         if o < 0 or n < 0 or o + n > x.numel():
             raise ValueError(f"segment [{o}, {o + n}) outside a {x.numel()}-element tensor")
+        if o < end:
+            raise ValueError(f"segment [{o}, {o + n}) overlaps the one before it")
+        end = o + n
 
 
 @lru_cache(maxsize=1024)

@@ -198,23 +198,22 @@ class RandomKCodec(SharedKeyCodec):
         shared = self._shared()
         return self.with_shared_key(RandomKey(shared.seed, shared.step, key.tensor_id))
 
-    def _batch(self, segments: Sequence[tuple]) -> tuple | None:
+    def _batch_layout(self, segments: Sequence[tuple]) -> tuple | None:
         """(layout, ks, ids) when the segments go in one call: several, non-empty, tiling a range."""
         layout = tuple((o, n) for o, n, *_ in segments)
-        tiled = all(a[0] + a[1] == b[0] for a, b in zip(layout, layout[1:]))
-        if len(layout) < 2 or not tiled or not all(0 < n < _MAX_N for _, n in layout):
+        if len(layout) < 2 or not q.tiled(layout) or not all(0 < n < _MAX_N for _, n in layout):
             return None
         return layout, tuple(self.k(n) for _, n in layout), tuple(key.tensor_id for _, _, key in segments)
 
     def encode_many(self, x: torch.Tensor, segments: Sequence[tuple[int, int, RandomKey]],
                     residual: torch.Tensor | None) -> list[Payload]:
         """The payloads of the segments ``x[offset:offset + numel]`` (a bucket's tensors; ``x``
-        contiguous fp32, already checked), tensor s selected by the shared key with its key's
+        contiguous fp32, checked for inf/NaN already), tensor s selected by the shared key with its key's
         tensor id (the ranks' keys are not used): bit for bit what :meth:`encode` of
         ``_for_tensor(key)`` gives each, in one C call (``hvdc_randk_gather_many``) or one
         launch (``hvdc_seg_randk_gather``)."""
         check_segments(x, residual, segments)
-        batch = self._batch(segments)
+        batch = self._batch_layout(segments)
         if batch is None:
             return [self._for_tensor(key).encode(x[o:o + n], key, check_finite=False,
                                                  residual=None if residual is None else residual[o:o + n])
@@ -251,17 +250,10 @@ class RandomKCodec(SharedKeyCodec):
         workers in list order, tensor s selected as in :meth:`encode_many`: what
         :meth:`decode_accumulate` of ``_for_tensor(key)`` gives each, bit for bit, in one call;
         every payload is checked before anything is written."""
-        if out.dtype != torch.float32 or not out.is_contiguous():
-            raise ValueError("random-k decode needs a contiguous fp32 output tensor")
-        check_segments(out, None, segments)
-        if len(payloads) != len(segments):
-            raise ValueError(f"{len(payloads)} payload lists for {len(segments)} segments")
         if not all(len(seg) == 3 and isinstance(seg[2], RandomKey) for seg in segments):
             raise ValueError("random-k's decode_many needs (offset, numel, key) segments: the keys select")
-        flat = out.view(-1)
-        for (o, n, _), ps in zip(segments, payloads):
-            q.accumulate_target(ps, flat[o:o + n], {"values": (torch.float32, self.k(n))})
-        batch = self._batch(segments)
+        flat = q.decode_target(payloads, out, segments, lambda n: {"values": (torch.float32, self.k(n))})
+        batch = self._batch_layout(segments)
         if batch is None or len({len(ps) for ps in payloads}) != 1:
             for (o, n, key), ps in zip(segments, payloads):
                 self._for_tensor(key).decode_accumulate(ps, flat[o:o + n])

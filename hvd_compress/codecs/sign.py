@@ -50,7 +50,7 @@ import torch
 
 from ..backends import cpu, kernel_backend
 from . import _quant as q
-from .base import Codec, Payload, RandomKey, as_fp32_flat, check_segments, overflow_check
+from .base import Codec, Payload, RandomKey, as_fp32_flat, check_segments, device_constant, overflow_check
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 cpu.register("hvdc_sign_stats", _P, _P, _I64, _I64, _INT, _P, _P, _P, _INT)
@@ -173,24 +173,24 @@ class _SignCodec(Codec):
                      self._kind, q.ptr(flat), cpu.threads())
         return out
 
-
-    def _batched(self, sizes: Sequence[int]) -> bool:
-        """Whether a bucket's tensors of these sizes go in one call: one sign bucket per tensor,
-        no empty tensor, none whose sums need a second reduction level (over SUM_CHUNK^2)."""
-        return (len(sizes) > 1 and self.bucket_size is None
-                and all(0 < n <= q.SUM_CHUNK ** 2 for n in sizes))
+    def _batched(self, payloads: Sequence[Sequence[Payload]] | None, segments: Sequence[tuple]) -> bool:
+        """Whether a bucket's segments go in one call (:func:`_quant.batchable`; for a decode,
+        every segment with as many payloads)."""
+        return (q.batchable([n for _, n, *_ in segments], self.bucket_size)
+                and (payloads is None or len({len(ps) for ps in payloads}) == 1))
 
     def encode_many(self, x: torch.Tensor, segments: Sequence[tuple[int, int, RandomKey]],
                     residual: torch.Tensor | None) -> list[Payload]:
         """The payloads of the segments ``x[offset:offset + numel]`` (a bucket's tensors; ``x``
-        contiguous fp32, already checked), each with its slice of ``residual``: bit for bit
-        what :meth:`encode` gives each (the keys are not used: the sign codecs are
+        contiguous fp32, checked for inf/NaN already), each with its slice of ``residual``: bit
+        for bit what :meth:`encode` gives each (the keys are not used: the sign codecs are
         deterministic).  One C call for the bucket on the host (``hvdc_sign_encode_many``), one
-        launch per kernel on a device (``hvdc_seg_sign_*``: three for the bucket instead of
-        three or four per tensor), no host reads; a scale that overflows raises on the host and clears
-        its payload's ``finite`` flag on a device, as :meth:`encode` does."""
-        check_segments(x, residual, [(o, n) for o, n, _ in segments])
-        if not self._batched([n for _, n, _ in segments]) or (residual is not None and not self._error_feedback):
+        launch per kernel on a device (``hvdc_seg_sign_*``: three for the bucket, one without
+        scales, where each tensor took up to four), no host reads.  A scale that overflows
+        raises on the host before any residual changes, and clears its payload's ``finite``
+        flag on a device, as :meth:`encode` does."""
+        check_segments(x, residual, segments)
+        if not self._batched(None, segments) or (residual is not None and not self._error_feedback):
             return [self.encode(x[o:o + n], key, residual=None if residual is None else residual[o:o + n],
                                 check_finite=False) for o, n, key in segments]
         dev, nseg, ns = x.device, len(segments), self._nscales
@@ -198,7 +198,7 @@ class _SignCodec(Codec):
         bits = torch.empty(table.total(q.BYTE8), dtype=torch.uint8, device=dev)
         scales = torch.empty(ns * nseg, dtype=torch.float32, device=dev)
         chunks = table.total(q.CHUNK)
-        sums = torch.empty(2 * chunks, dtype=torch.float32, device=dev)
+        sums = torch.empty(2 * chunks, dtype=torch.float32, device=dev) if ns else None
         counts = torch.empty(chunks, dtype=torch.int64, device=dev) if self._kind == _ONEBIT else None
         kernels = kernel_backend(dev)
         if kernels is None:
@@ -231,8 +231,8 @@ class _SignCodec(Codec):
         in list order: what :meth:`decode_accumulate` of each gives, bit for bit, in one C call
         (``hvdc_sign_decode_many``) or one launch; every payload is checked before anything is
         written."""
-        flat = self._decode_target(payloads, out, segments)
-        if not self._decode_batched(payloads, segments):
+        flat = q.decode_target(payloads, out, segments, self._parts)
+        if not self._batched(payloads, segments):
             for (o, n, *_), ps in zip(segments, payloads):
                 self.decode_accumulate(ps, flat[o:o + n])
             return out
@@ -251,23 +251,6 @@ class _SignCodec(Codec):
             cpu.call("hvdc_sign_decode_many", bits, scales, nworkers, nseg, q.ptr(table.seg), self._kind,
                      q.ptr(flat), cpu.threads())
         return out
-
-    def _decode_target(self, payloads: Sequence[Sequence[Payload]], out: torch.Tensor,
-                       segments: Sequence[tuple]) -> torch.Tensor:
-        """The flat view of ``out`` after checking it, the layout and every payload (before
-        anything is written)."""
-        if out.dtype != torch.float32 or not out.is_contiguous():
-            raise ValueError(f"{self.name} decode needs a contiguous fp32 output tensor")
-        check_segments(out, None, segments)
-        if len(payloads) != len(segments):
-            raise ValueError(f"{len(payloads)} payload lists for {len(segments)} segments")
-        flat = out.view(-1)
-        for (o, n, *_), ps in zip(segments, payloads):
-            q.accumulate_target(ps, flat[o:o + n], self._parts(n))
-        return flat
-
-    def _decode_batched(self, payloads: Sequence[Sequence[Payload]], segments: Sequence[tuple[int, int]]) -> bool:
-        return len({len(ps) for ps in payloads}) == 1 and self._batched([n for _, n, *_ in segments])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -387,9 +370,8 @@ class MajorityVoteCodec(ScaledSignCodec):
         """:meth:`decode_accumulate` of each segment, bit for bit: the votes of the whole bucket in
         one :meth:`SignCodec.decode_many`, then every tensor's vote times its summed scale in
         one pass (segments that tile a range; others one by one)."""
-        flat = self._decode_target(payloads, out, segments)
-        tiled = all(a[0] + a[1] == b[0] for a, b in zip(segments, segments[1:]))
-        if not tiled or not self._decode_batched(payloads, segments):
+        flat = q.decode_target(payloads, out, segments, self._parts)
+        if not q.tiled(segments) or not self._batched(payloads, segments):
             for (o, n, *_), ps in zip(segments, payloads):
                 self.decode_accumulate(ps, flat[o:o + n])
             return out
@@ -399,7 +381,7 @@ class MajorityVoteCodec(ScaledSignCodec):
                                         [(o - lo, n) for o, n, *_ in segments])
         scale = _sum_in_order([torch.cat([ps[w].parts["scales"] for ps in payloads])
                                for w in range(len(payloads[0]))])
-        lengths = torch.tensor([n for _, n, *_ in segments], device=out.device)
+        lengths = device_constant(tuple(n for _, n, *_ in segments), torch.int64, out.device)
         flat[lo:hi].add_(majority_vote(votes) * scale.repeat_interleave(lengths, output_size=hi - lo))
         return out
 

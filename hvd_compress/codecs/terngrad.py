@@ -172,17 +172,18 @@ class TernGradCodec(Codec):
         return Payload(n, {"codes": codes, "scales": scales})
 
     def _batched(self, sizes: Sequence[int]) -> bool:
-        """Whether a bucket's tensors of these sizes go in one call: one scale per tensor, none
-        shared, no empty tensor, none whose long sum needs a second reduction level (over
-        SUM_CHUNK^2 = 2^26 elements)."""
-        return (len(sizes) > 1 and self.bucket_size is None and self.shared_scales is None
-                and all(0 < n <= q.SUM_CHUNK ** 2 for n in sizes))
+        """Whether a bucket's tensors of these sizes go in one call (:func:`_quant.batchable`,
+        and no shared scales)."""
+        return self.shared_scales is None and q.batchable(sizes, self.bucket_size)
+
+    def _parts(self, n: int) -> dict[str, tuple[torch.dtype, int]]:
+        return {"codes": (torch.uint8, -(-n // 4)), "scales": (torch.float32, self.n_scales(n))}
 
     def encode_many(self, x: torch.Tensor, segments: Sequence[tuple[int, int, RandomKey]],
                     residual: torch.Tensor | None) -> list[Payload]:
         """The payloads of the segments ``x[offset:offset + numel]`` (a bucket's tensors; ``x``
-        contiguous fp32, already checked), each with its key and its slice of ``residual``: bit
-        for bit what :meth:`encode` gives each.  On the host one C call for the bucket
+        contiguous fp32, checked for inf/NaN already), each with its key and its slice of
+        ``residual``: bit for bit what :meth:`encode` gives each.  On the host one C call for the bucket
         (``hvdc_tern_encode_many``) instead of two per tensor; on a device one launch per
         kernel (the ``hvdc_seg_*`` kernels with a segment table: six launches for the bucket
         instead of four to six per tensor), no host reads.  Per-bucket or shared scales,
@@ -219,15 +220,7 @@ class TernGradCodec(Codec):
         in list order: what :meth:`decode_accumulate` of each gives, bit for bit, in one C call
         (``hvdc_tern_decode_many``) or one launch; every payload is checked before anything is
         written."""
-        if out.dtype != torch.float32 or not out.is_contiguous():
-            raise ValueError("TernGrad decode needs a contiguous fp32 output tensor")
-        check_segments(out, None, segments)
-        if len(payloads) != len(segments):
-            raise ValueError(f"{len(payloads)} payload lists for {len(segments)} segments")
-        flat = out.view(-1)
-        for (o, n, *_), ps in zip(segments, payloads):
-            q.accumulate_target(ps, flat[o:o + n], {"codes": (torch.uint8, -(-n // 4)),
-                                                    "scales": (torch.float32, self.n_scales(n))})
+        flat = q.decode_target(payloads, out, segments, self._parts)
         workers = {len(ps) for ps in payloads}
         if len(workers) != 1 or not self._batched([n for _, n, *_ in segments]):
             for (o, n, *_), ps in zip(segments, payloads):
@@ -249,8 +242,7 @@ class TernGradCodec(Codec):
 
     def decode_accumulate(self, payloads: Sequence[Payload], out: torch.Tensor) -> torch.Tensor:
         n = payloads[0].numel if payloads else 0
-        flat = q.accumulate_target(payloads, out, {"codes": (torch.uint8, -(-n // 4)),
-                                                   "scales": (torch.float32, self.n_scales(n))})
+        flat = q.accumulate_target(payloads, out, self._parts(n))
         if n == 0:
             return out
         kernels = kernel_backend(flat.device)
@@ -270,7 +262,7 @@ class TernGradCodec(Codec):
 def _cuda_long_sum(kernels, g: torch.Tensor, r: torch.Tensor | None, n: int, total: torch.Tensor | None,
                    with_max: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sum of g (+ r) (``total`` None; also max |g + r| when ``with_max``) or of
-    (g + r - total / n)^2, in the contract's order: one warp per chunk of HVDCq.SUM_CHUNK, then
+    (g + r - total / n)^2, in the contract's order: one warp per chunk of HVDC_SUM_CHUNK, then
     the partial sums the same way until one is left.  Returns 1-element device tensors."""
     chunk, dev = q.SUM_CHUNK, g.device
     m = -(-n // chunk)

@@ -360,7 +360,7 @@ class TopKCodec(Codec):
         only one for the bucket), then scattered."""
         if out.dtype != torch.float32 or not out.is_contiguous():
             raise ValueError("top-k decode needs a contiguous fp32 output tensor")
-        check_segments(out, None, segments)
+        check_segments(out, None, segments, "out")
         if len(payloads) != len(segments):
             raise ValueError(f"{len(payloads)} payload lists for {len(segments)} segments")
         flat, ops = out.view(-1), _ops(out.device)

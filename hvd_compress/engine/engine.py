@@ -365,10 +365,12 @@ class Engine:
         self._announce()
 
     def _padded(self) -> bool:
-        """Whether the gradients live on a device, where top-k's payloads go at their fixed
-        capacity: known once a step has filled the buckets' inputs (the first plan assumes the
-        host, and the next step's plan counts the padding)."""
-        return any(on_device(x) for x in self._inputs.values())
+        """Whether the plan should count payloads at their fixed device capacity: some method's
+        payloads have one (top-k's) and the gradients live on a device, known once a step has
+        filled the buckets' inputs (the first plan assumes the host, the next one counts the
+        padding)."""
+        return any(b.method.pads_on_device for b in self.buckets) and \
+            any(on_device(x) for x in self._inputs.values())
 
     def _planned_topology(self, size: int) -> Topology:
         """The topology the plan is made for: the learned one where the hierarchical routes can

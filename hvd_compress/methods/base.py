@@ -78,6 +78,9 @@ class Method:
     #: per-bucket state buffers that hold NaN by design (eSGD's "no loss seen yet"): a
     #: checkpoint's other buffers must be finite
     nan_buffers: tuple[str, ...] = ()
+    #: whether :meth:`payload_bytes` depends on ``padded`` (payloads of a fixed capacity on a
+    #: device): the engine re-plans once it knows where the gradients live
+    pads_on_device = False
     #: prepare() sends something else than the gradient (DGC's momentum): dense buckets must
     #: then go through the engine, not straight to Horovod's allreduce
     transforms_gradients = False

@@ -19,6 +19,7 @@ class TopK(Method):
     allreduce whose bytes per rank stay flat as the world grows."""
 
     name = "topk"
+    pads_on_device = True
 
     def __init__(self, ratio: float = 0.01, sample_ratio: float = 0.01, *,
                  value_dtype: torch.dtype = torch.float16, exact_k: bool | None = None,

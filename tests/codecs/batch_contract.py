@@ -6,11 +6,11 @@ launch per kernel.  ``for_tensor(codec, key)`` is the codec a tensor gets on its
 keyed with the tensor's id)."""
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import pytest
 import torch
-
-from typing import Callable
 
 from hvd_compress.backends import cpu
 from hvd_compress.codecs.base import Codec, RandomKey
@@ -92,6 +92,9 @@ def check_many_on_device(codec: Codec, kernels, ef: bool) -> None:
     with kernels:
         dev = codec.encode_many(kernels.put(x), segments, r_dev)
         out_dev = codec.decode_many([[p, p] for p in dev], kernels.put(torch.ones(x.numel())), segments)
+    if kernels.emulated:    # the batched kernels ran, no per-tensor one
+        launched = set(kernels.backend.launched)
+        assert launched and all(name.startswith("hvdc_seg_") for name in launched), launched
     assert all(payload_equal(a, b) for a, b in zip(host, dev))
     if ef:
         assert torch.equal(r_cpu, r_dev.cpu())

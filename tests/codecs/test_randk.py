@@ -181,14 +181,14 @@ def test_gpu_indices_match_cpu(size: int, kernels) -> None:
 
 # ---- a bucket's tensors in one call (encode_many / decode_many) ---------------------------------
 
-SHARED = RandomKey(11, 4, 0)
-BATCHED = {"ef": (RandomKCodec(ratio=0.05).with_shared_key(SHARED), True),
-           "unbiased": (RandomKCodec(ratio=0.3, unbiased=True).with_shared_key(SHARED), False)}
+BATCH_KEY = RandomKey(11, 4, 0)
+BATCHED = {"ef": (RandomKCodec(ratio=0.05).with_shared_key(BATCH_KEY), True),
+           "unbiased": (RandomKCodec(ratio=0.3, unbiased=True).with_shared_key(BATCH_KEY), False)}
 
 
 def for_tensor(codec: RandomKCodec, key: RandomKey) -> RandomKCodec:
     """A tensor alone: the shared key with the tensor's id (the routes' codec_for)."""
-    return codec.with_shared_key(RandomKey(SHARED.seed, SHARED.step, key.tensor_id))
+    return codec.with_shared_key(RandomKey(BATCH_KEY.seed, BATCH_KEY.step, key.tensor_id))
 
 
 @pytest.mark.parametrize("threads", ["1", "3"])

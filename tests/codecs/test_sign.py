@@ -243,12 +243,15 @@ def test_decode_many_is_each_decode_bit_for_bit(case) -> None:
 
 def test_encode_many_of_an_overflowing_bucket_raises_on_the_host() -> None:
     """A tensor whose sum overflows fp32 raises as its own encode does (the engine then flags the
-    bucket's members)."""
+    bucket's members), before any tensor's residual changes."""
     x, segments = batch.awkward_bucket()
     x[segments[3][0]:segments[3][0] + 100] = 3e37
     for codec in (OneBitCodec(), ScaledSignCodec()):
+        r = batch.residual_for(x)
+        before = r.clone()
         with pytest.raises(FloatingPointError, match="overflows"):
-            codec.encode_many(x, segments, None)
+            codec.encode_many(x, segments, r)
+        assert torch.equal(r, before)
 
 
 @pytest.mark.parametrize("case", list(BATCHED))

@@ -223,3 +223,19 @@ def test_encode_many_falls_back_where_one_call_does_not_apply() -> None:
 @pytest.mark.parametrize("clip", [1.23, None])
 def test_encode_many_on_the_device_is_the_hosts_bit_for_bit(clip, kernels) -> None:
     batch.check_many_on_device(TernGradCodec(clip=clip), kernels, ef=True)
+
+
+def test_batched_calls_check_what_they_read_through_raw_pointers() -> None:
+    """An fp64 input, an fp16 residual, overlapping segments or an fp64 output are refused before
+    anything is read or written (the batched calls take all segments at once)."""
+    x, segments = batch.awkward_bucket()
+    codec, key = TernGradCodec(), RandomKey(1, 2, 3)
+    with pytest.raises(ValueError, match="input must be a contiguous fp32"):
+        codec.encode_many(x.double(), segments, None)
+    with pytest.raises(ValueError, match="residual must be a contiguous fp32"):
+        codec.encode_many(x, segments, torch.zeros(x.numel(), dtype=torch.float16))
+    with pytest.raises(ValueError, match="overlaps"):
+        codec.encode_many(x, [(0, 100, key), (50, 100, key)], None)
+    payloads = [[p] for p in codec.encode_many(x, segments, None)]
+    with pytest.raises(ValueError, match="out must be a contiguous fp32"):
+        codec.decode_many(payloads, torch.zeros(x.numel(), dtype=torch.float64), segments)
