@@ -33,6 +33,20 @@ __device__ __forceinline__ float hvdc_lane_sum(int mode, const float *g, const f
     return acc;
 }
 
+/* One warp's sum (and max, if in_max is given) of in[lo, lo + len): lane j takes elements j,
+ * j + 32, ... in order, then the butterfly. */
+__device__ __forceinline__ float hvdc_warp_reduce(const float *in, const float *in_max, long long lo,
+                                                  long long len, int lane, float *mx)
+{
+    float acc = 0.0f, m = 0.0f;
+    for (long long i = lane; i < len; i += 32) {
+        acc += in[lo + i];
+        if (in_max) m = fmaxf(m, in_max[lo + i]);
+    }
+    *mx = hvdc_butterfly_max(m);
+    return hvdc_butterfly_sum(acc);
+}
+
 extern "C" {
 
 /* One warp per chunk k of HVDC_SUM_CHUNK elements: partial[k] = sum of v, or of (v - mean)^2
@@ -61,13 +75,7 @@ __global__ void hvdc_reduce_chunks(const float *in, long long m, float *out, con
     int lane = threadIdx.x & 31;
     if (lo >= m) return;
     long long len = m - lo < HVDC_SUM_CHUNK ? m - lo : HVDC_SUM_CHUNK;
-    float acc = 0.0f, mx = 0.0f;
-    for (long long i = lane; i < len; i += 32) {
-        acc += in[lo + i];
-        if (in_max) mx = fmaxf(mx, in_max[lo + i]);
-    }
-    acc = hvdc_butterfly_sum(acc);
-    mx = hvdc_butterfly_max(mx);
+    float mx, acc = hvdc_warp_reduce(in, in_max, lo, len, lane, &mx);
     if (lane == 0) {
         out[k] = acc;
         if (out_max) out_max[k] = mx;
@@ -304,17 +312,12 @@ __global__ void hvdc_seg_reduce(const float *in, const float *in_max, const long
     if (s >= nseg) return;
     const long long *t = seg + HVDC_SEG_COLS * s;
     long long lo = t[HVDC_SEG_CHUNK], len = (t[HVDC_SEG_N] + HVDC_SUM_CHUNK - 1) / HVDC_SUM_CHUNK;
-    float acc = 0.0f, mx = 0.0f;
+    float acc, mx = 0.0f;
     if (len == 1) {
         acc = in[lo];
         if (in_max) mx = in_max[lo];
     } else {
-        for (long long i = lane; i < len; i += 32) {
-            acc += in[lo + i];
-            if (in_max) mx = fmaxf(mx, in_max[lo + i]);
-        }
-        acc = hvdc_butterfly_sum(acc);
-        mx = hvdc_butterfly_max(mx);
+        acc = hvdc_warp_reduce(in, in_max, lo, len, lane, &mx);
     }
     if (lane == 0) {
         out[s] = acc;

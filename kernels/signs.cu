@@ -42,6 +42,24 @@ __device__ __forceinline__ void hvdc_sign_chunk_stats(int kind, const float *g, 
     }
 }
 
+/* One warp's sums of partials [lo, hi) (two channels, and the counts if given): lane j takes
+ * j, j + 32, ... in order, then the butterfly. */
+__device__ __forceinline__ void hvdc_sign_reduce_range(const float *sums, const long long *counts, long long lo,
+                                                       long long hi, int lane, float *a0, float *a1,
+                                                       long long *cnt)
+{
+    float s0 = 0.0f, s1 = 0.0f;
+    long long c = 0;
+    for (long long i = lo + lane; i < hi; i += 32) {
+        s0 += sums[2 * i];
+        s1 += sums[2 * i + 1];
+        if (counts) c += counts[i];
+    }
+    *a0 = hvdc_butterfly_sum(s0);
+    *a1 = hvdc_butterfly_sum(s1);
+    *cnt = hvdc_butterfly_sum(c);
+}
+
 /* Element i (its warp's first element a multiple of 32 and < n) of an n-element tensor. */
 __device__ __forceinline__ void hvdc_sign_encode_at(const float *g, float *r, long long n, long long bucket,
                                                     int kind, const float *scales, hvdc_u8 *bits, long long i)
@@ -99,16 +117,9 @@ __global__ void hvdc_sign_reduce(const float *sums, const long long *counts, lon
     if (s >= groups * mo) return;
     long long base = s / mo * m, lo = s % mo * HVDC_SUM_CHUNK;
     long long hi = lo + HVDC_SUM_CHUNK < m ? lo + HVDC_SUM_CHUNK : m;
-    float a0 = 0.0f, a1 = 0.0f;
-    long long cnt = 0;
-    for (long long i = base + lo + lane; i < base + hi; i += 32) {
-        a0 += sums[2 * i];
-        a1 += sums[2 * i + 1];
-        if (counts) cnt += counts[i];
-    }
-    a0 = hvdc_butterfly_sum(a0);
-    a1 = hvdc_butterfly_sum(a1);
-    cnt = hvdc_butterfly_sum(cnt);
+    float a0, a1;
+    long long cnt;
+    hvdc_sign_reduce_range(sums, counts, base + lo, base + hi, lane, &a0, &a1, &cnt);
     if (lane == 0) {
         out_sums[2 * s] = a0;
         out_sums[2 * s + 1] = a1;
@@ -176,21 +187,14 @@ __global__ void hvdc_seg_sign_finalize(const float *sums, const long long *count
     if (s >= nseg) return;
     const long long *t = seg + HVDC_SEG_COLS * s;
     long long lo = t[HVDC_SEG_CHUNK], m = (t[HVDC_SEG_N] + HVDC_SUM_CHUNK - 1) / HVDC_SUM_CHUNK;
-    float a0 = 0.0f, a1 = 0.0f;
+    float a0, a1;
     long long cnt = 0;
     if (m == 1) {
         a0 = sums[2 * lo];
         a1 = sums[2 * lo + 1];
         if (counts) cnt = counts[lo];
     } else {
-        for (long long i = lo + lane; i < lo + m; i += 32) {
-            a0 += sums[2 * i];
-            a1 += sums[2 * i + 1];
-            if (counts) cnt += counts[i];
-        }
-        a0 = hvdc_butterfly_sum(a0);
-        a1 = hvdc_butterfly_sum(a1);
-        cnt = hvdc_butterfly_sum(cnt);
+        hvdc_sign_reduce_range(sums, counts, lo, lo + m, lane, &a0, &a1, &cnt);
     }
     if (lane == 0) hvdc_sign_scales(kind, a0, a1, cnt, t[HVDC_SEG_N], scales + hvdc_sign_nscales(kind) * s);
 }
